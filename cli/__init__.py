@@ -1,0 +1,1 @@
+"""The ``wsurgery`` command line: a thin typer shell over the :mod:`wsurgery` library."""

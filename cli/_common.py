@@ -1,0 +1,78 @@
+"""What every command shares: consoles, the one error path, rendering helpers."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from wsurgery.errors import WSurgeryError
+
+console = Console()
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEBUG_ENV = "WSURGERY_DEBUG"
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0", "false", "no")
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print one error line to stderr and return the Exit to raise."""
+    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    return typer.Exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Map every exception to one line on stderr and an exit code (no traceback).
+
+    WSurgeryError subclasses carry their own exit code (1 user error, 2 usage error).
+    ``--debug`` or ``WSURGERY_DEBUG=1`` prints the traceback as well.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, SystemExit):
+            raise
+        except KeyboardInterrupt:
+            raise fail("interrupted", 130) from None
+        except WSurgeryError as e:
+            if debug_enabled():
+                traceback.print_exc(file=sys.stderr)
+            raise fail(_one_line(e), e.exit_code) from None
+        except Exception as e:  # noqa: BLE001 - the CLI never shows a bare traceback
+            if debug_enabled():
+                traceback.print_exc(file=sys.stderr)
+            raise fail(f"{type(e).__name__}: {_one_line(e)} (set {DEBUG_ENV}=1 or pass --debug for the traceback)") from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.split())
+
+
+def kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, str(v))
+    return table
+
+
+def fmt(x: float) -> str:
+    return f"{x:.3g}" if isinstance(x, float) else str(x)

@@ -1,0 +1,45 @@
+"""The ``wsurgery`` app: one module per command, combined here."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from . import convert as _convert
+from . import export as _export
+from . import inspect as _inspect
+from . import verify as _verify
+from ._common import DEBUG_ENV
+
+app = typer.Typer(
+    name="wsurgery",
+    help="Weight Standardization surgery for timm models: convert, calibrate, fine-tune, fold, export, verify.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help=f"Show tracebacks on errors (same as {DEBUG_ENV}=1)."),
+) -> None:
+    if debug:
+        os.environ[DEBUG_ENV] = "1"
+
+
+app.command("convert")(_convert.convert)
+app.command("inspect")(_inspect.inspect)
+app.command("export")(_export.export)
+app.command("verify")(_verify.verify)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""``wsurgery verify``: compare an export with the unfolded model it came from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+import wsurgery
+
+from ._common import console, fail, handle_errors, kv_table
+
+
+@handle_errors
+def verify(
+    export: Path = typer.Argument(..., help="Export directory (or .onnx / .pt2 file)."),
+    against: Path = typer.Option(..., "--against", help="The unfolded surgery directory it was exported from."),
+    images: list[Path] = typer.Option([], "--images", help="Also compare on these images (files, folders, globs)."),
+    num_random: int = typer.Option(4, "--num-random", help="Random inputs to compare on."),
+    rtol: Optional[float] = typer.Option(None, "--rtol", help="Max relative difference (default by dtype; fp32 1e-5)."),
+    seed: int = typer.Option(0, "--seed"),
+) -> None:
+    """Print max absolute and relative difference and top-1 agreement; exit 1 above tolerance."""
+    result = wsurgery.verify(export, against, images=[str(i) for i in images] or None,
+                             num_random=num_random, rtol=rtol, seed=seed)
+    console.print(kv_table("verify", [
+        ("inputs", result.num_inputs),
+        ("max |diff|", f"{result.max_abs:.3g}"),
+        ("max rel diff", f"{result.max_rel:.3g} (tolerance {result.rtol:g})"),
+        ("top-1 agreement", f"{result.top1_agreement:.1%}"),
+        ("result", "pass" if result.passed else "FAIL"),
+    ]))
+    if not result.passed:
+        raise fail(f"{export} differs from {against}: max rel diff {result.max_rel:.3g} > {result.rtol:g}")

@@ -1,0 +1,49 @@
+"""wsurgery: Weight Standardization surgery and transfer learning for timm models.
+
+The flow, one module per step::
+
+    load -> convert -> calibrate -> train -> fold -> export / verify
+
+>>> import wsurgery
+>>> model = wsurgery.load("resnet18", pretrained=False)
+>>> model, report = wsurgery.convert(model, mode="aws", norm="gn")
+>>> wsurgery.save(model, "runs/r18-ws")            # doctest: +SKIP
+>>> wsurgery.export(model, "export/r18")           # doctest: +SKIP
+>>> wsurgery.verify("export/r18", model).passed    # doctest: +SKIP
+True
+"""
+
+__version__ = "0.1.0"
+
+from .config import SurgeryConfig
+from .convert import LayerChange, SurgeryReport, convert, is_converted
+from .errors import WSurgeryError
+from .export import ExportResult, export
+from .fold import fold
+from .load import load, load_checkpoint
+from .save import save
+from . import io
+from .standardize import CONVENTIONS, standardize_weight
+from .summary import inspect
+from .verify import VerifyResult, verify
+
+__all__ = [
+    "__version__",
+    "CONVENTIONS",
+    "ExportResult",
+    "LayerChange",
+    "SurgeryConfig",
+    "SurgeryReport",
+    "VerifyResult",
+    "WSurgeryError",
+    "convert",
+    "export",
+    "fold",
+    "inspect",
+    "is_converted",
+    "load",
+    "load_checkpoint",
+    "save",
+    "standardize_weight",
+    "verify",
+]

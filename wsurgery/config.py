@@ -1,0 +1,82 @@
+"""Typed configuration for the surgery, saved with every converted model.
+
+Configs are dataclasses whose fields carry their help text (as peft's configs do);
+``__post_init__`` validates every value so a bad config fails before any model is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+from .standardize import CONVENTIONS, WSConvention, get_convention
+
+__all__ = ["SurgeryConfig", "GroupRule"]
+
+GroupRule = Literal["gcd", "divisor", "error"]
+
+
+@dataclass
+class SurgeryConfig:
+    """What :func:`wsurgery.convert` does to a model.
+
+    GroupNorm group rule: with ``gn_group_size`` set, every GN gets ``C // gn_group_size``
+    groups (``C`` must divide). Otherwise the target is ``gn_groups`` groups; when ``C`` is not
+    a multiple of it, ``gn_group_rule`` decides: ``gcd`` (default) uses ``gcd(C, gn_groups)``
+    groups, which keeps every group at least ``C / gn_groups`` channels wide (24 channels with
+    target 32 -> 8 groups of 3); ``divisor`` uses the largest divisor of ``C`` not above the
+    target (24 -> 24 groups of 1, closer in count, but single-channel groups behave like
+    InstanceNorm); ``error`` refuses.
+    """
+
+    mode: Literal["ws", "aws"] = field(
+        default="ws", metadata={"help": "ws: plain standardization; aws: adaptive (learned gamma/beta, exact at init)"}
+    )
+    convention: str = field(default="timm", metadata={"help": f"WS formula: one of {', '.join(CONVENTIONS)}"})
+    eps: float | None = field(default=None, metadata={"help": "override the convention's eps"})
+    include: list[str] = field(
+        default_factory=list, metadata={"help": "fnmatch patterns of conv names to convert (default: all)"}
+    )
+    exclude: list[str] = field(default_factory=list, metadata={"help": "fnmatch patterns of conv names to skip"})
+    norm: Literal["keep", "gn"] = field(default="keep", metadata={"help": "keep BatchNorm, or replace it with GroupNorm"})
+    gn_groups: int = field(default=32, metadata={"help": "target number of GroupNorm groups"})
+    gn_group_size: int | None = field(default=None, metadata={"help": "channels per group (overrides gn_groups)"})
+    gn_group_rule: GroupRule = field(
+        default="gcd", metadata={"help": "what to do when channels don't divide by gn_groups: gcd, divisor, error"}
+    )
+    gn_eps: float = field(default=1e-5, metadata={"help": "GroupNorm eps (timm's GroupNorm default)"})
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("ws", "aws"):
+            raise ConfigError(f"`mode` must be 'ws' or 'aws', got {self.mode!r}")
+        if self.norm not in ("keep", "gn"):
+            raise ConfigError(f"`norm` must be 'keep' or 'gn', got {self.norm!r}")
+        get_convention(self.convention, self.eps)  # validates name and eps
+        if self.gn_groups < 1:
+            raise ConfigError(f"`gn_groups` must be at least 1, got {self.gn_groups}")
+        if self.gn_group_size is not None and self.gn_group_size < 1:
+            raise ConfigError(f"`gn_group_size` must be at least 1, got {self.gn_group_size}")
+        if self.gn_group_rule not in ("gcd", "divisor", "error"):
+            raise ConfigError(f"`gn_group_rule` must be gcd, divisor or error, got {self.gn_group_rule!r}")
+        if not (self.gn_eps > 0 and math.isfinite(self.gn_eps)):
+            raise ConfigError(f"`gn_eps` must be positive, got {self.gn_eps}")
+        self.include = list(self.include)
+        self.exclude = list(self.exclude)
+
+    @property
+    def ws_convention(self) -> WSConvention:
+        return get_convention(self.convention, self.eps)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SurgeryConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ConfigError(f"unknown surgery config keys {unknown}; valid keys are {sorted(names)}")
+        return cls(**data)

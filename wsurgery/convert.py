@@ -1,0 +1,306 @@
+"""The surgery: every conv -> its Weight-Standardized equivalent, optionally BN -> GN.
+
+Convs are converted with :func:`torch.nn.utils.parametrize.register_parametrization`, so
+each module keeps its own ``forward``: timm's ``Conv2dSame`` keeps its TF padding,
+``MixedConv2d`` keeps splitting channels, ``CondConv2d`` keeps routing experts. Folding is
+``remove_parametrizations(..., leave_parametrized=True)``, which gives every module its
+original class back (see :mod:`wsurgery.fold`).
+
+As in peft's ``inject_adapter``, the whole plan is validated before the model is touched:
+a failure never leaves a half-converted model.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from timm.layers import CondConv2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .config import SurgeryConfig
+from .errors import ConversionError, NonFiniteWeightsError
+from .graph import module_successors
+from .norm import batchnorm_to_groupnorm, gn_num_groups, is_batchnorm
+from .standardize import AdaptiveWeightStandardization, WeightStandardization
+
+__all__ = [
+    "LayerChange",
+    "SurgeryReport",
+    "convert",
+    "apply_surgery",
+    "plan_surgery",
+    "is_converted",
+    "ws_parametrizations",
+    "TIMM_WS_TYPES",
+    "get_surgery_config",
+    "clone_model",
+]
+
+#: timm layers that already standardize their weights: recognised, left as they are, folded.
+TIMM_WS_TYPES = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
+
+_CONFIG_ATTR = "wsurgery_config"
+
+
+@dataclass
+class LayerChange:
+    """One module the surgery changed (or recognised)."""
+
+    name: str
+    old_type: str
+    new_type: str
+    params_before: int
+    params_after: int
+    note: str = ""
+
+
+@dataclass
+class SurgeryReport:
+    """What :func:`convert` did, for people and for the saved config."""
+
+    changes: list[LayerChange] = field(default_factory=list)
+    already_standardized: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    #: convs whose output does not go straight into a norm layer (None: model not traceable)
+    convs_without_norm: list[str] | None = None
+    zero_variance_filters: dict[str, int] = field(default_factory=dict)
+    params_before: int = 0
+    params_after: int = 0
+
+    @property
+    def num_convs(self) -> int:
+        return sum(1 for c in self.changes if "Conv" in c.old_type)
+
+    @property
+    def num_norms(self) -> int:
+        return sum(1 for c in self.changes if "Norm" in c.new_type)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SurgeryReport":
+        data = dict(data)
+        data["changes"] = [LayerChange(**c) for c in data.get("changes", [])]
+        return cls(**data)
+
+
+def _numel(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def clone_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy`` that is safe for parametrized modules.
+
+    ``deepcopy`` keeps the dynamic ``Parametrized*`` class that ``register_parametrization``
+    created, shared by original and copy; ``remove_parametrizations`` on the copy then
+    deletes the ``weight`` property from that shared class and breaks the original. Each
+    parametrized module of the copy gets a class of its own here.
+    """
+    new = copy.deepcopy(model)
+    for module in new.modules():
+        if parametrize.is_parametrized(module):
+            cls = type(module)
+            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+    return new
+
+
+def ws_parametrizations(model: nn.Module):
+    """Yield ``(name, module, parametrization)`` for every WS-parametrized weight in ``model``."""
+    for name, module in model.named_modules():
+        if parametrize.is_parametrized(module, "weight"):
+            for p in module.parametrizations.weight:
+                if isinstance(p, WeightStandardization):
+                    yield name, module, p
+
+
+def is_converted(model: nn.Module) -> bool:
+    """True if any weight in ``model`` carries a WS parametrization."""
+    return next(iter(ws_parametrizations(model)), None) is not None
+
+
+def get_surgery_config(model: nn.Module) -> SurgeryConfig | None:
+    """The config a model was converted with, or None."""
+    return getattr(model, _CONFIG_ATTR, None)
+
+
+def _is_convertible_conv(module: nn.Module) -> bool:
+    if isinstance(module, TIMM_WS_TYPES):
+        return False
+    return isinstance(module, (nn.Conv2d, CondConv2d))
+
+
+def _fan_in(module: nn.Module) -> tuple[int, int]:
+    """(entries per filter, number of filters) of a conv or CondConv expert bank."""
+    if isinstance(module, CondConv2d):
+        kh, kw = module.kernel_size
+        fan_in = module.in_channels // module.groups * kh * kw
+        return fan_in, module.weight.numel() // fan_in
+    return module.weight[0].numel(), module.weight.shape[0]
+
+
+@dataclass
+class _Plan:
+    convs: list[tuple[str, nn.Module]]
+    norms: list[tuple[str, nn.Module, int]]
+    already: list[str]
+    skipped: list[str]
+
+
+def plan_surgery(model: nn.Module, config: SurgeryConfig) -> _Plan:
+    """Decide every change and validate it, without touching the model.
+
+    Raises:
+        ConversionError: the model is already converted, patterns match nothing, or a norm
+            layer's channels cannot be grouped as configured.
+        NonFiniteWeightsError: a conv to convert holds NaN or inf.
+    """
+    if not isinstance(model, nn.Module):
+        raise ConversionError(f"convert needs a torch.nn.Module, got {type(model).__name__}")
+    if is_converted(model):
+        raise ConversionError("this model is already converted; load the original model to convert it again")
+    convs, already, skipped = [], [], []
+    for name, module in model.named_modules():
+        if isinstance(module, TIMM_WS_TYPES):
+            already.append(name)
+            continue
+        if not _is_convertible_conv(module):
+            continue
+        if (config.include and not _matches(name, config.include)) or _matches(name, config.exclude):
+            skipped.append(name)
+            continue
+        fan_in, _ = _fan_in(module)
+        if config.convention == "paper" and fan_in < 2:
+            raise ConversionError(f"{name}: 1 entry per filter cannot use the unbiased 'paper' convention; exclude it")
+        if not torch.isfinite(module.weight).all():
+            raise NonFiniteWeightsError(f"{name}.weight holds NaN or inf; fix the checkpoint before converting")
+        convs.append((name, module))
+    if config.include and not convs:
+        raise ConversionError(f"include patterns {config.include} match no conv; `wsurgery inspect` lists the names")
+    norms = []
+    if config.norm == "gn":
+        for name, module in model.named_modules():
+            if is_batchnorm(module):
+                channels = int(getattr(module, "num_features", None) or module.weight.shape[0])
+                try:
+                    groups = gn_num_groups(channels, config.gn_groups, config.gn_group_size, config.gn_group_rule)
+                except ConversionError as e:
+                    raise ConversionError(f"{name}: {e}") from None
+                norms.append((name, module, groups))
+    return _Plan(convs, norms, already, skipped)
+
+
+def _standardize_conv(name: str, module: nn.Module, config: SurgeryConfig) -> tuple[LayerChange, int]:
+    fan_in, num_filters = _fan_in(module)
+    convention = config.ws_convention
+    old_type = type(module).__name__
+    before = _numel(module)
+    weight = module.weight.detach()
+    zero_var = int((weight.reshape(-1, fan_in).std(dim=1, correction=0) == 0).sum()) if fan_in > 1 else num_filters
+    if config.mode == "aws":
+        p: WeightStandardization = AdaptiveWeightStandardization(fan_in, convention, num_filters)
+        p.to(device=weight.device, dtype=weight.dtype)
+        p.init_from_weight(weight)
+    else:
+        p = WeightStandardization(fan_in, convention)
+    parametrize.register_parametrization(module, "weight", p)
+    note = f"{config.mode}/{convention.name}"
+    if zero_var:
+        note += f", {zero_var} zero-variance filters"
+    change = LayerChange(name, old_type, f"{old_type}+{type(p).__name__}", before, _numel(module), note)
+    return change, zero_var
+
+
+def apply_surgery(model: nn.Module, config: SurgeryConfig, plan: _Plan) -> SurgeryReport:
+    """Carry out a validated plan in place. Use :func:`convert`, which plans first."""
+    report = SurgeryReport(already_standardized=plan.already, skipped=plan.skipped, params_before=_numel(model))
+    for name, module in plan.convs:
+        change, zero_var = _standardize_conv(name, module, config)
+        report.changes.append(change)
+        if zero_var:
+            report.zero_variance_filters[name] = zero_var
+    for name, bn, groups in plan.norms:
+        gn = batchnorm_to_groupnorm(bn, groups, eps=config.gn_eps)
+        model.set_submodule(name, gn)
+        report.changes.append(
+            LayerChange(name, type(bn).__name__, type(gn).__name__, _numel(bn), _numel(gn), f"{groups} groups")
+        )
+    report.params_after = _numel(model)
+    setattr(model, _CONFIG_ATTR, config)
+    return report
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return is_batchnorm(module) or isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._BatchNorm))
+
+
+def _convs_without_norm(model: nn.Module, conv_names: list[str]) -> list[str] | None:
+    succ = module_successors(model)
+    if succ is None:
+        return None
+    modules = dict(model.named_modules())
+    out = []
+    for name in conv_names:
+        users = succ.get(name)
+        if users is None:  # a conv that is never called directly (e.g. inside CondConv) is not judged
+            continue
+        if not any(u in modules and _is_norm(modules[u]) for u in users):
+            out.append(name)
+    return out
+
+
+def convert(
+    model: nn.Module,
+    config: SurgeryConfig | None = None,
+    *,
+    inplace: bool = True,
+    trace: bool = True,
+    **overrides: Any,
+) -> tuple[nn.Module, SurgeryReport]:
+    """Convert every selected conv to Weight Standardization, optionally BN -> GN.
+
+    The plan is validated first: if anything would fail, the model is left untouched.
+
+    Args:
+        model: a timm (or any torch) model.
+        config: the surgery; keyword ``overrides`` build or update one
+            (``convert(m, mode="aws", norm="gn")``).
+        inplace: modify ``model`` itself (default, like timm's module converters). With
+            ``False`` a deep copy is converted and ``model`` is left as it was.
+        trace: find convs not followed by a norm layer (a torch.fx trace) for the report.
+
+    Returns:
+        ``(model, report)``: the converted model (the same object when ``inplace``) and a
+        :class:`SurgeryReport` listing each module's old and new type.
+
+    Raises:
+        ConversionError: see :func:`plan_surgery`.
+
+    Example:
+        >>> import timm, wsurgery
+        >>> model = timm.create_model("resnet18")
+        >>> model, report = wsurgery.convert(model, mode="aws", norm="gn")
+        >>> report.num_convs
+        20
+    """
+    if config is None:
+        config = SurgeryConfig(**overrides)
+    elif overrides:
+        config = SurgeryConfig(**{**config.to_dict(), **overrides})
+    plan = plan_surgery(model, config)
+    unnormalized = _convs_without_norm(model, [n for n, _ in plan.convs]) if trace else None
+    if not inplace:
+        model = clone_model(model)
+        plan = plan_surgery(model, config)
+    report = apply_surgery(model, config, plan)
+    report.convs_without_norm = unnormalized
+    return model, report

@@ -1,0 +1,143 @@
+"""Images in: find image files and turn them into model inputs with timm's transforms.
+
+Everything goes through ``timm.data.resolve_data_config`` and ``create_transform`` for the
+model's own data config (size, crop, interpolation, mean and std), so inputs here are
+exactly what timm's own eval pipeline would give the model.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import random
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+
+from .errors import DatasetError, InputNotFoundError
+
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "find_images",
+    "open_rgb",
+    "data_config_for",
+    "eval_transform",
+    "load_images",
+    "random_inputs",
+]
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+def find_images(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
+    """Image files named by ``spec``: files, folders (searched recursively) or glob patterns.
+
+    Raises:
+        InputNotFoundError: a named path does not exist, or nothing matched.
+    """
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    found: list[Path] = []
+    for item in items:
+        text = os.fspath(item)
+        path = Path(text)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+        elif path.is_file():
+            found.append(path)
+        elif any(c in text for c in "*?["):
+            found.extend(sorted(Path(p) for p in glob.glob(text, recursive=True)
+                                if Path(p).suffix.lower() in IMAGE_SUFFIXES))
+        else:
+            raise InputNotFoundError(f"{text} does not exist; pass image files, a folder or a glob pattern")
+    if not found:
+        raise InputNotFoundError(f"no images found in {', '.join(os.fspath(i) for i in items)} "
+                                 f"(looked for {', '.join(IMAGE_SUFFIXES)})")
+    return found
+
+
+def open_rgb(path: str | os.PathLike) -> Image.Image:
+    """Open an image as 8-bit RGB: grayscale, RGBA, palette and 16-bit images are converted.
+
+    Raises:
+        DatasetError: the file is not a readable image.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits
+                arr = torch.from_numpy(np.asarray(img, dtype=np.float32))
+                peak = float(arr.max()) or 1.0
+                img = Image.fromarray((arr / peak * 255).round().byte().numpy(), mode="L")
+            if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+                img = img.convert("RGBA")
+                background = Image.new("RGBA", img.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, img)
+            return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise DatasetError(f"{path} is not a readable image ({type(e).__name__})") from None
+
+
+def data_config_for(model: nn.Module, img_size: int | None = None) -> dict[str, Any]:
+    """timm's resolved data config of ``model``, optionally at another input size."""
+    args = {"input_size": (3, img_size, img_size)} if img_size else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return resolve_data_config(args or {}, model=model)
+
+
+def eval_transform(model: nn.Module, img_size: int | None = None):
+    """timm's eval transform for ``model`` (resize, center crop, normalize)."""
+    return create_transform(**data_config_for(model, img_size), is_training=False)
+
+
+def load_images(
+    spec: str | os.PathLike | Sequence[str | os.PathLike],
+    model: nn.Module,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    img_size: int | None = None,
+) -> tuple[torch.Tensor, list[Path]]:
+    """Read images into one batch with the model's eval transform.
+
+    Args:
+        spec: files, folders or glob patterns.
+        model: whose data config decides size and normalization.
+        limit: keep at most this many, chosen at random with ``seed``.
+        img_size: override the input size.
+
+    Returns:
+        ``(batch, paths)``; unreadable files are skipped (and left out of ``paths``).
+    """
+    paths = find_images(spec)
+    if limit is not None and len(paths) > limit:
+        paths = sorted(random.Random(seed).sample(paths, limit))
+    transform = eval_transform(model, img_size)
+    tensors, kept = [], []
+    for p in paths:
+        try:
+            tensors.append(transform(open_rgb(p)))
+            kept.append(p)
+        except DatasetError:
+            continue
+    if not tensors:
+        raise DatasetError(f"none of the {len(paths)} files could be read as images")
+    return torch.stack(tensors), kept
+
+
+def random_inputs(model: nn.Module, n: int = 4, seed: int = 0, img_size: int | None = None) -> torch.Tensor:
+    """``n`` fixed random images (uniform pixels, then the model's normalization)."""
+    cfg = data_config_for(model, img_size)
+    gen = torch.Generator().manual_seed(seed)
+    c, h, w = cfg["input_size"]
+    pixels = torch.rand(n, c, h, w, generator=gen)
+    mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+    return (pixels - mean) / std

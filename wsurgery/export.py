@@ -1,0 +1,161 @@
+"""Step 5: fold and export to timm's hub layout (``config.json`` + ``model.safetensors``).
+
+Two cases, and the exported ``config.json`` says which (``wsurgery.timm_compatible``):
+
+* **stock timm loads it**: timm's own constructor arguments express the folded model
+  (BN kept; or GN where ``norm_layer='groupnorm'`` builds exactly our GN layers, as for
+  resnet50 with 32-group GN). ``timm.create_model('local-dir:DIR', pretrained=True)`` then
+  rebuilds it with no wsurgery import. We do not guess this: we build the stock model,
+  compare every module's type, load the weights strictly and compare outputs.
+* **wsurgery.load(DIR) rebuilds it**: everything else (GN with channel counts timm's
+  ``groupnorm`` cannot split, BN folded into conv biases). The result is still plain convs
+  with no standardization; only building the module tree needs the recorded surgery.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import timm
+import torch
+from torch import nn
+
+from .convert import get_surgery_config
+from .errors import ConfigError
+from .fold import FOLD_ATTR, fold, is_folded
+from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_dir, save_safetensors, write_json
+from .load import model_record
+from .save import build_config
+
+__all__ = ["DTYPES", "ExportResult", "export", "stock_timm_args"]
+
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+Dtype = Literal["fp32", "fp16", "bf16"]
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` wrote."""
+
+    directory: Path
+    timm_compatible: bool
+    model_args: dict[str, Any]
+    fold_bn: list[list[str]] = field(default_factory=list)
+    dtype: str = "fp32"
+    files: list[Path] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["directory"] = str(self.directory)
+        d["files"] = [str(f) for f in self.files]
+        return d
+
+
+def _module_signature(model: nn.Module) -> list[tuple[str, str, tuple]]:
+    sig = []
+    for name, m in model.named_modules():
+        extra: tuple = ()
+        if isinstance(m, nn.GroupNorm):
+            extra = (m.num_groups, m.eps)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            extra = (m.eps,)
+        elif isinstance(m, nn.Conv2d):
+            extra = (m.stride, m.padding, m.dilation, m.groups, m.bias is not None)
+        sig.append((name, type(m).__name__, extra))
+    return sig
+
+
+@torch.no_grad()
+def stock_timm_args(folded: nn.Module, record: dict[str, Any], norm: str | None) -> dict[str, Any] | None:
+    """timm constructor args that rebuild ``folded`` exactly with stock timm, or None.
+
+    Candidates are the model's own args, plus ``norm_layer='groupnorm'`` when BN was
+    replaced by GN. A candidate wins only if every module type (and GN groups/eps, conv
+    geometry) matches, the weights load strictly, and the outputs are equal.
+    """
+    base = dict(record["model_args"])
+    candidates = [base]
+    if norm == "gn":
+        candidates = [dict(base, norm_layer="groupnorm")]
+    target = _module_signature(folded)
+    state = folded.state_dict()
+    for args in candidates:
+        try:
+            stock = timm.create_model(record["architecture"], pretrained=False, **args)
+        except Exception:  # noqa: BLE001 - a constructor that refuses the args is just "not compatible"
+            continue
+        if _module_signature(stock) != target:
+            continue
+        stock_state = stock.state_dict()
+        if stock_state.keys() != state.keys() or any(stock_state[k].shape != v.shape for k, v in state.items()):
+            continue
+        stock.load_state_dict(state, strict=True)
+        stock.to(next(folded.parameters()).dtype).eval()
+        was_training = folded.training
+        folded.eval()
+        cfg = record["pretrained_cfg"]
+        size = tuple(cfg.get("input_size", (3, 224, 224)))
+        x = torch.randn(1, *size, generator=torch.Generator().manual_seed(0)).to(next(folded.parameters()).dtype)
+        same = torch.equal(stock(x), folded(x))
+        folded.train(was_training)
+        if same:
+            return args
+    return None
+
+
+def export(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    *,
+    fold_bn: bool = False,
+    dtype: Dtype = "fp32",
+    force: bool = False,
+) -> ExportResult:
+    """Fold ``model`` and write it for deployment, atomically.
+
+    ``model`` is not modified (a folded copy is written).
+
+    Args:
+        model: a converted model (from :func:`wsurgery.convert` or :func:`wsurgery.load` of a
+            surgery directory), a timm model with its own ``StdConv2d`` (BiT, NFNet), or any
+            timm model (exported as it is).
+        directory: output directory (timm hub layout).
+        fold_bn: also fold each BatchNorm that directly follows a conv (eval statistics).
+        dtype: ``fp32``, ``fp16`` or ``bf16`` for the stored floating tensors.
+        force: replace an existing output.
+
+    Returns:
+        An :class:`ExportResult`; ``timm_compatible`` says whether stock timm loads it.
+
+    Raises:
+        NonFiniteWeightsError: a weight is NaN or inf (nothing is written).
+        OutputExistsError: ``directory`` exists and ``force`` is False.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    record = model_record(model)
+    folded = model if is_folded(model) and not fold_bn else fold(model, fold_bn=fold_bn)
+    pairs = [list(p) for p in getattr(folded, FOLD_ATTR, [])]
+    surgery = get_surgery_config(model)
+    args = None if pairs else stock_timm_args(folded, record, surgery.norm if surgery else None)
+    config = build_config(model, "folded", fold_bn=pairs, timm_compatible=args is not None, dtype=dtype)
+    if args is not None:
+        config["model_args"] = args
+    target = DTYPES[dtype]
+    state = {k: (v.to(target) if v.is_floating_point() else v) for k, v in folded.state_dict().items()}
+    directory = Path(directory)
+    with atomic_dir(directory, force=force) as tmp:
+        save_safetensors(state, tmp / WEIGHTS_NAME, {"wsurgery": json.dumps(config["wsurgery"], sort_keys=True)})
+        write_json(tmp / CONFIG_NAME, config)
+    return ExportResult(
+        directory=directory,
+        timm_compatible=args is not None,
+        model_args=config["model_args"],
+        fold_bn=pairs,
+        dtype=dtype,
+        files=[directory / CONFIG_NAME, directory / WEIGHTS_NAME],
+    )

@@ -1,0 +1,183 @@
+"""Fold: compute the standardized weights once and leave plain convs behind.
+
+* WS / adaptive-WS parametrizations are removed with
+  ``torch.nn.utils.parametrize.remove_parametrizations(..., leave_parametrized=True)``: the
+  value written back is computed by the very function the forward used, so the folded conv
+  reproduces the unfolded one bit for bit, and each module gets its original class back.
+* timm's own ``StdConv2d`` / ``ScaledStdConv2d`` (and their ``Same`` variants) become
+  ``nn.Conv2d`` / ``Conv2dSame`` holding the weight their forward computes (gain and
+  fan-in scale included), with the same ``F.batch_norm`` call timm uses.
+* Optionally (``fold_bn``), a BatchNorm fed directly by a conv is folded into that conv with
+  ``torch.nn.utils.fusion.fuse_conv_bn_weights`` (running statistics, as in eval mode).
+
+No standardization op is left in the graph; the result needs no wsurgery code to run.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Conv2dSame, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2dSame
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+from .convert import TIMM_WS_TYPES, clone_model, ws_parametrizations
+from .errors import ConversionError, NonFiniteWeightsError
+from .graph import module_successors
+from .norm import carries_activation, is_batchnorm
+
+__all__ = ["timm_std_conv_weight", "fold", "find_conv_bn_pairs", "fold_conv_bn", "is_folded", "FOLD_ATTR"]
+
+#: attribute holding the list of (conv, bn) names folded by ``fold_bn``
+FOLD_ATTR = "wsurgery_folded_bn"
+
+
+def timm_std_conv_weight(module: nn.Conv2d) -> torch.Tensor:
+    """The weight a timm ``StdConv2d``-family module computes in its forward, exactly."""
+    gain = None
+    if isinstance(module, (ScaledStdConv2d, ScaledStdConv2dSame)):
+        gain = (module.gain * module.scale).view(-1)
+    return F.batch_norm(
+        module.weight.reshape(1, module.out_channels, -1), None, None,
+        weight=gain, training=True, momentum=0.0, eps=module.eps,
+    ).reshape_as(module.weight)
+
+
+def _plain_conv_like(module: nn.Conv2d, weight: torch.Tensor) -> nn.Conv2d:
+    same = isinstance(module, (StdConv2dSame, ScaledStdConv2dSame)) and getattr(module, "same_pad", False)
+    kwargs = dict(stride=module.stride, dilation=module.dilation, groups=module.groups, bias=module.bias is not None)
+    if same:
+        conv: nn.Conv2d = Conv2dSame(module.in_channels, module.out_channels, module.kernel_size, **kwargs)
+    else:
+        conv = nn.Conv2d(module.in_channels, module.out_channels, module.kernel_size,
+                         padding=module.padding, padding_mode=module.padding_mode, **kwargs)
+    conv = conv.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        if module.bias is not None:
+            conv.bias.copy_(module.bias)
+    conv.train(module.training)
+    return conv
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteWeightsError(
+            f"{name} holds NaN or inf after standardization; refusing to fold (resume from an earlier checkpoint)"
+        )
+
+
+def is_folded(model: nn.Module) -> bool:
+    """True when no WS parametrization and no timm WS conv is left in ``model``."""
+    return not any(True for _ in ws_parametrizations(model)) and not any(
+        isinstance(m, TIMM_WS_TYPES) for m in model.modules()
+    )
+
+
+def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
+    """``(conv, bn)`` names where a plain conv's only consumer is a BatchNorm.
+
+    Raises:
+        ConversionError: the model cannot be traced with torch.fx.
+    """
+    succ = module_successors(model)
+    if succ is None:
+        raise ConversionError("fold_bn needs a torch.fx trace of the model and this one cannot be traced; export without fold_bn")
+    modules = dict(model.named_modules())
+    feeders: dict[str, int] = {}
+    for users in succ.values():
+        for u in users:
+            feeders[u] = feeders.get(u, 0) + 1
+    pairs = []
+    for name, users in succ.items():
+        conv = modules.get(name)
+        if type(conv) not in (nn.Conv2d, Conv2dSame) or len(users) != 1:
+            continue
+        bn = modules.get(users[0])
+        if bn is None or not is_batchnorm(bn) or getattr(bn, "running_mean", None) is None:
+            continue
+        if feeders.get(users[0]) != 1:
+            continue
+        pairs.append((name, users[0]))
+    return pairs
+
+
+def _bn_replacement(bn: nn.Module) -> nn.Module:
+    if carries_activation(bn):
+        return nn.Sequential(OrderedDict(drop=bn.drop, act=bn.act))
+    return nn.Identity()
+
+
+def fold_conv_bn(model: nn.Module, pairs: list[tuple[str, str]], *, structure_only: bool = False) -> None:
+    """Fold each BN of ``pairs`` into its conv, in place (eval-mode statistics).
+
+    With ``structure_only`` the modules are reshaped (bias added, BN removed) without
+    computing weights; :func:`wsurgery.load` uses it to rebuild an export before loading it.
+    """
+    for conv_name, bn_name in pairs:
+        conv = model.get_submodule(conv_name)
+        bn = model.get_submodule(bn_name)
+        if structure_only:
+            if conv.bias is None:
+                conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype))
+        else:
+            w = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
+            b = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
+            fused_w, fused_b = fuse_conv_bn_weights(
+                conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, w, b
+            )
+            conv.weight = nn.Parameter(fused_w.detach(), requires_grad=conv.weight.requires_grad)
+            conv.bias = nn.Parameter(fused_b.detach())
+        model.set_submodule(bn_name, _bn_replacement(bn))
+
+
+@torch.no_grad()
+def fold(
+    model: nn.Module,
+    *,
+    fold_bn: bool | list[tuple[str, str]] = False,
+    inplace: bool = False,
+) -> nn.Module:
+    """Fold every Weight Standardization in ``model`` into plain conv weights.
+
+    Works on models converted by :func:`wsurgery.convert` and on timm models that use
+    ``StdConv2d`` / ``ScaledStdConv2d`` themselves (BiT, NFNet).
+
+    Args:
+        model: the model to fold.
+        fold_bn: also fold each BatchNorm that directly follows a conv into it (True), or
+            fold exactly the given ``(conv, bn)`` name pairs.
+        inplace: fold ``model`` itself; by default a deep copy is folded and ``model`` keeps
+            working unchanged (so it can be compared with the result).
+
+    Returns:
+        The folded model. ``model.wsurgery_folded_bn`` lists the BN pairs folded.
+
+    Raises:
+        NonFiniteWeightsError: a standardized weight holds NaN or inf (nothing is changed).
+    """
+    if not inplace:
+        model = clone_model(model)
+    parametrized = list(ws_parametrizations(model))
+    timm_ws = [(n, m) for n, m in model.named_modules() if isinstance(m, TIMM_WS_TYPES)]
+    # compute and check everything before changing anything
+    new_convs = []
+    for name, module, _ in parametrized:
+        _check_finite(f"{name}.weight", module.weight)
+    for name, module in timm_ws:
+        weight = timm_std_conv_weight(module)
+        _check_finite(f"{name}.weight", weight)
+        new_convs.append((name, _plain_conv_like(module, weight)))
+    for name, module, _ in parametrized:
+        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+    for name, conv in new_convs:
+        model.set_submodule(name, conv)
+    pairs: list[tuple[str, str]] = []
+    if fold_bn:
+        pairs = find_conv_bn_pairs(model) if fold_bn is True else [tuple(p) for p in fold_bn]
+        fold_conv_bn(model, pairs)
+    setattr(model, FOLD_ATTR, [list(p) for p in pairs])
+    return model

@@ -1,0 +1,212 @@
+"""Files in and out: atomic writes, safe weight loading, JSON configs.
+
+Nothing is lost: every output is written under a temporary name in the destination's own
+folder, fsynced, then renamed into place (a rename within one filesystem is atomic), so a
+reader sees either no file or a complete one. A directory output is assembled the same
+way and renamed as a whole. An existing output is only replaced with ``force``.
+
+Nothing untrusted is unpickled: safetensors for weights, ``torch.load(weights_only=True)``
+for ``.pth/.bin/.pt``, ``json`` for configs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import CheckpointError, InputNotFoundError, OutputExistsError, UnsafeCheckpointError
+
+__all__ = [
+    "atomic_file",
+    "atomic_dir",
+    "fsync_dir",
+    "check_output",
+    "write_json",
+    "read_json",
+    "save_safetensors",
+    "load_safetensors",
+    "load_state_dict_file",
+    "CONFIG_NAME",
+    "WEIGHTS_NAME",
+]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar")
+
+
+def fsync_dir(path: Path) -> None:
+    """Flush a directory entry (so a rename inside it survives a power cut)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def check_output(path: str | os.PathLike, force: bool) -> Path:
+    """Refuse to overwrite ``path`` unless ``force``; make sure its parent exists."""
+    path = Path(path)
+    if path.exists() and not force:
+        raise OutputExistsError(f"{path} already exists; pass --force (force=True) to overwrite it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it is fsynced and renamed to ``path``."""
+    path = check_output(path, force)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+        fsync_dir(path.parent)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success it replaces ``path`` whole.
+
+    Files written into it should be fsynced by their writers (the helpers here do).
+    """
+    path = check_output(path, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        fsync_dir(tmp)
+        if path.exists():  # --force: move the old output aside, put the new one in, then delete the old
+            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink(missing_ok=True)
+        else:
+            os.replace(tmp, path)
+        fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write sorted, indented JSON and fsync it (into a directory being assembled atomically)."""
+    path = Path(path)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=_json_default) + "\n")
+    _fsync_file(path)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (tuple, set)):
+        return list(obj)
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, torch.dtype):
+        return str(obj).removeprefix("torch.")
+    raise TypeError(f"cannot store {type(obj).__name__} in JSON")
+
+
+def read_json(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a JSON object, with a one-line error for a missing or malformed file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{path} not found; is this a wsurgery or timm model directory?")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e.__class__.__name__}: {e}); re-create it") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` with contiguous, unshared tensors and ``format: pt``; fsynced."""
+    clean = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    meta = {"format": "pt", **(metadata or {})}
+    save_file(clean, str(path), metadata=meta)
+    _fsync_file(Path(path))
+
+
+def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a truncated or corrupt file gives a :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"{path} not found")
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a valid safetensors file ({msg}); it may be truncated or corrupt") from None
+
+
+def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    # training scripts nest the weights: {"state_dict": ...}, {"model": ...}, EMA copies
+    for key in ("state_dict_ema", "model_ema", "state_dict", "model", "module"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            return _unwrap(obj[key], path)
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path} holds no state dict (found {type(obj).__name__})")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(f"{path} holds no tensors")
+    if all(k.startswith("module.") for k in tensors):  # saved from DataParallel / DDP
+        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read weights from ``.safetensors`` or a pickle checkpoint, never running code.
+
+    Pickle files are read with ``torch.load(weights_only=True)``, which refuses anything
+    but tensors and plain containers. Nested ``state_dict`` / ``model`` keys are unwrapped.
+
+    Raises:
+        InputNotFoundError: the file does not exist.
+        UnsafeCheckpointError: the pickle holds objects that would run code on load.
+        CheckpointError: the file is corrupt, truncated, or holds no tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputNotFoundError(f"checkpoint {path} not found; check the path")
+    if path.suffix == ".safetensors":
+        return load_safetensors(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).splitlines()[0] if str(e) else ""
+        if "Weights only load failed" in first or "weights_only" in str(e):
+            raise UnsafeCheckpointError(
+                f"{path} holds pickled objects beyond plain tensors, which could run code; refused. "
+                "Convert it to .safetensors in a trusted environment"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first}); it may be truncated or corrupt") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint ({first}); it may be truncated or corrupt") from None
+    return _unwrap(obj, path)

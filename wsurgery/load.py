@@ -1,0 +1,274 @@
+"""Step 1 of the flow: get a model.
+
+:func:`load` takes any of
+
+* a timm architecture name (``"resnet50"``), pretrained from the hub when online;
+* a timm model name plus a local checkpoint (``.safetensors``, or ``.pth/.bin/.pt`` read with
+  ``torch.load(weights_only=True)``), optionally remapped by order for checkpoints from
+  another implementation (timm's ``remap_state_dict``);
+* an ``hf-hub:org/name`` id;
+* a directory written by :func:`wsurgery.save` (a converted model), by
+  :func:`wsurgery.export` (a folded model), or by timm's ``save_for_hf`` (``local-dir:``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from timm.models import remap_state_dict
+from torch import nn
+
+from .config import SurgeryConfig
+from .convert import apply_surgery, plan_surgery
+from .errors import (
+    CheckpointMismatchError,
+    ConversionError,
+    InputNotFoundError,
+    ModelNotFoundError,
+    NetworkUnavailableError,
+)
+from .fold import fold, fold_conv_bn
+from .io import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_dict_file, read_json
+
+__all__ = ["load", "load_checkpoint", "rebuild", "model_record", "suggest_models", "SOURCE_ATTR"]
+
+#: attribute holding where a model came from (model name, checkpoint, pretrained)
+SOURCE_ATTR = "wsurgery_source"
+
+
+def suggest_models(name: str, n: int = 3) -> list[str]:
+    """The timm model names closest to ``name``."""
+    return difflib.get_close_matches(name, timm.list_models(), n=n, cutoff=0.5)
+
+
+def _unknown_model(name: str) -> ModelNotFoundError:
+    close = suggest_models(name)
+    hint = f"did you mean {', '.join(close)}?" if close else "`timm.list_models('*pattern*')` lists the names"
+    return ModelNotFoundError(f"unknown model {name!r}: not a timm architecture, directory or hf-hub id; {hint}")
+
+
+def _first_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    expected = model.state_dict()
+    for key, value in expected.items():
+        if key not in state_dict:
+            raise CheckpointMismatchError(
+                f"{source} does not fit this model: missing key {key!r} {tuple(value.shape)} "
+                f"(is it for another architecture? for reordered names try --remap-by-order)"
+            )
+        if state_dict[key].shape != value.shape:
+            hint = "; pass --num-classes to match the head" if key.split(".")[-1] in ("weight", "bias") and \
+                value.dim() <= 2 else ""
+            raise CheckpointMismatchError(
+                f"{source} does not fit this model: {key!r} is {tuple(state_dict[key].shape)} in the checkpoint "
+                f"but {tuple(value.shape)} in the model{hint}"
+            )
+    extra = [k for k in state_dict if k not in expected]
+    if extra:
+        raise CheckpointMismatchError(
+            f"{source} does not fit this model: unexpected key {extra[0]!r} ({len(extra)} in all); "
+            "is it for another architecture?"
+        )
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, remap_by_order: bool = False) -> nn.Module:
+    """Load a checkpoint file into ``model`` (in place), checking every key and shape first.
+
+    Args:
+        model: the model to fill.
+        path: ``.safetensors`` or ``.pth/.bin/.pt`` file.
+        remap_by_order: ignore the checkpoint's names and match tensors in order, as timm's
+            ``load_checkpoint(..., remap=True)`` does; counts and element counts must agree.
+
+    Raises:
+        CheckpointMismatchError: naming the first key or shape that does not fit.
+    """
+    state_dict = load_state_dict_file(path)
+    source = f"checkpoint {Path(path).name}"
+    if remap_by_order:
+        expected = model.state_dict()
+        if len(expected) != len(state_dict):
+            raise CheckpointMismatchError(
+                f"{source} has {len(state_dict)} tensors but the model has {len(expected)}; "
+                "remapping by order needs the same number (another architecture?)"
+            )
+        for (mk, mv), (ck, cv) in zip(expected.items(), state_dict.items()):
+            if mv.numel() != cv.numel():
+                raise CheckpointMismatchError(
+                    f"{source} does not fit this model by order: {ck!r} {tuple(cv.shape)} lands on "
+                    f"{mk!r} {tuple(mv.shape)}"
+                )
+        state_dict = remap_state_dict(state_dict, model)
+    _first_mismatch(model, state_dict, source)
+    model.load_state_dict(state_dict, strict=True)
+    return model
+
+
+def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as e:
+        if "Unknown model" in str(e):
+            raise _unknown_model(name) from None
+        if pretrained:
+            raise _network_error(name, e) from None
+        raise
+    except (OSError, ConnectionError, ImportError, ValueError) as e:
+        if pretrained:
+            raise _network_error(name, e) from None
+        raise
+
+
+def _network_error(name: str, exc: Exception) -> NetworkUnavailableError:
+    first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+    return NetworkUnavailableError(
+        f"could not fetch pretrained weights for {name} ({type(exc).__name__}: {first}); "
+        "without a network pass a local --checkpoint PATH or --no-pretrained"
+    )
+
+
+def model_record(model: nn.Module) -> dict[str, Any]:
+    """The timm facts needed to rebuild ``model``: architecture, constructor args, data config."""
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    arch = cfg.get("architecture")
+    if not arch:
+        raise ConversionError("saving needs a timm model (one made by timm.create_model or wsurgery.load)")
+    model_args = dict(getattr(model, "_model_args", {}) or {})
+    model_args.pop("pretrained_model_args", None)
+    num_classes = getattr(model, "num_classes", None)
+    if num_classes is not None:
+        model_args["num_classes"] = num_classes
+    return {"architecture": arch, "model_args": model_args, "pretrained_cfg": cfg}
+
+
+def rebuild(config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """Build the modules a saved config describes, then load ``state_dict`` into them.
+
+    Structure is deterministic given the architecture, its constructor args and the
+    surgery config, so the converted (or folded) modules are recreated exactly and the
+    weights loaded strictly.
+    """
+    arch = config.get("architecture")
+    if not isinstance(arch, str):
+        raise ConversionError("config.json names no architecture; is this a wsurgery or timm directory?")
+    if not timm.is_model(arch):
+        raise _unknown_model(arch)
+    model_args = dict(config.get("model_args") or {})
+    ws = config.get("wsurgery") or {}
+    try:
+        model = timm.create_model(arch, pretrained=False, **model_args)
+    except TypeError as e:
+        raise ConversionError(f"config.json model_args do not fit {arch}: {e}") from None
+    surgery = ws.get("surgery")
+    if surgery:
+        cfg = SurgeryConfig.from_dict(surgery)
+        apply_surgery(model, cfg, plan_surgery(model, cfg))
+    if ws.get("stage") == "folded":
+        model = fold(model, inplace=True)
+        fold_conv_bn(model, [tuple(p) for p in ws.get("fold_bn", [])], structure_only=True)
+        model.wsurgery_folded_bn = [list(p) for p in ws.get("fold_bn", [])]
+    if state_dict is not None:
+        _first_mismatch(model, state_dict, "saved weights")
+        model.load_state_dict(state_dict, strict=True)
+    pretrained_cfg = dict(model.pretrained_cfg)
+    # JSON turned timm's tuples (input_size, mean, std ...) into lists; timm expects tuples
+    saved = {k: tuple(v) if isinstance(v, list) and k != "label_names" else v
+             for k, v in (config.get("pretrained_cfg") or {}).items()}
+    pretrained_cfg.update(saved)
+    if config.get("label_names"):
+        pretrained_cfg["label_names"] = list(config["label_names"])
+    model.pretrained_cfg = pretrained_cfg
+    model.default_cfg = pretrained_cfg
+    setattr(model, SOURCE_ATTR, dict(ws.get("source") or {}, directory=str(config.get("_dir", ""))))
+    for key in ("calibration", "report"):
+        if key in ws:
+            setattr(model, f"wsurgery_{key}", ws[key])
+    return model
+
+
+def _load_dir(path: Path) -> nn.Module:
+    config = read_json(path / CONFIG_NAME)
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise InputNotFoundError(f"{weights} not found; the directory is incomplete (re-run the command that wrote it)")
+    state_dict = load_safetensors(weights)
+    config["_dir"] = str(path)
+    if "wsurgery" not in config:  # a stock timm export (save_for_hf): load it the timm way
+        model = timm.create_model(f"local-dir:{path}", pretrained=True)
+        return model
+    return rebuild(config, state_dict)
+
+
+def load(
+    source: str | os.PathLike,
+    *,
+    pretrained: bool | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    remap_by_order: bool = False,
+    num_classes: int | None = None,
+    model_args: dict[str, Any] | None = None,
+    device: str | torch.device | None = None,
+) -> nn.Module:
+    """Load a model from a timm name, a checkpoint, an ``hf-hub:`` id or a saved directory.
+
+    Args:
+        source: timm architecture name, ``hf-hub:org/name``, or a directory written by
+            :func:`wsurgery.save`, :func:`wsurgery.export` or timm's ``save_for_hf``.
+        pretrained: fetch the pretrained weights timm knows for ``source``. Default: True
+            unless ``checkpoint`` is given. Needs a network.
+        checkpoint: local weights to load instead (``.safetensors``/``.pth``/``.bin``/``.pt``).
+        remap_by_order: match checkpoint tensors to the model's in order, ignoring names.
+        num_classes: give the model a new classifier with this many classes. With a
+            checkpoint, the checkpoint's head is dropped first.
+        model_args: extra timm constructor arguments.
+        device: move the model there.
+
+    Returns:
+        The model, in eval mode. Converted/folded directories come back converted/folded.
+
+    Raises:
+        ModelNotFoundError, InputNotFoundError, CheckpointError, CheckpointMismatchError,
+        NetworkUnavailableError.
+    """
+    source_str = os.fspath(source)
+    path = Path(source_str)
+    if path.is_dir():
+        if checkpoint is not None:
+            raise ConversionError("a saved directory already holds its weights; drop --checkpoint")
+        model = _load_dir(path)
+        if num_classes is not None and num_classes != getattr(model, "num_classes", num_classes):
+            model.reset_classifier(num_classes)
+    else:
+        if source_str.startswith(("local-dir:",)):
+            return load(source_str[len("local-dir:"):], device=device)
+        looks_like_path = os.sep in source_str or source_str.endswith((".safetensors", ".pth", ".bin", ".pt"))
+        if looks_like_path and not source_str.startswith("hf-hub:"):
+            raise InputNotFoundError(f"{source_str} does not exist; pass a timm model name or an existing directory")
+        if not source_str.startswith("hf-hub:") and not timm.is_model(source_str):
+            raise _unknown_model(source_str)
+        if pretrained is None:
+            pretrained = checkpoint is None
+        kwargs = dict(model_args or {})
+        if checkpoint is not None:
+            model = _create_timm(source_str, False, **kwargs)
+            load_checkpoint(model, checkpoint, remap_by_order=remap_by_order)
+            if num_classes is not None and num_classes != model.num_classes:
+                model.reset_classifier(num_classes)
+        else:
+            if num_classes is not None:
+                kwargs["num_classes"] = num_classes
+            model = _create_timm(source_str, bool(pretrained), **kwargs)
+        setattr(model, SOURCE_ATTR, {
+            "model": source_str,
+            "pretrained": bool(pretrained) and checkpoint is None,
+            "checkpoint": os.fspath(checkpoint) if checkpoint is not None else None,
+            "remap_by_order": remap_by_order,
+        })
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return model

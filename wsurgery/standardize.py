@@ -1,0 +1,272 @@
+"""Weight Standardization: the tensor math and the parametrizations that apply it.
+
+Paper: Qiao et al., "Micro-Batch Training with Batch-Channel Normalization and
+Weight Standardization", https://arxiv.org/abs/1903.10520
+
+Each conv filter (one output channel, all of ``in/groups x kh x kw``) is
+standardized on the fly::
+
+    W_hat = (W - mean(W)) / s(W)
+
+Sources disagree on ``s``; :data:`CONVENTIONS` names each one so a model can be
+folded with exactly the formula it was trained with.
+
+Two parametrizations are provided for :func:`torch.nn.utils.parametrize.register_parametrization`:
+
+* :class:`WeightStandardization` (mode ``ws``): ``W_hat`` as above.
+* :class:`AdaptiveWeightStandardization` (mode ``aws``): ``gamma * W_hat(V) + beta`` with a
+  learnable per-output-channel ``gamma`` and ``beta`` initialised to ``s`` and the mean of the
+  pretrained filter, so the converted conv computes exactly what the original did.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+__all__ = [
+    "WSConvention",
+    "CONVENTIONS",
+    "get_convention",
+    "filter_stats",
+    "standardize_weight",
+    "standardize_weight_reference",
+    "WeightStandardization",
+    "AdaptiveWeightStandardization",
+]
+
+
+@dataclass(frozen=True)
+class WSConvention:
+    """One formula for the per-filter scale ``s``.
+
+    Attributes:
+        name: short name used on the command line and in saved configs.
+        unbiased: divide the variance by ``n - 1`` instead of ``n``.
+        eps_in_sqrt: ``s = sqrt(var + eps)`` if True, else ``s = sqrt(var) + eps``.
+        eps: the epsilon.
+        source: where the formula comes from.
+    """
+
+    name: str
+    unbiased: bool
+    eps_in_sqrt: bool
+    eps: float
+    source: str = ""
+
+    def with_eps(self, eps: float | None) -> "WSConvention":
+        if eps is None or eps == self.eps:
+            return self
+        if not (eps > 0 and math.isfinite(eps)):
+            raise ConfigError(f"WS eps must be a positive finite number, got {eps}")
+        return WSConvention(self.name, self.unbiased, self.eps_in_sqrt, float(eps), self.source)
+
+
+#: Every convention wsurgery can apply and fold, by name.
+CONVENTIONS: dict[str, WSConvention] = {
+    "timm": WSConvention("timm", False, True, 1e-6, "timm StdConv2d: biased var, eps inside sqrt"),
+    "bit": WSConvention("bit", False, True, 1e-10, "big_transfer / Composer: biased var, eps inside sqrt"),
+    "paper": WSConvention("paper", True, False, 1e-5, "WS authors' code, mmcv ConvWS2d: unbiased std + eps"),
+    "seed": WSConvention("seed", False, False, 1e-5, "biased std + eps: (W - mu) / (sigma + eps)"),
+}
+
+
+def get_convention(name: str, eps: float | None = None) -> WSConvention:
+    """Look a convention up by name, optionally overriding its eps."""
+    try:
+        conv = CONVENTIONS[name]
+    except KeyError:
+        raise ConfigError(
+            f"unknown WS convention {name!r}; choose one of {', '.join(CONVENTIONS)}"
+        ) from None
+    return conv.with_eps(eps)
+
+
+def _as_filters(weight: torch.Tensor, fan_in: int) -> torch.Tensor:
+    return weight.reshape(-1, fan_in)
+
+
+def filter_stats(
+    weight: torch.Tensor, fan_in: int, convention: WSConvention
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-filter ``(mean, s)``, each of shape ``(num_filters,)``, in float32 or wider."""
+    w = _as_filters(weight, fan_in)
+    if w.dtype in (torch.float16, torch.bfloat16):
+        w = w.float()
+    var, mean = torch.var_mean(w, dim=1, correction=1 if convention.unbiased else 0)
+    if convention.eps_in_sqrt:
+        scale = torch.sqrt(var + convention.eps)
+    else:
+        scale = torch.sqrt(var) + convention.eps
+    return mean, scale
+
+
+class _StandardizeFn(torch.autograd.Function):
+    """Standardization with a closed-form backward.
+
+    Autograd through ``var_mean``/``sqrt``/``div`` saves several intermediates and runs
+    about six kernels backward; the closed form below needs ``W_hat`` and ``s`` only and
+    runs one fused expression. With ``g`` the incoming gradient, ``D = n`` (biased) or
+    ``n - 1`` (unbiased), and ``c = 1`` (eps inside the sqrt) or ``s / sigma`` (eps added to
+    the std)::
+
+        dL/dW = (g - mean(g) - W_hat * sum(g * W_hat) * c / D) / s
+
+    ``c`` is taken as 0 for a zero-variance filter, whose ``W_hat`` is 0 anyway (autograd
+    would return NaN there).
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, fan_in: int, unbiased: bool, eps_in_sqrt: bool, eps: float):
+        w = _as_filters(weight, fan_in)
+        compute = w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
+        var, mean = torch.var_mean(compute, dim=1, correction=1 if unbiased else 0, keepdim=True)
+        if eps_in_sqrt:
+            scale = torch.sqrt(var + eps)
+            ratio = None
+        else:
+            sigma = torch.sqrt(var)
+            scale = sigma + eps
+            ratio = torch.where(sigma > 0, scale / sigma, torch.zeros_like(sigma))
+        w_hat = (compute - mean) / scale
+        ctx.save_for_backward(w_hat, scale, ratio)
+        ctx.fan_in = fan_in
+        ctx.denom = fan_in - 1 if unbiased else fan_in
+        ctx.shape = weight.shape
+        ctx.in_dtype = weight.dtype
+        return w_hat.to(weight.dtype).reshape(weight.shape)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        w_hat, scale, ratio = ctx.saved_tensors
+        g = _as_filters(grad_out, ctx.fan_in).to(w_hat.dtype)
+        proj = (g * w_hat).sum(dim=1, keepdim=True) / ctx.denom
+        if ratio is not None:
+            proj = proj * ratio
+        grad = (g - g.mean(dim=1, keepdim=True) - w_hat * proj) / scale
+        return grad.to(ctx.in_dtype).reshape(ctx.shape), None, None, None, None
+
+
+def standardize_weight(weight: torch.Tensor, fan_in: int, convention: WSConvention) -> torch.Tensor:
+    """Standardize every filter of ``weight`` (fused forward, closed-form backward).
+
+    Args:
+        weight: any tensor whose elements are ``num_filters * fan_in`` filter entries in
+            filter-major order (a conv weight ``(out, in/groups, kh, kw)``, or a CondConv
+            expert bank ``(experts, out * in/groups * kh * kw)``).
+        fan_in: entries per filter.
+        convention: the formula for ``s``.
+
+    Returns:
+        ``W_hat`` with the shape and dtype of ``weight``.
+    """
+    if fan_in < 2 and convention.unbiased:
+        raise ConfigError("the 'paper' convention needs at least 2 entries per filter (unbiased std)")
+    return _StandardizeFn.apply(weight, fan_in, convention.unbiased, convention.eps_in_sqrt, convention.eps)
+
+
+def standardize_weight_reference(weight: torch.Tensor, fan_in: int, convention: WSConvention) -> torch.Tensor:
+    """The same function written naively with autograd; the tests compare against it."""
+    w = _as_filters(weight, fan_in)
+    mean = w.mean(dim=1, keepdim=True)
+    centered = w - mean
+    denom = fan_in - 1 if convention.unbiased else fan_in
+    var = (centered * centered).sum(dim=1, keepdim=True) / denom
+    scale = torch.sqrt(var + convention.eps) if convention.eps_in_sqrt else torch.sqrt(var) + convention.eps
+    return (centered / scale).reshape(weight.shape)
+
+
+class WeightStandardization(nn.Module):
+    """Parametrization ``W -> W_hat`` (mode ``ws``).
+
+    Register it with ``torch.nn.utils.parametrize.register_parametrization(conv, "weight", p)``;
+    ``remove_parametrizations(conv, "weight", leave_parametrized=True)`` folds it.
+
+    Args:
+        fan_in: entries per filter (``in/groups * kh * kw`` for a conv).
+        convention: the formula for ``s`` (see :data:`CONVENTIONS`).
+    """
+
+    mode = "ws"
+
+    def __init__(self, fan_in: int, convention: WSConvention):
+        super().__init__()
+        self.fan_in = int(fan_in)
+        self.convention = convention
+        # Set by :func:`wsurgery.accumulate.standardize_once`: a leaf holding W_hat that
+        # collects gradients across micro-batches. None in ordinary use.
+        self._frozen: torch.Tensor | None = None
+
+    def standardized(self, weight: torch.Tensor) -> torch.Tensor:
+        return standardize_weight(weight, self.fan_in, self.convention)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if self._frozen is not None:
+            return self._frozen
+        return self.standardized(weight)
+
+    def extra_repr(self) -> str:
+        c = self.convention
+        return f"fan_in={self.fan_in}, convention={c.name}, eps={c.eps:g}"
+
+
+class AdaptiveWeightStandardization(WeightStandardization):
+    """Parametrization ``V -> gamma * W_hat(V) + beta`` (mode ``aws``), per output channel.
+
+    ``gamma`` and ``beta`` start at ``s`` and the mean of the pretrained filter, so the conv
+    computes exactly what it did before conversion.
+
+    Why ``gamma`` and ``beta`` are stored scaled: ``dL/dbeta`` sums the gradient over every
+    entry of a filter (``n`` of them), and ``dL/dgamma`` sums ``g * W_hat``. Stored plainly,
+    one SGD learning rate moves the filter mean ``n`` times faster than a plain conv would
+    and training collapses. We store ``gain = gamma * sqrt(n)`` and ``shift = beta * sqrt(n)``
+    and use ``gamma = gain / sqrt(n)``; then one SGD step moves the filter's mean and its
+    scale exactly as far as the same step on a plain conv (to first order), while ``V`` moves
+    the rest. Adaptive WS therefore trains like the plain model it came from.
+
+    Args:
+        fan_in: entries per filter.
+        convention: the formula for ``s``.
+        num_filters: output channels (times experts for a CondConv bank).
+    """
+
+    mode = "aws"
+
+    def __init__(self, fan_in: int, convention: WSConvention, num_filters: int):
+        super().__init__(fan_in, convention)
+        self.num_filters = int(num_filters)
+        self.coef = self.fan_in ** -0.5
+        self.gain = nn.Parameter(torch.ones(self.num_filters))
+        self.shift = nn.Parameter(torch.zeros(self.num_filters))
+
+    @property
+    def gamma(self) -> torch.Tensor:
+        return self.gain * self.coef
+
+    @property
+    def beta(self) -> torch.Tensor:
+        return self.shift * self.coef
+
+    @torch.no_grad()
+    def init_from_weight(self, weight: torch.Tensor) -> None:
+        """Set ``gamma, beta`` to the ``s`` and mean of ``weight`` (so the output is unchanged)."""
+        mean, scale = filter_stats(weight, self.fan_in, self.convention)
+        self.gain.copy_(scale / self.coef)
+        self.shift.copy_(mean / self.coef)
+
+    def affine(self, w_hat: torch.Tensor) -> torch.Tensor:
+        filters = _as_filters(w_hat, self.fan_in)
+        gamma = self.gamma.to(filters.dtype).unsqueeze(1)
+        beta = self.beta.to(filters.dtype).unsqueeze(1)
+        return torch.addcmul(beta, filters, gamma).reshape(w_hat.shape)
+
+    def standardized(self, weight: torch.Tensor) -> torch.Tensor:
+        return self.affine(standardize_weight(weight, self.fan_in, self.convention))
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", num_filters={self.num_filters}"

@@ -1,0 +1,145 @@
+"""Step 6: verify an export against the model it came from, on fixed inputs.
+
+Inputs are ``num_random`` seeded random images (uniform pixels, then the model's own
+normalization) plus any user images. Reported:
+
+* ``max_abs``: the largest absolute difference of the outputs (logits);
+* ``max_rel``: ``max_abs`` divided by the largest absolute reference output. An
+  element-wise relative difference is meaningless for logits near zero, so the scale of
+  the whole output is the reference;
+* ``top1_agreement``: fraction of inputs whose arg-max class is the same.
+
+``passed`` is ``max_rel <= rtol``. Default ``rtol``: 1e-5 for fp32, 1e-2 for fp16, 5e-2 for bf16.
+Besides directories and modules, other deployment formats register a runner in
+:data:`RUNNERS` by file suffix (ONNX and torch.export do, see :mod:`wsurgery.deploy`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .data import load_images, random_inputs
+from .errors import InputNotFoundError
+
+__all__ = ["VerifyResult", "verify", "compare_outputs", "RUNNERS", "DEFAULT_RTOL"]
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+#: file suffix -> function(path) returning a runner; filled by optional deployment modules
+RUNNERS: dict[str, Callable[[Path], Runner]] = {}
+
+DEFAULT_RTOL = {"fp32": 1e-5, "fp16": 1e-2, "bf16": 5e-2}
+
+
+@dataclass
+class VerifyResult:
+    """Differences between an export and its reference."""
+
+    max_abs: float
+    max_rel: float
+    top1_agreement: float
+    num_inputs: int
+    rtol: float
+    passed: bool
+    candidate: str = ""
+    reference: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def compare_outputs(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float, float]:
+    """``(max_abs, max_rel, top1_agreement)`` of two logit batches."""
+    out, ref = out.float(), ref.float()
+    max_abs = (out - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    max_rel = max_abs / scale if scale > 0 else max_abs
+    agree = (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    return max_abs, max_rel, agree
+
+
+def _module_runner(model: nn.Module) -> Runner:
+    model.eval()
+    param = next(model.parameters(), None)
+    dtype = param.dtype if param is not None else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+
+    @torch.no_grad()
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return model(x.to(device=device, dtype=dtype)).float().cpu()
+
+    return run
+
+
+def _resolve(obj: nn.Module | str | os.PathLike) -> tuple[Runner, nn.Module | None, str]:
+    if isinstance(obj, nn.Module):
+        return _module_runner(obj), obj, type(obj).__name__
+    path = Path(obj)
+    if not path.exists():
+        raise InputNotFoundError(f"{path} does not exist; pass an export directory or model file")
+    if path.is_file():
+        factory = RUNNERS.get(path.suffix)
+        if factory is None:
+            from . import deploy  # noqa: F401 - registers the ONNX / torch.export runners
+
+            factory = RUNNERS.get(path.suffix)
+        if factory is None:
+            raise InputNotFoundError(f"{path}: cannot run {path.suffix or 'this'} files; pass a directory, .onnx or .pt2")
+        return factory(path), None, str(path)
+    from .load import load
+
+    model = load(path)
+    return _module_runner(model), model, str(path)
+
+
+def _dtype_of(model: nn.Module | None) -> str:
+    param = next(model.parameters(), None) if model is not None else None
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(param.dtype if param is not None else None, "fp32")
+
+
+def verify(
+    candidate: nn.Module | str | os.PathLike,
+    reference: nn.Module | str | os.PathLike,
+    *,
+    images: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    num_random: int = 4,
+    seed: int = 0,
+    rtol: float | None = None,
+    img_size: int | None = None,
+) -> VerifyResult:
+    """Compare an exported model with the (unfolded) model it was exported from.
+
+    Args:
+        candidate: export directory, ``.onnx``/``.pt2`` file, or module.
+        reference: the unfolded model: a surgery directory or a module.
+        images: user images (files, folder, glob) added to the random inputs.
+        num_random: number of random inputs.
+        seed: seed of the random inputs.
+        rtol: pass threshold on ``max_rel`` (default by the candidate's dtype).
+        img_size: input size override.
+
+    Returns:
+        A :class:`VerifyResult`; check ``passed``.
+    """
+    cand_run, cand_model, cand_name = _resolve(candidate)
+    ref_run, ref_model, ref_name = _resolve(reference)
+    data_model = ref_model if ref_model is not None else cand_model
+    if data_model is None:
+        raise InputNotFoundError("verify needs the reference as a model or directory (for its data config)")
+    x = random_inputs(data_model, num_random, seed=seed, img_size=img_size) if num_random else None
+    if images is not None:
+        imgs, _ = load_images(images, data_model, img_size=img_size)
+        x = imgs if x is None else torch.cat([x, imgs])
+    if x is None:
+        raise InputNotFoundError("no inputs: give num_random > 0 or images")
+    max_abs, max_rel, agree = compare_outputs(cand_run(x), ref_run(x))
+    if rtol is None:
+        rtol = DEFAULT_RTOL[_dtype_of(cand_model)] if cand_model is not None else 1e-4
+    return VerifyResult(max_abs, max_rel, agree, int(x.shape[0]), rtol, max_rel <= rtol, cand_name, ref_name)
