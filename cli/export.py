@@ -1,14 +1,45 @@
-"""``wsurgery export``: fold and write plain-conv weights in timm's hub layout."""
+"""``wsurgery export``: fold and write plain-conv weights in timm's hub layout (plus ONNX / torch.export)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, Optional
 
 import typer
 
 import wsurgery
+from wsurgery.errors import UsageError
 
 from ._common import console, fail, handle_errors, kv_table
+
+ALL_FORMATS = ("safetensors", "onnx", "torch-export")
+
+
+def parse_formats(values: list[str]) -> list[str]:
+    """``--format`` values (repeatable, or comma lists) -> deployment formats besides safetensors."""
+    names = [v.strip().lower() for value in values for v in value.split(",") if v.strip()]
+    aliases = {"pt2": "torch-export", "torch_export": "torch-export", "torchexport": "torch-export"}
+    names = [aliases.get(n, n) for n in names]
+    unknown = [n for n in names if n not in ALL_FORMATS]
+    if unknown:
+        raise UsageError(f"unknown --format {unknown[0]!r}; choose from {', '.join(ALL_FORMATS)}")
+    return [f for f in wsurgery.deploy.FORMATS if f in names]
+
+
+def _verify_rows(label: str, check: wsurgery.VerifyResult) -> list[tuple[str, Any]]:
+    return [(f"{label} max |diff|", f"{check.max_abs:.3g}"),
+            (f"{label} max rel diff", f"{check.max_rel:.3g} (tolerance {check.rtol:g})"),
+            (f"{label} top-1 agreement", f"{check.top1_agreement:.0%}"),
+            (f"{label} verified", "pass" if check.passed else "FAIL")]
+
+
+def _write_deployment(fmt: str, model: Any, output: Path, fold_bn: bool, img_size: Optional[int],
+                      opset: int) -> wsurgery.deploy.DeployResult:
+    path = output / wsurgery.deploy.FILE_NAMES[fmt]
+    # the export directory was just written whole, so these files are new: force only matters for them
+    if fmt == "onnx":
+        return wsurgery.deploy.export_onnx(model, path, fold_bn=fold_bn, img_size=img_size, opset=opset, force=True)
+    return wsurgery.deploy.export_program(model, path, fold_bn=fold_bn, img_size=img_size, force=True)
 
 
 @handle_errors
@@ -16,27 +47,59 @@ def export(
     source: str = typer.Argument(..., help="A surgery directory (or a timm model name with its own StdConv2d)."),
     output: Path = typer.Option(..., "--output", "-o", help="Export directory to write."),
     fold_bn: bool = typer.Option(False, "--fold-bn", help="Also fold each BatchNorm that follows a conv into it."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload the export and compare with the source."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (safetensors; ONNX and .pt2 are fp32)."),
+    formats: list[str] = typer.Option(
+        [], "--format", "-f", help="Also write onnx (OUT/model.onnx) and/or torch-export (OUT/model.pt2); "
+        "repeatable or comma-separated. safetensors is always written."),
+    img_size: Optional[int] = typer.Option(
+        None, "--img-size", help="Input height/width of the ONNX / .pt2 graph (default: the model's data config)."),
+    opset: int = typer.Option(wsurgery.deploy.DEFAULT_OPSET, "--opset", help="ONNX opset version."),
+    verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload each export and compare with the source."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
 ) -> None:
-    """Fold the standardization into plain conv weights and export config.json + model.safetensors."""
+    """Fold the standardization into plain conv weights and export config.json + model.safetensors.
+
+    With --format onnx / torch-export the folded model is also written as OUT/model.onnx
+    (onnxruntime-verified, tolerance 1e-4 relative) and OUT/model.pt2 (1e-5).
+    """
+    extra = parse_formats(formats)
+    if "onnx" in extra:
+        wsurgery.deploy.require_onnx()  # fail before loading or writing anything
+    if img_size is not None and img_size < 1:
+        raise UsageError(f"--img-size must be a positive number of pixels, got {img_size}")
     wsurgery.io.check_output(output, force)
     with console.status(f"loading {source}"):
         model = wsurgery.load(source, pretrained=False) if not Path(source).exists() else wsurgery.load(source)
     with console.status("folding and writing"):
         result = wsurgery.export(model, output, fold_bn=fold_bn, dtype=dtype, force=force)
-    rows = [
+    rows: list[tuple[str, Any]] = [
         ("written", result.directory),
         ("dtype", result.dtype),
         ("BN folded into convs", len(result.fold_bn)),
         ("loads with", "stock timm: timm.create_model('local-dir:DIR', pretrained=True)"
          if result.timm_compatible else "wsurgery.load(DIR) (timm's constructor args cannot express it)"),
     ]
+    failures = []
     if verify:
         check = wsurgery.verify(output, model)
-        rows += [("max |diff|", f"{check.max_abs:.3g}"), ("max rel diff", f"{check.max_rel:.3g}"),
-                 ("top-1 agreement", f"{check.top1_agreement:.0%}"), ("verified", "pass" if check.passed else "FAIL")]
+        rows += _verify_rows("safetensors", check)
+        if not check.passed:
+            failures.append(f"safetensors export: max rel diff {check.max_rel:.3g} > {check.rtol:g}")
+    for fmt in extra:
+        with console.status(f"writing {fmt}"):
+            try:
+                deployed = _write_deployment(fmt, model, output, fold_bn, img_size, opset)
+            except wsurgery.WSurgeryError as e:
+                raise type(e)(f"{e} (the safetensors export in {output} is complete)") from None
+        size = "x".join(map(str, deployed.input_size))
+        detail = f"opset {deployed.opset}, " if deployed.opset else ""
+        rows.append((fmt, f"{deployed.path} ({detail}input {'N' if deployed.dynamic_batch else 'fixed batch'}x{size})"))
+        if verify:
+            check = wsurgery.verify(deployed.path, model, img_size=deployed.input_size[1],
+                                    rtol=wsurgery.deploy.DEFAULT_RTOL[deployed.path.suffix])
+            rows += _verify_rows(fmt, check)
+            if not check.passed:
+                failures.append(f"{fmt} export: max rel diff {check.max_rel:.3g} > {check.rtol:g}")
     console.print(kv_table("export", rows))
-    if verify and not check.passed:
-        raise fail(f"export differs from its source: max rel diff {check.max_rel:.3g} > {check.rtol:g}")
+    if failures:
+        raise fail(f"export differs from its source: {'; '.join(failures)}")

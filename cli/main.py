@@ -10,6 +10,9 @@ from . import convert as _convert
 from . import export as _export
 from . import inspect as _inspect
 from . import verify as _verify
+from . import demo as _demo
+from . import predict as _predict
+from . import train as _train
 from ._common import DEBUG_ENV
 
 app = typer.Typer(
@@ -34,6 +37,9 @@ app.command("convert")(_convert.convert)
 app.command("inspect")(_inspect.inspect)
 app.command("export")(_export.export)
 app.command("verify")(_verify.verify)
+app.command("train")(_train.train)
+app.command("predict")(_predict.predict)
+app.command("demo")(_demo.demo)
 
 
 def main() -> None:

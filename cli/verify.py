@@ -18,12 +18,19 @@ def verify(
     against: Path = typer.Option(..., "--against", help="The unfolded surgery directory it was exported from."),
     images: list[Path] = typer.Option([], "--images", help="Also compare on these images (files, folders, globs)."),
     num_random: int = typer.Option(4, "--num-random", help="Random inputs to compare on."),
-    rtol: Optional[float] = typer.Option(None, "--rtol", help="Max relative difference (default by dtype; fp32 1e-5)."),
+    rtol: Optional[float] = typer.Option(
+        None, "--rtol", help="Max relative difference (default by dtype, fp32 1e-5; .onnx 1e-4; .pt2 1e-5)."),
     seed: int = typer.Option(0, "--seed"),
+    img_size: Optional[int] = typer.Option(
+        None, "--img-size", help="Input size (default: the model's data config; for .onnx/.pt2 the exported size)."),
 ) -> None:
     """Print max absolute and relative difference and top-1 agreement; exit 1 above tolerance."""
+    if export.is_file() and export.suffix in wsurgery.deploy.DEFAULT_RTOL:
+        # an ONNX / torch.export file: its own tolerance, and the input size it was exported for
+        rtol = wsurgery.deploy.DEFAULT_RTOL[export.suffix] if rtol is None else rtol
+        img_size = img_size or wsurgery.deploy.recorded_img_size(export)
     result = wsurgery.verify(export, against, images=[str(i) for i in images] or None,
-                             num_random=num_random, rtol=rtol, seed=seed)
+                             num_random=num_random, rtol=rtol, seed=seed, img_size=img_size)
     console.print(kv_table("verify", [
         ("inputs", result.num_inputs),
         ("max |diff|", f"{result.max_abs:.3g}"),

@@ -26,6 +26,13 @@ from . import io
 from .standardize import CONVENTIONS, standardize_weight
 from .summary import inspect
 from .verify import VerifyResult, verify
+from .recipes import Recipe, load_recipe
+from .datasets import build_datasets
+from .train import TrainEvent, TrainResult, train
+from .predict import Prediction, predict
+from .demo import run_demo
+from . import deploy
+from .deploy import DeployResult, export_onnx, export_program, find_weight_standardization
 
 __all__ = [
     "__version__",
@@ -35,6 +42,11 @@ __all__ = [
     "SurgeryConfig",
     "SurgeryReport",
     "VerifyResult",
+    "DeployResult",
+    "deploy",
+    "export_onnx",
+    "export_program",
+    "find_weight_standardization",
     "WSurgeryError",
     "convert",
     "export",
@@ -46,4 +58,13 @@ __all__ = [
     "save",
     "standardize_weight",
     "verify",
+    "Recipe",
+    "load_recipe",
+    "build_datasets",
+    "TrainEvent",
+    "TrainResult",
+    "train",
+    "Prediction",
+    "predict",
+    "run_demo",
 ]

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .convert import get_surgery_config
-from .errors import ConfigError
+from .errors import ConfigError, NonFiniteWeightsError
 from .fold import FOLD_ATTR, fold, is_folded
 from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_dir, save_safetensors, write_json
 from .load import model_record
@@ -107,6 +107,17 @@ def stock_timm_args(folded: nn.Module, record: dict[str, Any], norm: str | None)
     return None
 
 
+def _check_finite_state(original: dict[str, torch.Tensor], cast: dict[str, torch.Tensor], dtype: str) -> None:
+    """Refuse NaN/inf anywhere in what would be written (fold only checks the convs it folds)."""
+    for key, value in cast.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            if torch.isfinite(original[key]).all():  # finite in fp32, overflows in fp16
+                raise NonFiniteWeightsError(
+                    f"{key} overflows to inf in {dtype}; refusing to export (use --dtype fp32 or bf16)")
+            raise NonFiniteWeightsError(
+                f"{key} holds NaN or inf; refusing to export (resume from an earlier checkpoint)")
+
+
 def export(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -147,6 +158,7 @@ def export(
         config["model_args"] = args
     target = DTYPES[dtype]
     state = {k: (v.to(target) if v.is_floating_point() else v) for k, v in folded.state_dict().items()}
+    _check_finite_state(folded.state_dict(), state, dtype)
     directory = Path(directory)
     with atomic_dir(directory, force=force) as tmp:
         save_safetensors(state, tmp / WEIGHTS_NAME, {"wsurgery": json.dumps(config["wsurgery"], sort_keys=True)})

@@ -12,10 +12,12 @@ for ``.pth/.bin/.pt``, ``json`` for configs.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import pickle
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -82,6 +84,30 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False if unsupported.
+
+    Replacing a directory otherwise takes two renames, and a kill between them would leave
+    the destination missing (the old output survives under a hidden ``.old`` name).
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path`` whole.
@@ -93,14 +119,13 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     try:
         yield tmp
         fsync_dir(tmp)
-        if path.exists():  # --force: move the old output aside, put the new one in, then delete the old
+        if path.exists() and _exchange(tmp, path):  # --force: swap atomically, then delete the old
+            _remove(tmp)
+        elif path.exists():  # no atomic swap here: move the old output aside, put the new one in
             old = path.with_name(f".{path.name}.{os.getpid()}.old")
             os.replace(path, old)
             os.replace(tmp, path)
-            if old.is_dir():
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                old.unlink(missing_ok=True)
+            _remove(old)
         else:
             os.replace(tmp, path)
         fsync_dir(path.parent)
@@ -180,6 +205,21 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _looks_unsafe(path: Path, message: str) -> bool:
+    """Did ``weights_only`` refuse a real pickle (code it will not run), or just garbage?
+
+    torch words both the same way ("Weights only load failed"); a refused global names itself,
+    and a file that starts like a pickle (protocol opcode 0x80) or a torch zip archive is a
+    pickle whose content the safe loader would not build.
+    """
+    if "GLOBAL" in message or "Unsupported global" in message or "Unsupported class" in message:
+        return True
+    with contextlib.suppress(OSError), open(path, "rb") as f:
+        head = f.read(2)
+        return head[:1] == b"\x80" or head == b"PK"
+    return False
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read weights from ``.safetensors`` or a pickle checkpoint, never running code.
 
@@ -192,6 +232,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         CheckpointError: the file is corrupt, truncated, or holds no tensors.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputNotFoundError(f"checkpoint {path} is a directory; pass a .safetensors/.pth/.bin/.pt file "
+                                 "(a saved wsurgery directory goes in the MODEL argument)")
     if not path.is_file():
         raise InputNotFoundError(f"checkpoint {path} not found; check the path")
     if path.suffix == ".safetensors":
@@ -200,7 +243,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).splitlines()[0] if str(e) else ""
-        if "Weights only load failed" in first or "weights_only" in str(e):
+        if _looks_unsafe(path, str(e)):
             raise UnsafeCheckpointError(
                 f"{path} holds pickled objects beyond plain tensors, which could run code; refused. "
                 "Convert it to .safetensors in a trusted environment"

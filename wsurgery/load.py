@@ -75,7 +75,24 @@ def _first_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor], sourc
         )
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, remap_by_order: bool = False) -> nn.Module:
+def _classifier_keys(model: nn.Module) -> list[str]:
+    heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
+    heads = (heads,) if isinstance(heads, str) else tuple(heads)
+    return [k for k in model.state_dict() if any(k.startswith(f"{h}.") for h in heads)]
+
+
+def _keep_new_head(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # --num-classes with a checkpoint: a head of another size is dropped for the model's new one
+    expected = model.state_dict()
+    heads = _classifier_keys(model)
+    if not any(k in state_dict and state_dict[k].shape != expected[k].shape for k in heads):
+        return state_dict
+    return {**state_dict, **{k: expected[k] for k in heads}}
+
+
+def load_checkpoint(
+    model: nn.Module, path: str | os.PathLike, *, remap_by_order: bool = False, new_head: bool = False
+) -> nn.Module:
     """Load a checkpoint file into ``model`` (in place), checking every key and shape first.
 
     Args:
@@ -83,6 +100,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, remap_by_order
         path: ``.safetensors`` or ``.pth/.bin/.pt`` file.
         remap_by_order: ignore the checkpoint's names and match tensors in order, as timm's
             ``load_checkpoint(..., remap=True)`` does; counts and element counts must agree.
+        new_head: keep the model's own classifier where the checkpoint's has another shape
+            (the model was built with a new ``num_classes``).
 
     Raises:
         CheckpointMismatchError: naming the first key or shape that does not fit.
@@ -103,6 +122,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, *, remap_by_order
                     f"{mk!r} {tuple(mv.shape)}"
                 )
         state_dict = remap_state_dict(state_dict, model)
+    if new_head:
+        state_dict = _keep_new_head(model, state_dict)
     _first_mismatch(model, state_dict, source)
     model.load_state_dict(state_dict, strict=True)
     return model
@@ -254,10 +275,10 @@ def load(
             pretrained = checkpoint is None
         kwargs = dict(model_args or {})
         if checkpoint is not None:
+            if num_classes is not None:
+                kwargs["num_classes"] = num_classes
             model = _create_timm(source_str, False, **kwargs)
-            load_checkpoint(model, checkpoint, remap_by_order=remap_by_order)
-            if num_classes is not None and num_classes != model.num_classes:
-                model.reset_classifier(num_classes)
+            load_checkpoint(model, checkpoint, remap_by_order=remap_by_order, new_head=num_classes is not None)
         else:
             if num_classes is not None:
                 kwargs["num_classes"] = num_classes

@@ -99,7 +99,18 @@ def _resolve(obj: nn.Module | str | os.PathLike) -> tuple[Runner, nn.Module | No
     return _module_runner(model), model, str(path)
 
 
-def _dtype_of(model: nn.Module | None) -> str:
+def _dtype_of(candidate: nn.Module | str | os.PathLike, model: nn.Module | None) -> str:
+    """The precision the candidate's weights were stored in.
+
+    An export directory records it (``wsurgery.dtype`` in its config.json): fp16/bf16
+    weights are loaded into an fp32 model, so the parameters' dtype would say fp32.
+    """
+    if not isinstance(candidate, nn.Module) and Path(candidate).is_dir():
+        from .io import CONFIG_NAME, read_json
+
+        stored = (read_json(Path(candidate) / CONFIG_NAME).get("wsurgery") or {}).get("dtype")
+        if stored in DEFAULT_RTOL:
+            return stored
     param = next(model.parameters(), None) if model is not None else None
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(param.dtype if param is not None else None, "fp32")
 
@@ -141,5 +152,5 @@ def verify(
         raise InputNotFoundError("no inputs: give num_random > 0 or images")
     max_abs, max_rel, agree = compare_outputs(cand_run(x), ref_run(x))
     if rtol is None:
-        rtol = DEFAULT_RTOL[_dtype_of(cand_model)] if cand_model is not None else 1e-4
+        rtol = DEFAULT_RTOL[_dtype_of(candidate, cand_model)] if cand_model is not None else 1e-4
     return VerifyResult(max_abs, max_rel, agree, int(x.shape[0]), rtol, max_rel <= rtol, cand_name, ref_name)

@@ -1,0 +1,37 @@
+"""``wsurgery predict``: top-k class names and probabilities for images."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from wsurgery.predict import predict as predict_images
+
+from ._common import console, err_console, handle_errors
+
+
+@handle_errors
+def predict(
+    model: str = typer.Argument(..., help="Export directory (or a surgery / run directory)."),
+    images: list[str] = typer.Argument(..., help="Image files, folders or glob patterns."),
+    topk: int = typer.Option(5, "--topk", "-k", help="Classes to show per image."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Input size (default: the model's)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
+) -> None:
+    """Print the top-k class names and probabilities for each image."""
+    results = predict_images(model, images, topk, img_size=img_size, device=device)
+    table = Table(title=f"top-{topk} predictions", title_justify="left")
+    table.add_column("image")
+    table.add_column("rank", justify="right")
+    table.add_column("class")
+    table.add_column("probability", justify="right")
+    for r in results:
+        if r.error:
+            err_console.print(f"[yellow]skipped[/] {r.path}: {r.error}")
+            continue
+        for rank, (name, p) in enumerate(zip(r.labels, r.probs), 1):
+            table.add_row(str(r.path) if rank == 1 else "", str(rank), name, f"{p:.1%}")
+    console.print(table)
+

@@ -1,0 +1,130 @@
+"""``wsurgery train``: fine-tune a converted model on a labelled dataset with a recipe."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
+from rich.table import Table
+
+from wsurgery.recipes import recipe_reference
+from wsurgery.train import TrainEvent, TrainingDivergedError, TrainingInterrupted, train as train_model
+
+from ._common import console, fail, handle_errors, kv_table
+
+
+def recipe_table() -> Table:
+    table = Table(title="recipe keys", title_justify="left")
+    for col in ("key", "type", "default", "meaning"):
+        table.add_column(col)
+    for row in recipe_reference():
+        table.add_row(*row)
+    return table
+
+
+class ProgressView:
+    """Renders :class:`TrainEvent` s as a rich progress bar (step, loss, lr, images/s, ETA) and epoch lines."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.3g}  {task.fields[ips]:.1f} img/s"),
+            TimeElapsedColumn(),
+            TextColumn("ETA"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = None
+
+    def __call__(self, event: TrainEvent) -> None:
+        if event.kind == "start":
+            for note in event.notes:
+                console.print(f"[dim]note:[/] {note}")
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=event.total_steps, completed=event.step,
+                                               epoch=event.epoch + 1, epochs=event.epochs, loss=float("nan"),
+                                               lr=0.0, ips=0.0)
+        elif event.kind == "step" and self.task is not None:
+            self.progress.update(self.task, completed=event.step, epoch=event.epoch + 1, loss=event.loss,
+                                 lr=event.lr, ips=event.images_per_s)
+        elif event.kind == "epoch" and event.metrics:
+            m = event.metrics
+            val = (f"val loss {m['val_loss']:.4f}  top-1 {m['top1']:.2f}%  top-5 {m['top5']:.2f}%"
+                   if "top1" in m else "no validation set")
+            self.progress.console.print(f"epoch {event.epoch}/{event.epochs}: train loss {m['train_loss']:.4f}  "
+                                        f"{val}  ({m['seconds']:.1f} s)")
+        elif event.kind == "end":
+            self.stop()
+
+    def stop(self) -> None:
+        if self.task is not None:
+            self.progress.stop()
+
+
+@handle_errors
+def train(
+    model: Optional[str] = typer.Argument(None, help="Surgery directory from `wsurgery convert`, or a timm model "
+                                          "name (the BatchNorm baseline). Not needed with --resume."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder root (train/ + val/, or class "
+                                        "folders) or a CSV with path,label columns."),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (best model, last checkpoint, "
+                                          "metrics)."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe YAML, or a shipped name: "
+                                         "bit-hyperrule, micro-batch, linear-probe, cpu-quick."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set batch_size=2 (repeatable)."),
+    val_data: Optional[Path] = typer.Option(None, "--val-data", help="Validation folder or CSV."),
+    val_split: Optional[float] = typer.Option(None, "--val-split", help="Hold out this fraction of each class "
+                                              "when there is no validation set (recipe key val_split)."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Resolution (recipe key img_size)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, mps or cpu (default: the best available)."),
+    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run exactly."),
+    export: Optional[Path] = typer.Option(None, "--export", help="After training, fold, export and verify here."),
+    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained",
+                                              help="For a timm name: fetch timm's weights (needs a network)."),
+    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="For a timm name: local weights."),
+    remap_by_order: bool = typer.Option(False, "--remap-by-order", help="For --checkpoint: match tensors in order."),
+    force: bool = typer.Option(False, "--force", help="Overwrite the output (and export) if they exist."),
+    help_recipe: bool = typer.Option(False, "--help-recipe", help="List every recipe key and exit."),
+) -> None:
+    """Fine-tune a model on your images; writes the best model (a surgery directory), checkpoints and metrics."""
+    if help_recipe:
+        console.print(recipe_table())
+        return
+    if resume is None and (model is None or output is None):
+        raise fail("train needs MODEL and --output (or --resume RUN_DIR)", 2)
+    overrides = list(set_)
+    if val_split is not None:
+        overrides.append(f"val_split={val_split}")
+    if img_size is not None:
+        overrides.append(f"img_size={img_size}")
+    load_kwargs = {"pretrained": pretrained, "checkpoint": checkpoint, "remap_by_order": remap_by_order}
+    if model is not None and Path(model).is_dir():
+        load_kwargs = {}
+    view = ProgressView()
+    try:
+        result = train_model(model, data, output, recipe, overrides=overrides or None, val_data=val_data,
+                             device=device, resume=resume, export=export, force=force, callback=view,
+                             load_kwargs=load_kwargs)
+    except (TrainingDivergedError, TrainingInterrupted):
+        view.stop()
+        raise
+    finally:
+        view.stop()
+    rows = [("output", result.output), ("steps", result.steps), ("classes", len(result.class_names))]
+    if result.best and result.best.get("top1", -1) >= 0:
+        rows.append(("best val top-1", f"{result.best['top1']:.2f}% (epoch {result.best['epoch']})"))
+    if result.skipped_files:
+        rows.append(("skipped files", len(result.skipped_files)))
+    if result.export is not None:
+        rows.append(("export", result.export.directory))
+        rows.append(("export max |diff|", f"{result.verify.max_abs:.3g} ({'pass' if result.verify.passed else 'FAIL'})"))
+    rows.append(("time", f"{result.seconds:.1f} s"))
+    console.print(kv_table("train", rows))
+    if result.verify is not None and not result.verify.passed:
+        raise fail(f"export differs from the trained model: max rel diff {result.verify.max_rel:.3g}")

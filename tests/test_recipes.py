@@ -1,0 +1,117 @@
+"""Recipes: shipped YAML files, validation, overrides, BiT-HyperRule."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from wsurgery.errors import InputNotFoundError, RecipeError
+from wsurgery.recipes import (RECIPE_DIR, Recipe, bit_hyperrule, builtin_recipes, load_recipe, parse_override,
+                              recipe_reference, resolve_recipe)
+
+SHIPPED = ("bit-hyperrule", "micro-batch", "linear-probe", "cpu-quick")
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_recipes_load_by_name_and_path(name):
+    by_name = load_recipe(name)
+    by_path = load_recipe(RECIPE_DIR / f"{name}.yaml")
+    assert by_name == by_path and by_name.name == name
+    raw = yaml.safe_load((RECIPE_DIR / f"{name}.yaml").read_text())
+    for key, value in raw.items():  # every key in the file is what the recipe holds
+        assert getattr(by_name, key) == value
+
+
+def test_every_key_is_documented():
+    rows = recipe_reference()
+    assert [r[0] for r in rows] == [f.name for f in dataclasses.fields(Recipe)]
+    assert all(len(r[3]) > 10 for r in rows)
+    assert set(builtin_recipes()) >= set(SHIPPED)
+
+
+def test_recipe_contents_match_their_promises():
+    bit = load_recipe("bit-hyperrule")
+    assert (bit.optimizer, bit.lr, bit.lr_base_batch, bit.momentum, bit.weight_decay, bit.head_init) == \
+        ("sgd", 0.003, 512, 0.9, 0.0, "zero")
+    assert bit.sched == "multistep" and bit.decay_rate == 0.1 and bit.steps == "auto" and bit.img_size == "auto"
+    mb = load_recipe("micro-batch")
+    assert 1 <= mb.batch_size <= 4 and mb.accum_steps > 1 and mb.standardize_once
+    assert load_recipe("linear-probe").freeze_backbone
+    quick = load_recipe("cpu-quick")
+    assert quick.img_size <= 64 and quick.epochs <= 3
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"batchsize": 2}, "unknown key `batchsize`; did you mean `batch_size`"),
+    ({"learning_rate": 0.1}, "unknown key `learning_rate`"),
+    ({"lr": "fast"}, "`lr` must be float"),
+    ({"batch_size": 2.5}, "`batch_size` must be int"),
+    ({"ema": "yes"}, "`ema` must be bool"),
+    ({"lr": -0.1}, "`lr` must be positive"),
+    ({"batch_size": 0}, "`batch_size` must be positive"),
+    ({"accum_steps": 0}, "`accum_steps` must be positive"),
+    ({"weight_decay": -1}, "`weight_decay` must be zero or more"),
+    ({"val_split": 1.0}, "`val_split` must be a fraction"),
+    ({"sched": "linear"}, "`sched` must be 'cosine' or 'multistep'"),
+    ({"aug_scale": [0.9, 0.1]}, "`aug_scale` must be"),
+    ({"decay_milestones": [0.6, 0.3]}, "`decay_milestones` must be increasing"),
+    ({"mixup_alpha": 0.2, "batch_size": 3}, "even `batch_size`"),
+    ({"label_smoothing": 1.0}, "`label_smoothing` must be below 1"),
+])
+def test_invalid_recipes(data, message):
+    with pytest.raises(RecipeError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        Recipe.from_dict(data)
+
+
+def test_yaml_file_errors(tmp_path):
+    bad = tmp_path / "r.yaml"
+    bad.write_text("lr: 0.1\nmomentun: 0.9\n")
+    with pytest.raises(RecipeError, match="did you mean `momentum`"):
+        load_recipe(bad)
+    bad.write_text("lr: [unclosed\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(bad)
+    with pytest.raises(InputNotFoundError, match="did you mean micro-batch"):
+        load_recipe("micro-bach")
+
+
+def test_overrides():
+    assert parse_override("batch_size=2") == ("batch_size", 2)
+    assert parse_override("aug_scale=[0.5, 1.0]") == ("aug_scale", [0.5, 1.0])
+    assert parse_override("auto_augment=null") == ("auto_augment", None)
+    assert parse_override("optimizer=adamw") == ("optimizer", "adamw")
+    r = load_recipe("micro-batch", ["batch_size=4", "lr=1", "ema=true"])
+    assert r.batch_size == 4 and r.lr == 1.0 and isinstance(r.lr, float) and r.ema is True
+    assert r.accum_steps == load_recipe("micro-batch").accum_steps  # untouched keys stay
+    with pytest.raises(RecipeError, match="did you mean `batch_size`"):
+        load_recipe("micro-batch", ["batch=4"])
+    with pytest.raises(RecipeError, match="key=value"):
+        load_recipe(None, ["batch_size"])
+
+
+@pytest.mark.parametrize("size, steps, warmup, milestones, mixup", [
+    (1_000, 500, 100, [200, 300, 400], 0.0),
+    (19_999, 500, 100, [200, 300, 400], 0.0),
+    (20_000, 10_000, 500, [3000, 6000, 9000], 0.1),
+    (499_999, 10_000, 500, [3000, 6000, 9000], 0.1),
+    (1_281_167, 20_000, 500, [6000, 12_000, 18_000], 0.1),
+])
+def test_bit_hyperrule_schedule(size, steps, warmup, milestones, mixup):
+    # the table in big_transfer's bit_hyperrule.py (get_schedule, get_mixup)
+    rule = bit_hyperrule(size, (32, 32))
+    assert rule["steps"] == steps and rule["warmup_steps"] == warmup and rule["mixup_alpha"] == mixup
+    assert [round(m * steps) for m in rule["decay_milestones"]] == milestones
+
+
+def test_bit_hyperrule_resolution_and_resolve():
+    assert (bit_hyperrule(100, (28, 28))["resize"], bit_hyperrule(100, (28, 28))["crop"]) == (160, 128)
+    assert (bit_hyperrule(100, (96, 96))["resize"], bit_hyperrule(100, (96, 96))["crop"]) == (512, 480)
+    resolved, notes = resolve_recipe(load_recipe("bit-hyperrule"), 5000, (28, 28))
+    assert resolved.steps == 500 and resolved.warmup_steps == 100 and resolved.img_size == 128
+    assert resolved.decay_milestones == [0.4, 0.6, 0.8] and resolved.mixup_alpha == 0.0
+    assert resolved.aug_scale == [0.64, 1.0]  # a 128 crop of a 160 resize keeps (128/160)^2 of the area
+    assert len(notes) == 5
+    plain, none = resolve_recipe(load_recipe("cpu-quick"), 5000, (28, 28))
+    assert plain == load_recipe("cpu-quick") and none == []

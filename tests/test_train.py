@@ -1,0 +1,199 @@
+"""Training loop: outputs, learning, exact resume, Ctrl-C/SIGTERM, NaN stop, accumulation, probe, export, CLI."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+import wsurgery
+from _data import CLASSES, make_folder
+from wsurgery.cli.main import app
+from wsurgery.io import load_safetensors, read_json
+from wsurgery.train import TrainingDivergedError, TrainingInterrupted, train
+
+FAST = ["img_size=32", "batch_size=4", "epochs=2", "lr=0.05", "warmup_steps=0", "workers=0"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is fastest and stable on a shared CPU
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    make_folder(root, per_class=8, split="train")
+    make_folder(root, per_class=4, split="val", seed=1)
+    return root
+
+
+def tiny(mode: str | None = "aws"):
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=len(CLASSES))
+    if mode is not None:
+        model, _ = wsurgery.convert(model, mode=mode, norm="gn")
+    return model
+
+
+def test_train_writes_a_loadable_run_and_learns(data, tmp_path):
+    out = tmp_path / "run"
+    events = []
+    result = train(tiny(), data, out, "cpu-quick", overrides=FAST + ["epochs=3"], callback=events.append)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
+    assert result.history[-1]["top1"] > 100 / len(CLASSES) + 20  # clearly above chance on the easy synthetic set
+    for name in ("config.json", "model.safetensors", "metrics.csv", "metrics.png", "recipe.yaml", "train.json",
+                 "last/model.safetensors", "last/train_state.json", "last/train_state.safetensors"):
+        assert (out / name).is_file(), name
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader((out / "metrics.csv").open()))
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and {"top1", "top5", "val_loss", "lr"} <= set(rows[0])
+    # the run directory is a surgery directory holding the best epoch, with the class names
+    best = max(result.history, key=lambda h: h["top1"])
+    loaded = wsurgery.load(out)
+    assert wsurgery.is_converted(loaded)
+    assert loaded.pretrained_cfg["label_names"] == sorted(CLASSES)
+    assert read_json(out / "config.json")["label_names"] == sorted(CLASSES)
+    assert loaded.pretrained_cfg["input_size"] == (3, 32, 32)
+    from wsurgery.datasets import build_datasets, eval_transform_for
+    from wsurgery.train import evaluate
+
+    val = build_datasets(data).val
+    val.transform = eval_transform_for(loaded, 32)
+    assert evaluate(loaded, val)["top1"] == pytest.approx(best["top1"], abs=1e-4)
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("epoch") == 3
+    steps = [e for e in events if e.kind == "step"]
+    assert [e.step for e in steps] == list(range(1, result.steps + 1))
+    assert all(e.images_per_s > 0 and e.lr >= 0 for e in steps)
+
+
+def _weights(path):
+    return load_safetensors(path / "model.safetensors")
+
+
+RESUME = FAST + ["accum_steps=2", "batch_size=2", "mixup_alpha=0.4", "label_smoothing=0.1", "ema=true",
+                 "ema_decay=0.9"]
+
+
+def test_resume_after_sigterm_is_exact(data, tmp_path):
+    full = train(tiny(), data, tmp_path / "full", "micro-batch", overrides=RESUME)
+
+    def stop_at_step(event):
+        if event.kind == "step" and event.step == 9:  # in the middle of epoch 2
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted, match="--resume"):
+        train(tiny(), data, tmp_path / "cut", "micro-batch", overrides=RESUME, callback=stop_at_step)
+    state = read_json(tmp_path / "cut" / "last" / "train_state.json")["state"]
+    assert state["step"] == 9 and state["epoch"] == 1 and state["batch"] > 0
+    resumed = train(None, None, None, resume=tmp_path / "cut")
+    assert resumed.steps == full.steps
+    a, b = _weights(tmp_path / "full" / "last"), _weights(tmp_path / "cut" / "last")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the EMA weights and the best model are the same too
+    sa = load_safetensors(tmp_path / "full" / "last" / "train_state.safetensors")
+    sb = load_safetensors(tmp_path / "cut" / "last" / "train_state.safetensors")
+    assert all(torch.equal(sa[k], sb[k]) for k in sa if k.startswith("ema."))
+    assert [h["top1"] for h in full.history] == [h["top1"] for h in resumed.history]
+
+
+def test_keyboard_interrupt_writes_checkpoint_then_resume_completes(data, tmp_path):
+    def ctrl_c(event):
+        if event.kind == "step" and event.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        train(tiny(), data, tmp_path / "r", "cpu-quick", overrides=FAST, callback=ctrl_c)
+    assert read_json(tmp_path / "r" / "last" / "train_state.json")["state"]["step"] == 3
+    full = train(tiny(), data, tmp_path / "full", "cpu-quick", overrides=FAST)
+    train(None, None, None, resume=tmp_path / "r")
+    a, b = _weights(tmp_path / "full" / "last"), _weights(tmp_path / "r" / "last")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
+    model = tiny()
+
+    def poison(event):  # after epoch 1 is checkpointed, break the weights
+        if event.kind == "epoch" and event.epoch == 1:
+            with torch.no_grad():
+                model.get_classifier().weight.fill_(float("nan"))
+
+    with pytest.raises(TrainingDivergedError, match="loss became nan.*kept the last good checkpoint \\(epoch 1\\)"):
+        train(model, data, tmp_path / "r", "cpu-quick", overrides=FAST, callback=poison)
+    kept = _weights(tmp_path / "r" / "last")
+    assert all(torch.isfinite(v).all() for v in kept.values())
+    assert read_json(tmp_path / "r" / "last" / "train_state.json")["state"]["epoch"] == 1
+
+
+def test_gradient_accumulation_equals_the_large_batch(data, tmp_path):
+    # WS + GN does not depend on the batch: 2 micro-batches of 2 give the gradient of one batch of 4
+    common = ["img_size=32", "epochs=1", "lr=0.05", "warmup_steps=0", "hflip=0.0", "momentum=0.0"]
+    big = train(tiny(), data, None, "cpu-quick", overrides=common + ["batch_size=4", "accum_steps=1"])
+    small = train(tiny(), data, None, "cpu-quick", overrides=common + ["batch_size=2", "accum_steps=2"])
+    assert big.steps == small.steps == 6
+    for (k, a), (_, b) in zip(big.model.state_dict().items(), small.model.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_linear_probe_trains_only_the_head(data, tmp_path):
+    model = tiny("ws")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train(model, data, None, "linear-probe", overrides=FAST)
+    head = {f"classifier.{n}" for n, _ in model.get_classifier().named_parameters()}
+    after = result.model.state_dict()
+    for k, v in before.items():
+        if k in head:
+            assert not torch.equal(v, after[k]), k
+        elif v.is_floating_point():
+            assert torch.equal(v, after[k]), k
+
+
+def test_bn_baseline_from_timm_name_and_export_predict(data, tmp_path):
+    out, exp = tmp_path / "bn", tmp_path / "exp"
+    result = train("test_efficientnet", data, out, "cpu-quick", overrides=FAST, export=exp,
+                   load_kwargs={"pretrained": False})
+    assert any("no WS layers" in n for n in result.notes)
+    assert result.verify.passed and result.export.timm_compatible
+    preds = wsurgery.predict(exp, data / "val" / "circle", topk=2)
+    assert len(preds) == 4 and all(set(p.labels) <= set(CLASSES) and len(p.labels) == 2 for p in preds)
+
+
+def test_output_exists_and_bad_resume(data, tmp_path):
+    (tmp_path / "r").mkdir()
+    with pytest.raises(wsurgery.errors.OutputExistsError, match="--force"):
+        train(tiny(), data, tmp_path / "r", "cpu-quick", overrides=FAST)
+    with pytest.raises(wsurgery.errors.InputNotFoundError, match="no checkpoint"):
+        train(None, None, None, resume=tmp_path / "r")
+
+
+def test_cli_train_predict_and_errors(data, tmp_path):
+    surgery = tmp_path / "conv"
+    wsurgery.save(tiny(), surgery)
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", str(surgery), "--data", str(data), "-o", str(tmp_path / "run"),
+                              "--recipe", "cpu-quick", "--set", "epochs=1", "--set", "batch_size=4",
+                              "--img-size", "32", "--export", str(tmp_path / "exp")])
+    assert res.exit_code == 0, res.output
+    assert "best val top-1" in res.output and "export max |diff|" in res.output
+    res = runner.invoke(app, ["predict", str(tmp_path / "exp"), str(data / "val" / "square"), "-k", "3"])
+    assert res.exit_code == 0, res.output
+    assert "square" in res.output and "%" in res.output
+    res = runner.invoke(app, ["train", str(surgery), "--data", str(data), "-o", str(tmp_path / "x"),
+                              "--set", "batchsize=2"])
+    assert res.exit_code == 2 and "did you mean `batch_size`" in res.output
+    assert "Traceback" not in res.output
+    res = runner.invoke(app, ["train", str(surgery), "--data", str(tmp_path / "nothing"), "-o", str(tmp_path / "y")])
+    assert res.exit_code == 1 and "does not exist" in res.output

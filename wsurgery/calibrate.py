@@ -1,0 +1,643 @@
+"""Step 3 of the flow: give a converted model back the function of the original.
+
+Converting a BN-pretrained CNN changes what it computes: plain WS replaces every filter
+``W`` by ``(W - mean) / s``, and BN -> GN swaps fixed running statistics for per-sample group
+statistics. Only adaptive WS with BN kept is exact. :func:`calibrate` closes the gap with
+the original model as teacher and unlabeled images, in up to three phases:
+
+``bn-stats``
+    Re-estimate the running mean/var of every BatchNorm the student kept (cumulative
+    average over the calibration images, as timm's and torchvision's "BN recalibration"
+    do). Fixes scale drift; cannot undo a changed filter shape.
+``gn-init``
+    For every GroupNorm that replaced a BatchNorm, set the GN affine so that its output
+    has, per channel, the mean and variance the teacher's BN output has on the same images.
+    Layer by layer in one pass: a forward pre-hook on each GN sets its affine from the
+    input it actually receives, which already went through the calibrated layers before it.
+``distill``
+    A short label-free distillation: ``KL(teacher || student)`` on the calibration images
+    (optionally plus a per-layer feature loss), training only the norm affines and the
+    adaptive-WS ``gain``/``shift`` (``train="affine"``) or every parameter (``train="all"``),
+    for a bounded number of steps (and optionally seconds).
+
+``auto`` picks, from the student's surgery: adaptive WS with BN kept -> nothing (already
+exact); plain WS with BN kept -> ``bn-stats`` + ``distill`` (all); GN students ->
+``gn-init`` + ``distill`` (``affine`` for adaptive WS, ``all`` for plain WS).
+
+Agreement with the teacher (top-1, top-5 overlap, KL; see :mod:`wsurgery.compare`) is
+measured on held-out images before and after and returned in a :class:`CalibrationResult`,
+which is also stored as ``student.wsurgery_calibration`` so that :func:`wsurgery.save` writes
+it into the saved config. The teacher is never changed: it runs in eval mode under
+``torch.no_grad`` and its mode is restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from timm.data import create_transform
+from torch import nn
+
+from .compare import Agreement, agreement_from_logits, predict_logits
+from .convert import get_surgery_config, ws_parametrizations
+from .data import data_config_for, eval_transform, find_images, open_rgb
+from .errors import ConfigError, DatasetError, UsageError
+from .norm import is_batchnorm
+from .standardize import AdaptiveWeightStandardization
+
+__all__ = [
+    "METHODS",
+    "Method",
+    "CalibrationConfig",
+    "CalibrationProgress",
+    "CalibrationResult",
+    "calibrate",
+    "calibration_images",
+    "resolve_method",
+    "reestimate_bn_stats",
+    "init_gn_from_teacher",
+    "distill",
+]
+
+Method = Literal["auto", "bn-stats", "gn-init", "distill", "none"]
+#: the methods :func:`calibrate` accepts, in the order the CLI lists them
+METHODS: tuple[str, ...] = ("auto", "bn-stats", "gn-init", "distill", "none")
+ImageSpec = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+@dataclass
+class CalibrationConfig:
+    """How :func:`calibrate` runs. Every field is validated in ``__post_init__``."""
+
+    method: str = field(default="auto", metadata={"help": f"one of {', '.join(METHODS)}"})
+    steps: int = field(default=150, metadata={"help": "distillation steps (optimizer updates)"})
+    batch_size: int = field(default=32, metadata={"help": "images per distillation step"})
+    lr: float | None = field(default=None, metadata={"help": "AdamW learning rate (default 5e-3 affine, 2e-4 all)"})
+    train: Literal["auto", "affine", "all"] = field(
+        default="auto", metadata={"help": "distill these parameters: norm affines + AWS gain/shift, or all"})
+    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KL loss"})
+    feature_weight: float = field(
+        default=0.0, metadata={"help": "weight of the per-norm-layer feature MSE added to the KL (0: logits only)"})
+    distill_size: int | None = field(
+        default=None, metadata={"help": "distill at this input resolution (bilinear resize; None: as given)"})
+    max_seconds: float | None = field(default=None, metadata={"help": "stop distilling after this many seconds"})
+    init_images: int = field(default=64, metadata={"help": "images in the one gn-init / bn-stats pass"})
+    warmup_steps: int = field(default=5, metadata={"help": "linear learning-rate warm-up steps"})
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown calibration method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.train not in ("auto", "affine", "all"):
+            raise ConfigError(f"`train` must be auto, affine or all, got {self.train!r}")
+        for name in ("steps", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"`{name}` must be non-negative, got {getattr(self, name)}")
+        for name in ("batch_size", "init_images"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"`{name}` must be at least 1, got {getattr(self, name)}")
+        if self.lr is not None and not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"`lr` must be positive, got {self.lr}")
+        if not (self.temperature > 0 and math.isfinite(self.temperature)):
+            raise ConfigError(f"`temperature` must be positive, got {self.temperature}")
+        if not (self.feature_weight >= 0 and math.isfinite(self.feature_weight)):
+            raise ConfigError(f"`feature_weight` must be non-negative, got {self.feature_weight}")
+        if self.distill_size is not None and self.distill_size < 8:
+            raise ConfigError(f"`distill_size` must be at least 8 pixels, got {self.distill_size}")
+        if self.max_seconds is not None and not self.max_seconds > 0:
+            raise ConfigError(f"`max_seconds` must be positive, got {self.max_seconds}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CalibrationProgress:
+    """What a progress callback receives: ``phase`` is one of the method names."""
+
+    phase: str
+    step: int
+    total: int
+    loss: float | None = None
+
+
+ProgressFn = Callable[[CalibrationProgress], None]
+
+
+@dataclass
+class CalibrationResult:
+    """What :func:`calibrate` did and how close the student got to the teacher."""
+
+    method: str
+    phases: list[str]
+    train: str | None
+    before: Agreement | None
+    after: Agreement | None
+    num_images: int
+    num_held_out: int
+    steps: int
+    seconds: float
+    seed: int
+    losses: list[float] = field(default_factory=list)
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _train_crop_transform(model: nn.Module, img_size: int | None):
+    """timm's training transform for the model's data config, reduced to geometry.
+
+    Random resized crops (scale 0.25-1) and horizontal flips make many distinct views of
+    few photos; colour jitter, auto-augment and random erasing would change what the teacher
+    sees, which a label-free calibration does not need.
+    """
+    cfg = data_config_for(model, img_size)
+    return create_transform(**cfg, is_training=True, scale=(0.25, 1.0), hflip=0.5, color_jitter=None,
+                            auto_augment=None, re_prob=0.0)
+
+
+def calibration_images(
+    spec: ImageSpec,
+    model: nn.Module,
+    *,
+    limit: int | None = 256,
+    seed: int = 0,
+    img_size: int | None = None,
+    crops_per_image: int = 1,
+) -> torch.Tensor:
+    """Read unlabeled images into one normalized batch with the model's timm transforms.
+
+    A dataset folder (``root/class/xxx.jpg``) works as well: files are found recursively and
+    the class folders are ignored.
+
+    Args:
+        spec: image files, folders or glob patterns.
+        model: whose data config (size, crop, interpolation, mean/std) is used.
+        limit: at most this many images in the batch (chosen at random with ``seed``).
+        seed: seeds the choice of files and the random crops.
+        img_size: input size override.
+        crops_per_image: 1 reads each file with the eval transform (resize + center crop);
+            more takes that many random resized crops / flips of each file (timm's training
+            transform without colour augmentation), for calibrating from a few photos.
+
+    Returns:
+        A float batch ``(N, 3, H, W)``.
+
+    Raises:
+        InputNotFoundError: nothing found; DatasetError: no file readable; ConfigError: bad limit.
+    """
+    if limit is not None and limit < 1:
+        raise ConfigError(f"the calibration image limit must be at least 1, got {limit}")
+    if crops_per_image < 1:
+        raise ConfigError(f"crops_per_image must be at least 1, got {crops_per_image}")
+    paths = find_images(spec)
+    rng = random.Random(seed)
+    if limit is not None and len(paths) > limit:
+        paths = sorted(rng.sample(paths, limit))
+    transform = eval_transform(model, img_size) if crops_per_image == 1 else _train_crop_transform(model, img_size)
+    state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # the crop transforms draw from torch's global generator
+    try:
+        images = []
+        for path in paths:
+            try:
+                img = open_rgb(path)
+            except DatasetError:
+                continue
+            images.extend(transform(img) for _ in range(crops_per_image))
+    finally:
+        torch.random.set_rng_state(state)
+    if not images:
+        raise DatasetError(f"none of the {len(paths)} files could be read as images")
+    batch = torch.stack(images)
+    if limit is not None and batch.shape[0] > limit:
+        gen = torch.Generator().manual_seed(seed)
+        batch = batch[torch.randperm(batch.shape[0], generator=gen)[:limit]]
+    return batch
+
+
+def _as_batch(images: torch.Tensor | ImageSpec, model: nn.Module, seed: int) -> torch.Tensor:
+    if isinstance(images, torch.Tensor):
+        if images.dim() != 4 or images.shape[0] == 0:
+            raise UsageError(f"calibration images must be a batch (N, C, H, W), got shape {tuple(images.shape)}")
+        return images
+    return calibration_images(images, model, seed=seed)
+
+
+def _split_held_out(
+    images: torch.Tensor, held_out: float | int | torch.Tensor | ImageSpec | None, model: nn.Module, seed: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if held_out is None or (isinstance(held_out, (int, float)) and not isinstance(held_out, bool) and held_out == 0):
+        return images, None
+    if isinstance(held_out, bool):
+        raise UsageError("held_out must be a fraction, a count, a batch or image paths, not a bool")
+    if isinstance(held_out, (int, float)):
+        n = images.shape[0]
+        k = int(round(held_out * n)) if isinstance(held_out, float) and held_out < 1 else int(held_out)
+        if held_out < 0 or k >= n:
+            raise UsageError(f"held_out={held_out} leaves no calibration images out of {n}; hold out fewer")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
+        return images[perm[k:]], images[perm[:k]] if k else None
+    return images, _as_batch(held_out, model, seed + 1)
+
+
+# --------------------------------------------------------------------------- method choice
+
+
+def _norm_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, nn.GroupNorm, nn.Module]]:
+    """``(name, student GroupNorm, teacher BatchNorm)`` for every BN the surgery replaced by GN."""
+    teacher_modules = dict(teacher.named_modules())
+    pairs = []
+    for name, module in student.named_modules():
+        other = teacher_modules.get(name)
+        if isinstance(module, nn.GroupNorm) and other is not None and is_batchnorm(other):
+            if module.num_channels != other.num_features:
+                raise UsageError(f"{name}: student has {module.num_channels} channels, teacher "
+                                 f"{other.num_features}; is the teacher the model the student was converted from?")
+            pairs.append((name, module, other))
+    return pairs
+
+
+def _student_mode(student: nn.Module) -> str:
+    params = [p for _, _, p in ws_parametrizations(student)]
+    if params and all(isinstance(p, AdaptiveWeightStandardization) for p in params):
+        return "aws"
+    config = get_surgery_config(student)
+    return config.mode if config is not None and not params else "ws"
+
+
+def resolve_method(student: nn.Module, teacher: nn.Module, method: str = "auto") -> list[str]:
+    """The phases ``method`` runs for this student (``auto`` decided as the module docs say).
+
+    Raises:
+        UsageError: the method does not fit the student (``gn-init`` without GroupNorm that
+            replaced a BatchNorm, ``bn-stats`` without BatchNorm).
+    """
+    has_gn = bool(_norm_pairs(student, teacher))
+    has_bn = any(is_batchnorm(m) and hasattr(m, "running_mean") for m in student.modules())
+    if method == "none":
+        return []
+    if method == "auto":
+        if has_gn:
+            return ["gn-init", "distill"]
+        if _student_mode(student) == "aws":
+            return []  # adaptive WS with BN kept computes exactly what the teacher does
+        return (["bn-stats"] if has_bn else []) + ["distill"]
+    if method == "gn-init" and not has_gn:
+        raise UsageError("gn-init needs a student whose BatchNorms were replaced by GroupNorm (convert --norm gn)")
+    if method == "bn-stats" and not has_bn:
+        raise UsageError("bn-stats needs a student that kept its BatchNorm layers; use gn-init or distill")
+    if method not in METHODS:
+        raise ConfigError(f"unknown calibration method {method!r}; choose one of {', '.join(METHODS)}")
+    return [method]
+
+
+# --------------------------------------------------------------------------- phases
+
+
+@torch.no_grad()
+def reestimate_bn_stats(model: nn.Module, images: torch.Tensor, batch_size: int = 64) -> int:
+    """Recompute every BatchNorm's running mean/var on ``images`` (cumulative average), in place.
+
+    Only the BN layers run in training mode (dropout and drop-path stay off); their
+    momentum and mode are restored after.
+
+    Returns:
+        The number of BatchNorm layers re-estimated.
+    """
+    bns = [m for m in model.modules() if is_batchnorm(m) and getattr(m, "running_mean", None) is not None
+           and isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    was_training = model.training
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+        m.train()
+    try:
+        for i in range(0, images.shape[0], batch_size):
+            model(images[i:i + batch_size])
+    finally:
+        for m, (momentum, training) in zip(bns, saved):
+            m.momentum = momentum
+            m.train(training)
+        model.train(was_training)
+    return len(bns)
+
+
+def _bn_output(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The affine BN output (before any activation a timm ``BatchNormAct2d`` adds), eval mode."""
+    weight = getattr(bn, "weight", None)
+    bias = getattr(bn, "bias", None)
+    return F.batch_norm(x, bn.running_mean, bn.running_var, weight, bias, False, 0.0, bn.eps)
+
+
+def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    var, mean = torch.var_mean(x.double().transpose(0, 1).reshape(x.shape[1], -1), dim=1, correction=0)
+    return mean, var
+
+
+@torch.no_grad()
+def init_gn_from_teacher(student: nn.Module, teacher: nn.Module, images: torch.Tensor) -> int:
+    """Set each GN affine so its output matches the teacher BN output per channel (mean and var).
+
+    One pass over ``images`` through the teacher records, per replaced BN, the per-channel
+    mean and variance of its (pre-activation) output. Then one pass of the whole batch
+    through the student: a forward pre-hook on every GroupNorm computes the group-normalized
+    input ``x_hat`` it is about to normalize, its per-channel mean ``m`` and variance ``v``,
+    and sets ``weight = sqrt(var_t / v)``, ``bias = mean_t - weight * m`` before the layer
+    runs. Later layers therefore see the already-calibrated earlier ones: layer by layer, one pass.
+
+    Returns:
+        The number of GroupNorm layers initialised.
+    """
+    pairs = _norm_pairs(student, teacher)
+    targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def teacher_hook(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            targets[name] = _channel_moments(_bn_output(module, args[0]))
+        return hook
+
+    def student_hook(name: str):
+        def hook(module: nn.GroupNorm, args: tuple) -> None:
+            x_hat = F.group_norm(args[0], module.num_groups, None, None, module.eps)
+            mean_s, var_s = _channel_moments(x_hat)
+            mean_t, var_t = targets[name]
+            # a channel constant over the data (var_s ~ 0) keeps unit weight and just gets the mean
+            scale = torch.where(var_s > 1e-12, torch.sqrt(var_t / var_s.clamp_min(1e-12)), torch.ones_like(var_s))
+            module.weight.copy_(scale.to(module.weight.dtype))
+            module.bias.copy_((mean_t - scale * mean_s).to(module.bias.dtype))
+        return hook
+
+    handles = [t.register_forward_pre_hook(teacher_hook(n)) for n, _, t in pairs]
+    try:
+        _run_eval(teacher, images)
+    finally:
+        for h in handles:
+            h.remove()
+    handles = [s.register_forward_pre_hook(student_hook(n)) for n, s, _ in pairs]
+    try:
+        _run_eval(student, images)
+    finally:
+        for h in handles:
+            h.remove()
+    return len(pairs)
+
+
+@torch.no_grad()
+def _run_eval(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    try:
+        return model(images)
+    finally:
+        model.train(was_training)
+
+
+def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
+    if train == "all":
+        return [p for p in student.parameters() if p.is_floating_point()]
+    params: list[nn.Parameter] = []
+    for module in student.modules():
+        if isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)) or is_batchnorm(module):
+            params.extend(p for p in (getattr(module, "weight", None), getattr(module, "bias", None))
+                          if isinstance(p, nn.Parameter))
+        if isinstance(module, AdaptiveWeightStandardization):
+            params.extend([module.gain, module.shift])
+    return params
+
+
+def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    if size is None or x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+
+
+def _feature_modules(student: nn.Module, teacher: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    t = dict(teacher.named_modules())
+    out = []
+    for name, module in student.named_modules():
+        other = t.get(name)
+        if other is None:
+            continue
+        s_norm = isinstance(module, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm)) or is_batchnorm(module)
+        t_norm = isinstance(other, (nn.GroupNorm, nn.modules.batchnorm._BatchNorm)) or is_batchnorm(other)
+        if s_norm and t_norm:
+            out.append((module, other))
+    return out
+
+
+def _kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return F.kl_div(s, t, log_target=True, reduction="batchmean") * temperature ** 2
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    images: torch.Tensor,
+    config: CalibrationConfig,
+    *,
+    train: str,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+) -> list[float]:
+    """Label-free distillation of ``teacher`` into ``student`` (in place); returns the losses.
+
+    The student runs in eval mode (BatchNorm uses its running statistics, dropout and
+    drop-path are off) with gradients only for the chosen parameters; the teacher's logits
+    are computed once, without gradients. AdamW (timm's optimizer factory) with a linear
+    warm-up and a cosine decay to zero over ``config.steps``.
+    """
+    from timm.optim import create_optimizer_v2
+
+    params = _trainable(student, train)
+    if not params or config.steps == 0:
+        return []
+    lr = config.lr if config.lr is not None else (5e-3 if train == "affine" else 2e-4)
+    gen = torch.Generator().manual_seed(seed)
+    x_all = images
+    features = _feature_modules(student, teacher) if config.feature_weight > 0 else []
+    if not features:  # the teacher's logits never change: compute them once (at the distillation size)
+        teacher_logits = torch.cat([_run_eval(teacher, _resize(x_all[i:i + 64], config.distill_size))
+                                    for i in range(0, x_all.shape[0], 64)])
+    saved_flags = {id(p): p.requires_grad for p in student.parameters()}
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = create_optimizer_v2(params, opt="adamw", lr=lr, weight_decay=0.0)
+    was_training = student.training
+    student.eval()
+    losses: list[float] = []
+    start = time.perf_counter()
+    order = torch.empty(0, dtype=torch.long)
+    try:
+        for step in range(config.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = _lr_at(step, config.steps, config.warmup_steps, lr)
+            if order.numel() < config.batch_size:
+                order = torch.cat([order, torch.randperm(x_all.shape[0], generator=gen)])
+            idx, order = order[:config.batch_size], order[config.batch_size:]
+            x = _resize(x_all[idx], config.distill_size)
+            if features:
+                loss = _feature_step(student, teacher, x, features, config)
+            else:
+                loss = _kl(student(x), teacher_logits[idx], config.temperature)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            if progress is not None:
+                progress(CalibrationProgress("distill", step + 1, config.steps, losses[-1]))
+            if not math.isfinite(losses[-1]):
+                raise UsageError(f"distillation diverged at step {step + 1} (loss {losses[-1]}); lower --calib-lr")
+            if config.max_seconds is not None and time.perf_counter() - start > config.max_seconds:
+                break
+    finally:
+        for p in student.parameters():
+            p.requires_grad_(saved_flags.get(id(p), True))
+            p.grad = None
+        student.train(was_training)
+    return losses
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float) -> float:
+    """Linear warm-up then cosine to zero (the schedule timm's CosineLRScheduler gives per update)."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def _feature_step(student: nn.Module, teacher: nn.Module, x: torch.Tensor,
+                  features: list[tuple[nn.Module, nn.Module]], config: CalibrationConfig) -> torch.Tensor:
+    s_out: list[torch.Tensor] = []
+    t_out: list[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda _m, _a, o: s_out.append(o)) for m, _ in features]
+    handles += [m.register_forward_hook(lambda _m, _a, o: t_out.append(o)) for _, m in features]
+    try:
+        with torch.no_grad():
+            t_logits = _run_eval(teacher, x)
+        s_logits = student(x)
+    finally:
+        for h in handles:
+            h.remove()
+    feat = sum(F.mse_loss(s, t.detach()) / (t.detach().pow(2).mean() + 1e-6) for s, t in zip(s_out, t_out))
+    return _kl(s_logits, t_logits, config.temperature) + config.feature_weight * feat / max(1, len(s_out))
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def _check_models(student: nn.Module, teacher: nn.Module) -> None:
+    if not isinstance(student, nn.Module) or not isinstance(teacher, nn.Module):
+        raise UsageError("calibrate needs the student and the teacher as torch modules")
+    if student is teacher:
+        raise UsageError("the student and the teacher are the same object; convert a copy "
+                         "(wsurgery.convert(model, inplace=False)) and calibrate that against the original")
+    teacher_ptrs = {p.data_ptr() for p in teacher.parameters()}
+    if any(p.data_ptr() in teacher_ptrs for p in student.parameters()):
+        raise UsageError("the student shares weights with the teacher, so calibrating would change the teacher; "
+                         "convert with inplace=False")
+
+
+def calibrate(
+    student: nn.Module,
+    teacher: nn.Module,
+    images: torch.Tensor | ImageSpec,
+    *,
+    method: str = "auto",
+    steps: int | None = None,
+    held_out: float | int | torch.Tensor | ImageSpec | None = 0.25,
+    seed: int = 0,
+    progress: ProgressFn | None = None,
+    config: CalibrationConfig | None = None,
+    **overrides: Any,
+) -> CalibrationResult:
+    """Calibrate a converted ``student`` (in place) to compute what ``teacher`` (the original) does.
+
+    Args:
+        student: the converted model (``wsurgery.convert(model, inplace=False)``).
+        teacher: the original model; never modified.
+        images: unlabeled calibration images: a normalized batch ``(N, 3, H, W)``, or files,
+            folders or globs (read with :func:`calibration_images`: eval transform, at most 256).
+        method: ``auto``, ``bn-stats``, ``gn-init``, ``distill`` or ``none`` (see the module docs).
+        steps: distillation steps (default ``config.steps``).
+        held_out: images to measure agreement on, kept out of calibration: a fraction (0.25)
+            or a count of ``images``, a separate batch or image spec, or None (no measurement).
+        seed: seeds the held-out split, the batch order and the crops.
+        progress: called with a :class:`CalibrationProgress` after every phase and step.
+        config: everything else (see :class:`CalibrationConfig`); keyword ``overrides``
+            update it (``calibrate(s, t, x, train="all", lr=1e-4)``).
+
+    Returns:
+        A :class:`CalibrationResult` with agreement before and after; also stored (as a
+        dict) in ``student.wsurgery_calibration`` so :func:`wsurgery.save` records it.
+
+    Raises:
+        UsageError: the student is the teacher or shares its weights, or the method does
+            not fit the student; ConfigError: bad settings; InputNotFoundError/DatasetError: no images.
+    """
+    base = config.to_dict() if config is not None else {}
+    base.update(overrides)
+    base["method"] = method
+    if steps is not None:
+        base["steps"] = steps
+    cfg = CalibrationConfig(**base)
+    _check_models(student, teacher)
+    start = time.perf_counter()
+    teacher_training = teacher.training
+    teacher.eval()
+    try:
+        result = _calibrate(student, teacher, images, cfg, held_out, seed, progress)
+    finally:
+        teacher.train(teacher_training)
+    result.seconds = time.perf_counter() - start
+    student.wsurgery_calibration = result.to_dict()
+    return result
+
+
+def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> CalibrationResult:
+    phases = resolve_method(student, teacher, cfg.method)
+    batch = _as_batch(images, teacher, seed)
+    calib, held = _split_held_out(batch, held_out, teacher, seed)
+    teacher_held = predict_logits(teacher, held) if held is not None else None
+    before = agreement_from_logits(predict_logits(student, held), teacher_held) if held is not None else None
+    train = cfg.train
+    if train == "auto":
+        train = "affine" if _student_mode(student) == "aws" else "all"
+    gen = torch.Generator().manual_seed(seed + 2)
+    init_batch = calib[torch.randperm(calib.shape[0], generator=gen)[:cfg.init_images]]
+    losses: list[float] = []
+    for i, phase in enumerate(phases):
+        if progress is not None:
+            progress(CalibrationProgress(phase, 0, cfg.steps if phase == "distill" else 1))
+        if phase == "bn-stats":
+            reestimate_bn_stats(student, calib)
+        elif phase == "gn-init":
+            init_gn_from_teacher(student, teacher, init_batch)
+        elif phase == "distill":
+            losses = distill(student, teacher, calib, cfg, train=train, seed=seed, progress=progress)
+        if progress is not None and phase != "distill":
+            progress(CalibrationProgress(phase, 1, 1))
+    after = agreement_from_logits(predict_logits(student, held), teacher_held) if held is not None else None
+    return CalibrationResult(
+        method=cfg.method, phases=phases, train=train if "distill" in phases else None, before=before, after=after,
+        num_images=int(calib.shape[0]), num_held_out=int(held.shape[0]) if held is not None else 0,
+        steps=len(losses), seconds=0.0, seed=seed, losses=losses, config=cfg.to_dict(),
+    )

@@ -1,0 +1,123 @@
+"""How closely one model follows another: top-1 agreement, top-5 overlap and KL on the same images.
+
+These are the numbers calibration is judged by (see :mod:`wsurgery.calibrate`) and what
+``wsurgery compare A B --images PATH`` prints. ``b`` is the reference ("the original"):
+
+* ``top1``: fraction of images whose arg-max class is the same in both;
+* ``top5_overlap``: mean of ``|top5(a) & top5(b)| / 5`` (1.0: the same five classes, any order);
+* ``kl``: mean ``KL(softmax(b) || softmax(a))`` in nats, the loss distillation minimises.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import UsageError
+
+__all__ = ["Agreement", "agreement_from_logits", "predict_logits", "compare"]
+
+ImageSpec = str | os.PathLike | Sequence[str | os.PathLike]
+
+
+@dataclass
+class Agreement:
+    """Agreement of a model with a reference on ``num_images`` images."""
+
+    top1: float
+    top5_overlap: float
+    kl: float
+    num_images: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def agreement_from_logits(logits: torch.Tensor, reference: torch.Tensor) -> Agreement:
+    """Agreement of ``logits`` with ``reference`` logits (both ``(N, classes)``).
+
+    Raises:
+        UsageError: the shapes differ or the batch is empty.
+    """
+    if logits.shape != reference.shape or logits.dim() != 2 or logits.shape[0] == 0:
+        raise UsageError(f"cannot compare outputs of shape {tuple(logits.shape)} with {tuple(reference.shape)}; "
+                         "both models need the same number of classes")
+    a, b = logits.detach().float(), reference.detach().float()
+    top1 = (a.argmax(-1) == b.argmax(-1)).float().mean().item()
+    k = min(5, a.shape[1])
+    ta, tb = a.topk(k, dim=-1).indices, b.topk(k, dim=-1).indices
+    overlap = (ta.unsqueeze(2) == tb.unsqueeze(1)).any(dim=2).float().sum(dim=1) / k
+    kl = F.kl_div(a.log_softmax(-1), b.log_softmax(-1), log_target=True, reduction="batchmean").item()
+    return Agreement(top1, overlap.mean().item(), max(kl, 0.0), int(a.shape[0]))
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    """``model``'s logits for ``images`` in eval mode, in batches; the mode is restored after."""
+    was_training = model.training
+    model.eval()
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else images.device
+    dtype = param.dtype if param is not None and param.is_floating_point() else images.dtype
+    try:
+        outs = [model(images[i:i + batch_size].to(device=device, dtype=dtype)).float().cpu()
+                for i in range(0, images.shape[0], batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(outs)
+
+
+def _as_model(obj: nn.Module | str | os.PathLike) -> nn.Module:
+    if isinstance(obj, nn.Module):
+        return obj
+    from .load import load
+
+    return load(obj)
+
+
+def compare(
+    a: nn.Module | str | os.PathLike,
+    b: nn.Module | str | os.PathLike,
+    images: torch.Tensor | ImageSpec,
+    *,
+    limit: int | None = None,
+    seed: int = 0,
+    img_size: int | None = None,
+    batch_size: int = 32,
+) -> Agreement:
+    """Agreement of model ``a`` with reference model ``b`` on the same images.
+
+    Args:
+        a: the model to judge: a module, a timm name, or a saved/exported directory.
+        b: the reference (for example the original model before conversion).
+        images: a normalized batch ``(N, 3, H, W)``, or files, a folder or a glob read with
+            ``b``'s timm eval transform.
+        limit: use at most this many images (chosen with ``seed``).
+        seed: seed of that choice.
+        img_size: input size override for images read from files.
+        batch_size: images per forward pass.
+
+    Returns:
+        An :class:`Agreement` (``top1``, ``top5_overlap``, ``kl``, ``num_images``).
+
+    Raises:
+        UsageError: the models' outputs cannot be compared.
+        InputNotFoundError: no images found.
+    """
+    model_a, model_b = _as_model(a), _as_model(b)
+    if isinstance(images, torch.Tensor):
+        x = images
+        if limit is not None and x.shape[0] > limit:
+            gen = torch.Generator().manual_seed(seed)
+            x = x[torch.randperm(x.shape[0], generator=gen)[:limit]]
+    else:
+        from .data import load_images
+
+        x, _ = load_images(images, model_b, limit=limit, seed=seed, img_size=img_size)
+    return agreement_from_logits(predict_logits(model_a, x, batch_size), predict_logits(model_b, x, batch_size))

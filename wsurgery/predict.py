@@ -1,0 +1,105 @@
+"""Step 7: classify images with a trained or exported model; top-k label names and probabilities.
+
+Label names come from the model's ``pretrained_cfg['label_names']`` (``config.json``'s
+``label_names``, written by :func:`wsurgery.train` through save and export); a model without
+them reports class indices as names (``"class 3"``). Images go through timm's eval
+transform for the model's own data config.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .data import eval_transform, find_images, open_rgb
+from .errors import DatasetError, UsageError
+
+__all__ = ["Prediction", "predict", "label_names"]
+
+
+@dataclass
+class Prediction:
+    """Top-k classes of one image (``labels``/``probs`` best first); ``error`` if it could not be read."""
+
+    path: Path
+    labels: list[str]
+    indices: list[int]
+    probs: list[float]
+    error: str | None = None
+
+
+def label_names(model: nn.Module) -> list[str]:
+    """The model's class names, or ``class 0 .. class N-1``."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    names = cfg.get("label_names")
+    n = getattr(model, "num_classes", None) or (len(names) if names else 0)
+    if names and len(names) == n:
+        return list(names)
+    return [f"class {i}" for i in range(n)]
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module | str | os.PathLike,
+    images: str | os.PathLike | Sequence[str | os.PathLike],
+    topk: int = 5,
+    *,
+    batch_size: int = 32,
+    img_size: int | None = None,
+    device: str | torch.device = "cpu",
+) -> list[Prediction]:
+    """Top-k predictions for each image.
+
+    Args:
+        model: a module, or a directory (export, surgery or timm ``save_for_hf``) read with
+            :func:`wsurgery.load`.
+        images: files, folders or glob patterns.
+        topk: how many classes per image (capped at the number of classes).
+        batch_size: images per forward pass.
+        img_size: input size override (default: the model's data config).
+        device: where to run.
+
+    Returns:
+        One :class:`Prediction` per image, in the order found; unreadable files get ``error``.
+
+    Raises:
+        InputNotFoundError: no images matched.
+        UsageError: ``topk`` below 1.
+    """
+    if topk < 1:
+        raise UsageError(f"topk must be at least 1, got {topk}")
+    if not isinstance(model, nn.Module):
+        from .load import load
+
+        model = load(model)
+    model.eval().to(device)
+    names = label_names(model)
+    k = min(topk, len(names)) if names else topk
+    transform = eval_transform(model, img_size)
+    paths = find_images(images)
+    dtype = next(model.parameters()).dtype
+    results: list[Prediction] = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start:start + batch_size]
+        tensors, ok = [], []
+        for p in chunk:
+            try:
+                tensors.append(transform(open_rgb(p)))
+                ok.append(p)
+            except DatasetError as e:
+                results.append(Prediction(p, [], [], [], error=str(e)))
+        if not tensors:
+            continue
+        x = torch.stack(tensors).to(device=device, dtype=dtype)
+        probs = model(x).float().softmax(dim=-1)
+        top_p, top_i = probs.topk(k, dim=-1)
+        for p, pv, iv in zip(ok, top_p.tolist(), top_i.tolist()):
+            results.append(Prediction(p, [names[i] if i < len(names) else f"class {i}" for i in iv], iv, pv))
+    order = {p: i for i, p in enumerate(paths)}
+    results.sort(key=lambda r: order[r.path])
+    return results

@@ -1,0 +1,940 @@
+"""Step 4 of the flow: fine-tune a (converted) model on a labelled dataset.
+
+:func:`train` runs a :class:`~wsurgery.recipes.Recipe` with timm's building blocks:
+``create_optimizer_v2``, ``create_scheduler_v2`` (stepped every optimizer update),
+``LabelSmoothingCrossEntropy``/``SoftTargetCrossEntropy``, ``Mixup`` (mixup and cutmix),
+``ModelEmaV3``, ``dispatch_clip_grad`` and ``accuracy``. Around them:
+
+* gradient accumulation, with the WS standardization computed once per optimizer step
+  (:func:`wsurgery.accumulate.standardize_once`) when that module is present;
+* AMP (bf16/fp16 autocast, GradScaler for fp16) and channels_last on CUDA only;
+* seeded and deterministic on CPU; DistributedDataParallel under ``torchrun`` (NCCL on
+  GPU, gloo on CPU), where only rank 0 writes;
+* evaluation every epoch (top-1, top-5, loss), ``metrics.csv`` and ``metrics.png``;
+* checkpoints that resume exactly (see below), a stop with the last good checkpoint kept on
+  a NaN/inf loss, and a checkpoint on Ctrl-C or SIGTERM.
+
+The output directory::
+
+    OUT/config.json, OUT/model.safetensors   best model (by val top-1): a surgery directory,
+                                             so wsurgery.load(OUT) and wsurgery export work
+    OUT/last/                                last checkpoint: the model (a surgery directory) plus
+        train_state.safetensors              optimizer tensors, EMA weights, torch RNG state
+        train_state.json                     epoch, position in the epoch, scheduler, RNG, history
+    OUT/recipe.yaml                          the recipe as resolved for this dataset
+    OUT/metrics.csv, OUT/metrics.png         per-epoch loss, accuracy, learning rate
+    OUT/train.json                           summary: data, classes, skipped files, status
+
+Exact resume. A checkpoint is only taken between optimizer steps. It holds the weights,
+optimizer and scheduler state, EMA, the RNG states (torch, numpy, python) and the position
+(epoch, batches done). Data order comes from ``DistributedSampler(seed)`` per epoch, and
+each image's augmentation from its own seed (:class:`~wsurgery.datasets.SeededView`), so a
+resumed run replays the same batches with the same crops, and on CPU with a fixed seed ends
+with the same weights as an uninterrupted run.
+
+The library never prints: progress goes to ``callback(TrainEvent)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import math
+import os
+import random
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from timm.data import Mixup
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad
+from torch import nn
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+
+from .convert import clone_model, is_converted
+from .datasets import AugmentConfig, DataBundle, SeededView, build_datasets, eval_transform_for, train_transform
+from .errors import InputNotFoundError, OutputExistsError, RecipeError, UsageError, WSurgeryError
+from .io import (CONFIG_NAME, WEIGHTS_NAME, atomic_dir, atomic_file, check_output, load_safetensors, read_json,
+                 save_safetensors, write_json)
+from .recipes import Recipe, load_recipe, resolve_recipe
+from .save import build_config
+
+__all__ = [
+    "TrainEvent",
+    "TrainResult",
+    "TrainingDivergedError",
+    "TrainingInterrupted",
+    "train",
+    "evaluate",
+    "pick_device",
+    "set_num_classes",
+    "LAST_DIR",
+]
+
+LAST_DIR = "last"
+STATE_JSON = "train_state.json"
+STATE_TENSORS = "train_state.safetensors"
+METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "val_loss", "top1", "top5", "seconds", "images_per_s")
+
+
+class TrainingDivergedError(WSurgeryError, FloatingPointError):
+    """The loss became NaN or inf; the run stopped and kept its last good checkpoint."""
+
+
+class TrainingInterrupted(WSurgeryError):
+    """Ctrl-C or SIGTERM stopped the run; a checkpoint was written first (resume with ``resume=``)."""
+
+    exit_code = 130
+
+
+@dataclass
+class TrainEvent:
+    """What :func:`train` reports to its callback.
+
+    ``kind`` is ``start`` (``total_steps``, ``notes``), ``step`` (after each optimizer step:
+    ``loss``, ``lr``, ``images_per_s``), ``epoch`` (after evaluation: ``metrics``), or ``end``.
+    """
+
+    kind: str
+    epoch: int = 0
+    epochs: int = 0
+    step: int = 0
+    total_steps: int = 0
+    loss: float = float("nan")
+    lr: float = 0.0
+    images_per_s: float = 0.0
+    metrics: dict[str, float] | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did."""
+
+    output: Path | None
+    model: nn.Module
+    history: list[dict[str, float]]
+    best: dict[str, float] | None
+    class_names: list[str]
+    recipe: Recipe
+    steps: int
+    skipped_files: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    export: Any = None
+    verify: Any = None
+    seconds: float = 0.0
+
+
+# --- small pieces ------------------------------------------------------------------------
+
+
+def pick_device(spec: str | torch.device | None = None) -> torch.device:
+    """``spec`` or the best available: CUDA, then MPS, then CPU. Under torchrun, CUDA is ``cuda:LOCAL_RANK``."""
+    if spec is not None and str(spec) != "auto":
+        device = torch.device(spec)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda was asked for but CUDA is not available; use --device cpu")
+        if device.type == "cuda" and device.index is None and _dist_env()[0] > 1:
+            device = torch.device("cuda", _dist_env()[2])
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda", _dist_env()[2] if _dist_env()[0] > 1 else 0)
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def _dist_env() -> tuple[int, int, int]:
+    """``(world_size, rank, local_rank)`` from torchrun's environment."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def set_num_classes(model: nn.Module, class_names: list[str], head_init: str = "zero") -> bool:
+    """Give ``model`` a classifier for ``class_names`` (unless it already has exactly these labels).
+
+    The label names go into ``pretrained_cfg['label_names']``, so save/export write them to
+    ``config.json`` and predict prints names. Returns True if a new head was made.
+    """
+    cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+    fresh = cfg.get("label_names") != list(class_names) or getattr(model, "num_classes", None) != len(class_names)
+    if fresh:
+        model.reset_classifier(len(class_names))
+        head = model.get_classifier()
+        if head_init == "zero":
+            for p in head.parameters():
+                nn.init.zeros_(p)
+    cfg.update(label_names=list(class_names), num_classes=len(class_names))
+    model.pretrained_cfg = cfg
+    model.default_cfg = cfg
+    return fresh
+
+
+def _set_input_size(model: nn.Module, img_size: int | None) -> None:
+    if img_size:
+        cfg = dict(model.pretrained_cfg)
+        cfg["input_size"] = (3, int(img_size), int(img_size))
+        cfg.pop("test_input_size", None)
+        model.pretrained_cfg = cfg
+        model.default_cfg = cfg
+
+
+class _EpochSampler(Sampler[int]):
+    """timm/torch's ``DistributedSampler`` order for an epoch, optionally starting part-way through."""
+
+    def __init__(self, n: int, world: int, rank: int, seed: int, shuffle: bool, drop_last: bool):
+        self.inner = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+                                        drop_last=drop_last)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.inner.set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self.inner)[self.start:])
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.start
+
+
+def _capture_rng(cuda: bool) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if cuda:
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _restore_rng(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _rng_to_files(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """RNG states as (tensors for safetensors, plain values for JSON): nothing is pickled."""
+    tensors = {"rng.torch": state["torch"].clone()}
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    tensors["rng.numpy"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
+    for i, s in enumerate(state.get("cuda", [])):
+        tensors[f"rng.cuda.{i}"] = s.clone()
+    version, internal, gauss_next = state["python"]
+    plain = {"numpy": [kind, int(pos), int(has_gauss), float(gauss)],
+             "python": [version, list(internal), gauss_next], "cuda": len(state.get("cuda", []))}
+    return tensors, plain
+
+
+def _rng_from_files(tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> dict[str, Any]:
+    kind, pos, has_gauss, gauss = plain["numpy"]
+    version, internal, gauss_next = plain["python"]
+    state = {
+        "torch": tensors["rng.torch"],
+        "numpy": (kind, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, gauss),
+        "python": (version, tuple(internal), gauss_next),
+    }
+    if plain.get("cuda"):
+        state["cuda"] = [tensors[f"rng.cuda.{i}"] for i in range(plain["cuda"])]
+    return state
+
+
+def _split_state(prefix: str, obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Replace every tensor in a nested structure by a reference into ``tensors`` (for safetensors)."""
+    if isinstance(obj, torch.Tensor):
+        key = f"{prefix}"
+        tensors[key] = obj.detach().cpu()
+        return {"__tensor__": key}
+    if isinstance(obj, dict):
+        return {str(k): _split_state(f"{prefix}.{k}", v, tensors) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_split_state(f"{prefix}.{i}", v, tensors) for i, v in enumerate(obj)]
+    return obj
+
+
+def _join_state(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(obj, dict):
+        if set(obj) == {"__tensor__"}:
+            return tensors[obj["__tensor__"]]
+        return {k: _join_state(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join_state(v, tensors) for v in obj]
+    return obj
+
+
+def _optimizer_state_to_files(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    sd = opt.state_dict()
+    return {"state": _split_state("optimizer.state", sd["state"], tensors),
+            "param_groups": _split_state("optimizer.groups", sd["param_groups"], tensors)}
+
+
+def _optimizer_state_from_files(plain: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    state = {int(k): v for k, v in _join_state(plain["state"], tensors).items()}
+    return {"state": state, "param_groups": _join_state(plain["param_groups"], tensors)}
+
+
+@contextlib.contextmanager
+def _signals_to_flag(flag: dict[str, bool]) -> Iterator[None]:
+    """First Ctrl-C/SIGTERM sets ``flag['stop']`` (the loop checkpoints at the next step); a second one raises."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        if flag.get("stop"):
+            raise KeyboardInterrupt
+        flag["stop"] = True
+
+    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    for s in old:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+@contextlib.contextmanager
+def _deterministic(enabled: bool) -> Iterator[None]:
+    before = torch.are_deterministic_algorithms_enabled()
+    before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    if enabled:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)
+
+
+def _standardize_once_ctx(model: nn.Module, wanted: bool) -> contextlib.AbstractContextManager:
+    """``wsurgery.accumulate.standardize_once(model)`` when available and useful, else a no-op."""
+    if not wanted or not is_converted(model):
+        return contextlib.nullcontext()
+    try:
+        from .accumulate import standardize_once
+    except ImportError:
+        return contextlib.nullcontext()
+    return standardize_once(model)
+
+
+# --- evaluation --------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    *,
+    batch_size: int = 64,
+    device: torch.device | str = "cpu",
+    workers: int = 0,
+    autocast: contextlib.AbstractContextManager | None = None,
+) -> dict[str, float]:
+    """Top-1, top-5 (percent) and mean cross-entropy of ``model`` on a labelled ``dataset``."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        generator=torch.Generator())
+    loss_sum, top1, top5, n = 0.0, 0.0, 0.0, 0
+    k = min(5, getattr(model, "num_classes", 5) or 5)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with autocast or contextlib.nullcontext():
+            out = model(x)
+        out = out.float()
+        loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").item()
+        a1, a5 = accuracy(out, y, topk=(1, k))
+        top1 += a1.item() * len(y) / 100
+        top5 += a5.item() * len(y) / 100
+        n += len(y)
+    model.train(was_training)
+    if n == 0:
+        return {"val_loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "n": 0}
+    return {"val_loss": loss_sum / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "n": n}
+
+
+# --- the run -----------------------------------------------------------------------------
+
+
+@dataclass
+class _State:
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    best_top1: float = -1.0
+    best_epoch: int = -1
+    history: list[dict[str, float]] = field(default_factory=list)
+    #: running sums of the current epoch (so a run resumed mid-epoch reports the whole epoch)
+    epoch_loss_sum: float = 0.0
+    epoch_loss_n: int = 0
+    epoch_images: int = 0
+    epoch_seconds: float = 0.0
+
+
+class _Run:
+    """One training run: everything :func:`train` sets up, and the loop."""
+
+    def __init__(self, model: nn.Module, bundle: DataBundle, recipe: Recipe, output: Path | None,
+                 device: torch.device, callback: Callable[[TrainEvent], None] | None, notes: list[str],
+                 data_record: dict[str, Any]):
+        self.recipe, self.bundle, self.output, self.device = recipe, bundle, output, device
+        self.callback = callback or (lambda e: None)
+        self.notes = notes
+        self.data_record = data_record
+        self.world, self.rank, _ = _dist_env()
+        self.distributed = self.world > 1 and dist.is_available() and dist.is_initialized()
+        if not self.distributed:
+            self.world, self.rank = 1, 0
+        self.is_main = self.rank == 0
+        self.cuda = device.type == "cuda"
+        self.model = model
+        self.state = _State()
+        self.stop = {"stop": False}
+        self.in_update = False
+        self.rng_at_boundary: dict[str, Any] | None = None
+
+    # setup --------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        r = self.recipe
+        model = self.model.to(self.device)
+        if r.channels_last and self.cuda:
+            model = model.to(memory_format=torch.channels_last)
+        if r.freeze_backbone:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            for p in model.get_classifier().parameters():
+                p.requires_grad_(True)
+        self.model = model
+        self.ddp = None
+        if self.distributed:
+            ids = [self.device.index] if self.cuda else None
+            self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.train_model = self.ddp or model
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.amp)
+        if self.amp_dtype is not None and not self.cuda:
+            self.notes.append(f"amp={r.amp} is for CUDA only; training in fp32 on {self.device.type}")
+            self.amp_dtype = None
+        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        self._setup_data()
+        self._setup_optim()
+        self.ema = None
+        if r.ema:
+            self.ema = ModelEmaV3(model, decay=r.ema_decay)
+            # timm deep-copies the model; a parametrized model needs clone_model (see wsurgery.convert)
+            self.ema.module = clone_model(model).eval().requires_grad_(False)
+        mixing = r.mixup_alpha > 0 or r.cutmix_alpha > 0
+        self.mixup = Mixup(mixup_alpha=r.mixup_alpha, cutmix_alpha=r.cutmix_alpha, prob=r.mixup_prob,
+                           switch_prob=r.mixup_switch_prob, label_smoothing=r.label_smoothing,
+                           num_classes=self.bundle.num_classes) if mixing else None
+        if self.mixup is not None:
+            self.criterion: nn.Module = SoftTargetCrossEntropy()
+        elif r.label_smoothing > 0:
+            self.criterion = LabelSmoothingCrossEntropy(smoothing=r.label_smoothing)
+        else:
+            self.criterion = nn.CrossEntropyLoss()
+
+    def _setup_data(self) -> None:
+        r = self.recipe
+        img_size = r.img_size if isinstance(r.img_size, int) else None
+        augment = AugmentConfig(scale=tuple(r.aug_scale), hflip=r.hflip, color_jitter=r.color_jitter,
+                                auto_augment=r.auto_augment, re_prob=r.re_prob, train_crop_mode=r.train_crop_mode)
+        self.bundle.train.transform = train_transform(self.model, img_size, augment)
+        if self.bundle.val is not None:
+            self.bundle.val.transform = eval_transform_for(self.model, img_size)
+        self.view = SeededView(self.bundle.train, r.seed)
+        mixing = r.mixup_alpha > 0 or r.cutmix_alpha > 0
+        n = len(self.bundle.train)
+        drop_last = mixing and n // self.world >= r.batch_size
+        self.sampler = _EpochSampler(n, self.world, self.rank, r.seed, shuffle=True, drop_last=drop_last)
+        self.loader = DataLoader(self.view, batch_size=r.batch_size, sampler=self.sampler, drop_last=drop_last,
+                                 num_workers=r.workers, generator=torch.Generator(), pin_memory=self.cuda)
+        per_rank = len(self.sampler.inner)
+        self.batches_per_epoch = per_rank // r.batch_size if drop_last else math.ceil(per_rank / r.batch_size)
+        if self.batches_per_epoch == 0:
+            raise RecipeError(f"batch_size {r.batch_size} is larger than the {per_rank} training images per process")
+        self.updates_per_epoch = math.ceil(self.batches_per_epoch / r.accum_steps)
+        if r.steps is not None:
+            self.total_steps = int(r.steps)
+            self.epochs = math.ceil(self.total_steps / self.updates_per_epoch)
+        else:
+            self.epochs = r.epochs
+            self.total_steps = self.epochs * self.updates_per_epoch
+
+    def _setup_optim(self) -> None:
+        r = self.recipe
+        lr = r.lr
+        if r.lr_base_batch:
+            lr = r.lr * r.effective_batch * self.world / r.lr_base_batch
+            self.notes.append(f"lr {r.lr:g} x {r.effective_batch * self.world}/{r.lr_base_batch} images per step "
+                              f"= {lr:.3g}")
+        self.lr = lr
+        kwargs: dict[str, Any] = {}
+        if r.optimizer.lower() in ("sgd", "nesterov", "momentum"):
+            kwargs["momentum"] = r.momentum
+        try:
+            # 1-D parameters (biases, norm affines, AWS gain/shift) are kept out of weight decay by timm's
+            # param_groups_weight_decay (filter_bias_and_bn=True)
+            self.optimizer = create_optimizer_v2(self.model, opt=r.optimizer, lr=lr, weight_decay=r.weight_decay,
+                                                 **kwargs)
+        except (AssertionError, ValueError, KeyError) as e:
+            raise RecipeError(f"`optimizer` {r.optimizer!r} is not a timm optimizer ({e})") from None
+        total = self.total_steps
+        warmup = int(r.warmup_steps)  # resolved from "auto" before we get here
+        if warmup >= total:
+            warmup = max(0, total // 10)
+            self.notes.append(f"warmup_steps shortened to {warmup} (the run has only {total} steps)")
+        milestones = [max(1, round(m * total)) for m in r.decay_milestones]  # type: ignore[union-attr]
+        # every count is in optimizer updates: one "epoch" of timm's scheduler = one update
+        self.scheduler, _ = create_scheduler_v2(
+            self.optimizer, sched=r.sched, num_epochs=total, warmup_epochs=warmup, warmup_lr=r.warmup_lr,
+            min_lr=r.min_lr, decay_milestones=milestones, decay_epochs=milestones[0] if milestones else total,
+            decay_rate=r.decay_rate, step_on_epochs=False, updates_per_epoch=1,
+        )
+
+    # checkpoints ----------------------------------------------------------------------------
+
+    def _eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema is not None else self.model
+
+    def _model_files(self, model: nn.Module, directory: Path, training: dict[str, Any]) -> None:
+        config = build_config(model, "converted", training=training)
+        save_safetensors(model.state_dict(), directory / WEIGHTS_NAME)
+        write_json(directory / CONFIG_NAME, config)
+
+    def _training_record(self, kind: str) -> dict[str, Any]:
+        last = self.state.history[-1] if self.state.history else {}
+        return {"recipe": self.recipe.name, "checkpoint": kind, "epoch": len(self.state.history),
+                "step": self.state.step, "top1": last.get("top1"), "top5": last.get("top5"),
+                "data": self.data_record.get("data")}
+
+    def save_checkpoint(self) -> None:
+        """Write OUT/last atomically (model + optimizer, scheduler, EMA, RNG, position)."""
+        if not self.is_main or self.output is None:
+            return
+        tensors: dict[str, torch.Tensor] = {}
+        plain: dict[str, Any] = {
+            "state": asdict(self.state),
+            "optimizer": _optimizer_state_to_files(self.optimizer, tensors),
+            "scheduler": _split_state("scheduler", self.scheduler.state_dict(), tensors),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "data": self.data_record,
+            "recipe": self.recipe.to_dict(),
+            "ema": self.ema is not None,
+        }
+        rng_tensors, plain["rng"] = _rng_to_files(self.rng_at_boundary or _capture_rng(self.cuda))
+        tensors.update(rng_tensors)
+        if self.ema is not None:
+            tensors.update({f"ema.{k}": v for k, v in self.ema.module.state_dict().items()})
+        with atomic_dir(self.output / LAST_DIR, force=True) as tmp:
+            self._model_files(self.model, tmp, self._training_record("last"))
+            save_safetensors(tensors, tmp / STATE_TENSORS)
+            write_json(tmp / STATE_JSON, plain)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        plain = read_json(directory / STATE_JSON)
+        tensors = load_safetensors(directory / STATE_TENSORS)
+        self.state = _State(**plain["state"])
+        self.optimizer.load_state_dict(_optimizer_state_from_files(plain["optimizer"], tensors))
+        self.scheduler.load_state_dict(_join_state(plain["scheduler"], tensors))
+        self.scheduler.step_update(self.state.step)
+        if self.scaler is not None and plain.get("scaler"):
+            self.scaler.load_state_dict(plain["scaler"])
+        if self.ema is not None:
+            ema_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+            if ema_state:
+                self.ema.module.load_state_dict(ema_state, strict=True)
+        self.rng_at_boundary = _rng_from_files(tensors, plain["rng"])
+        _restore_rng(self.rng_at_boundary)
+
+    def save_best(self) -> None:
+        if not self.is_main or self.output is None:
+            return
+        model = self._eval_model()
+        config = build_config(model, "converted", training=self._training_record("best"))
+        with atomic_file(self.output / WEIGHTS_NAME, force=True) as tmp:
+            save_safetensors(model.state_dict(), tmp)
+        with atomic_file(self.output / CONFIG_NAME, force=True) as tmp:
+            write_json(tmp, config)
+
+    def write_metrics(self) -> None:
+        if not self.is_main or self.output is None:
+            return
+        with atomic_file(self.output / "metrics.csv", force=True) as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=list(METRIC_FIELDS), extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(self.state.history)
+        try:
+            _plot_metrics(self.state.history, self.output / "metrics.png")
+        except ImportError:
+            if "matplotlib missing" not in self.notes:
+                self.notes.append("matplotlib missing: no metrics.png (pip install wsurgery[plot])")
+
+    # the loop -------------------------------------------------------------------------------
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+
+    def _set_train_mode(self) -> None:
+        self.model.train()
+        if self.recipe.freeze_backbone:  # linear probe: frozen BN statistics and no dropout in the backbone
+            self.model.eval()
+            self.model.get_classifier().train()
+
+    def _forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
+        n_micro = len(batches)
+        losses: list[torch.Tensor] = []
+        images = 0
+        use_once = self.recipe.standardize_once and n_micro > 1 and not self.distributed
+        with _standardize_once_ctx(self.model, use_once):
+            for i, (x, y) in enumerate(batches):
+                x = x.to(self.device, non_blocking=True)
+                y = y.to(self.device, non_blocking=True)
+                if self.recipe.channels_last and self.cuda:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                if self.mixup is not None:
+                    x, y = self.mixup(x, y)
+                sync = (self.ddp is None or i == n_micro - 1)
+                with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
+                    with self._autocast():
+                        out = self.train_model(x)
+                        loss = self.criterion(out.float(), y)
+                    scaled = loss / n_micro
+                    if self.scaler is not None:
+                        self.scaler.scale(scaled).backward()
+                    else:
+                        scaled.backward()
+                losses.append(loss.detach())
+                images += len(x)
+        mean_loss = torch.stack(losses).mean()
+        if self.distributed:
+            dist.all_reduce(mean_loss)
+            mean_loss /= self.world
+        return float(mean_loss.item()), images
+
+    def _optimizer_step(self) -> None:
+        r = self.recipe
+        self.in_update = True
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        if r.clip_grad is not None:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            dispatch_clip_grad(params, r.clip_grad, mode=r.clip_mode)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.scheduler.step_update(self.state.step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.state.step)
+        self.in_update = False
+
+    def _diverged(self, loss: float, epoch: int) -> TrainingDivergedError:
+        where = f"{self.output / LAST_DIR}" if self.output is not None else "memory"
+        kept = (f"kept the last good checkpoint (epoch {self.state.epoch}) in {where}" if self.state.epoch
+                else "no checkpoint was written yet")
+        self.optimizer.zero_grad(set_to_none=True)
+        return TrainingDivergedError(
+            f"loss became {loss} at step {self.state.step + 1} (epoch {epoch + 1}); training stopped and {kept}; "
+            "lower `lr`, set `clip_grad`, or check the data"
+        )
+
+    def _interrupted(self) -> TrainingInterrupted:
+        self.save_checkpoint()
+        where = self.output / LAST_DIR if self.output is not None else None
+        msg = f"interrupted at step {self.state.step}"
+        if where is not None:
+            msg += f"; checkpoint written to {where}; continue with --resume {self.output}"
+        return TrainingInterrupted(msg)
+
+    def run(self) -> None:
+        self.callback(TrainEvent("start", epoch=self.state.epoch, epochs=self.epochs, step=self.state.step,
+                                 total_steps=self.total_steps, notes=list(self.notes)))
+        if self.rng_at_boundary is None:
+            self.rng_at_boundary = _capture_rng(self.cuda)
+        try:
+            with _signals_to_flag(self.stop):
+                for epoch in range(self.state.epoch, self.epochs):
+                    self._run_epoch(epoch)
+                    if self.stop["stop"]:
+                        raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            if self.in_update:  # a second Ctrl-C in the middle of an update: weights are half-updated
+                raise TrainingInterrupted("interrupted during an optimizer update; the last checkpoint was kept"
+                                          ) from None
+            raise self._interrupted() from None
+        self.callback(TrainEvent("end", epoch=self.epochs, epochs=self.epochs, step=self.state.step,
+                                 total_steps=self.total_steps, metrics=self.state.history[-1] if self.state.history
+                                 else None))
+
+    def _run_epoch(self, epoch: int) -> None:
+        r = self.recipe
+        t_epoch = time.perf_counter()
+        self.view.set_epoch(epoch)
+        start_batch = self.state.batch
+        self.sampler.set_epoch(epoch, start=start_batch * r.batch_size)
+        self._set_train_mode()
+        it = iter(self.loader)
+        pos = start_batch
+        st = self.state
+        while pos < self.batches_per_epoch and self.state.step < self.total_steps:
+            t0 = time.perf_counter()
+            n = min(r.accum_steps, self.batches_per_epoch - pos)
+            batches = [next(it) for _ in range(n)]
+            loss, images = self._forward_backward(batches)
+            if not math.isfinite(loss):
+                raise self._diverged(loss, epoch)
+            self._optimizer_step()
+            pos += n
+            self.state.batch = pos
+            self.rng_at_boundary = _capture_rng(self.cuda)
+            dt = time.perf_counter() - t0
+            st.epoch_loss_sum += loss
+            st.epoch_loss_n += 1
+            st.epoch_images += images * self.world
+            st.epoch_seconds += dt
+            self.callback(TrainEvent("step", epoch=epoch, epochs=self.epochs, step=self.state.step,
+                                     total_steps=self.total_steps, loss=loss,
+                                     lr=self.optimizer.param_groups[0]["lr"],
+                                     images_per_s=images * self.world / dt if dt > 0 else 0.0))
+            if self.stop["stop"]:
+                raise KeyboardInterrupt
+        del it
+        seconds = time.perf_counter() - t_epoch
+        metrics = {"epoch": epoch + 1, "step": st.step, "lr": self.optimizer.param_groups[0]["lr"],
+                   "train_loss": st.epoch_loss_sum / st.epoch_loss_n if st.epoch_loss_n else float("nan"),
+                   "seconds": round(seconds, 3),
+                   "images_per_s": st.epoch_images / st.epoch_seconds if st.epoch_seconds > 0 else 0.0}
+        st.epoch_loss_sum, st.epoch_loss_n, st.epoch_images, st.epoch_seconds = 0.0, 0, 0, 0.0
+        if self.bundle.val is not None and self.is_main:
+            metrics.update({k: v for k, v in evaluate(
+                self._eval_model(), self.bundle.val, batch_size=r.eval_batch_size or max(r.batch_size, 32),
+                device=self.device, workers=r.workers, autocast=self._autocast()).items() if k != "n"})
+        self.state.history.append(metrics)
+        self.state.epoch = epoch + 1
+        self.state.batch = 0
+        top1 = metrics.get("top1", -1.0)
+        if self.bundle.val is None or top1 > self.state.best_top1:
+            self.state.best_top1, self.state.best_epoch = top1, epoch + 1
+            self.save_best()
+        self.save_checkpoint()
+        self.write_metrics()
+        if self.distributed:
+            dist.barrier()
+        self.callback(TrainEvent("epoch", epoch=epoch + 1, epochs=self.epochs, step=self.state.step,
+                                 total_steps=self.total_steps, metrics=metrics))
+
+
+def _plot_metrics(history: list[dict[str, float]], path: Path) -> None:
+    """loss, accuracy and learning rate per epoch as one PNG (matplotlib, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot(epochs, [h.get("train_loss", float("nan")) for h in history], "o-", label="train")
+    axes[0].plot(epochs, [h.get("val_loss", float("nan")) for h in history], "o-", label="val")
+    axes[0].set_title("loss")
+    axes[0].legend()
+    axes[1].plot(epochs, [h.get("top1", float("nan")) for h in history], "o-", label="top-1")
+    axes[1].plot(epochs, [h.get("top5", float("nan")) for h in history], "o-", label="top-5")
+    axes[1].set_title("val accuracy (%)")
+    axes[1].legend()
+    axes[2].plot(epochs, [h["lr"] for h in history], "o-")
+    axes[2].set_title("learning rate (end of epoch)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+    fig.tight_layout()
+    with atomic_file(path, force=True) as tmp:
+        fig.savefig(tmp, format="png", dpi=80)
+    plt.close(fig)
+
+
+# --- public entry point ------------------------------------------------------------------
+
+
+def _load_model(source: nn.Module | str | os.PathLike, load_kwargs: dict[str, Any] | None) -> nn.Module:
+    if isinstance(source, nn.Module):
+        return source
+    from .load import load
+
+    return load(source, **(load_kwargs or {}))
+
+
+def _init_distributed(device: torch.device) -> None:
+    world, _, _ = _dist_env()
+    if world > 1 and dist.is_available() and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def _prepare_output(output: Path | None, resume: Path | None, force: bool, is_main: bool) -> None:
+    if output is None or not is_main:
+        return
+    if resume is not None and resume == output:
+        return
+    if output.exists():
+        if not force:
+            raise OutputExistsError(f"{output} already exists; pass --force to start over, or --resume {output}")
+        shutil.rmtree(output)
+    output.mkdir(parents=True, exist_ok=True)
+
+
+def train(
+    model: nn.Module | str | os.PathLike | None,
+    data: str | os.PathLike | None,
+    output: str | os.PathLike | None,
+    recipe: Recipe | str | os.PathLike | None = None,
+    *,
+    overrides: list[str] | dict[str, Any] | None = None,
+    val_data: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+    resume: str | os.PathLike | None = None,
+    export: str | os.PathLike | None = None,
+    force: bool = False,
+    callback: Callable[[TrainEvent], None] | None = None,
+    load_kwargs: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Fine-tune ``model`` on ``data`` with ``recipe``; write checkpoints, metrics and optionally an export.
+
+    Args:
+        model: a module, a surgery directory (from ``wsurgery convert``), or a timm name (the
+            BatchNorm baseline; see ``load_kwargs``). Ignored with ``resume`` (the checkpoint
+            holds the model).
+        data: ImageFolder root or ``path,label`` CSV (see :func:`wsurgery.datasets.build_datasets`).
+            With ``resume``, defaults to the data of the interrupted run.
+        output: run directory (None: train in memory, write nothing).
+        recipe: a :class:`Recipe`, a YAML path or a shipped recipe name (default: ``Recipe()``).
+        overrides: ``["key=value", ...]`` applied to the recipe.
+        val_data: validation folder/CSV (default: ``DATA/val``, else ``val_split`` of the data).
+        device: ``cuda``, ``mps``, ``cpu`` (default: the best available).
+        resume: a run directory to continue exactly where it stopped (recipe and data come from it).
+        export: after training, fold and export the best model there and verify it.
+        force: replace an existing ``output`` (or ``export``).
+        callback: receives a :class:`TrainEvent` at start, after every optimizer step, after
+            every epoch, and at the end.
+        load_kwargs: passed to :func:`wsurgery.load` when ``model`` is a name or path.
+
+    Returns:
+        A :class:`TrainResult`; ``model`` is the best model (EMA weights when ``ema``).
+
+    Raises:
+        DatasetError, RecipeError, InputNotFoundError, OutputExistsError: bad inputs, before training.
+        TrainingDivergedError: the loss became NaN/inf (the last good checkpoint is kept).
+        TrainingInterrupted: Ctrl-C or SIGTERM (a checkpoint was written first).
+    """
+    t_start = time.perf_counter()
+    out = Path(output) if output is not None else None
+    resume_dir = Path(resume) if resume is not None else None
+    state_plain: dict[str, Any] | None = None
+    if resume_dir is not None:
+        last = resume_dir / LAST_DIR
+        if not (last / STATE_JSON).is_file():
+            raise InputNotFoundError(f"{resume_dir} has no checkpoint ({LAST_DIR}/{STATE_JSON}); "
+                                     "resume takes the output directory of an earlier `wsurgery train` run")
+        state_plain = read_json(last / STATE_JSON)
+        out = out or resume_dir
+        saved = state_plain["data"]
+        data = data or saved["data"]
+        val_data = val_data if val_data is not None else saved.get("val_data")
+        recipe = Recipe.from_dict(state_plain["recipe"], source=f"{last / STATE_JSON}")
+        if overrides:
+            raise UsageError("--set cannot change a resumed run (it would not continue exactly); start a new run")
+    if data is None:
+        raise UsageError("train needs --data (an ImageFolder directory or a path,label CSV)")
+    if export is not None and not force and Path(export).exists():
+        raise OutputExistsError(f"{export} already exists; pass --force to overwrite it")
+    recipe_obj = load_recipe(recipe, overrides)
+    dev = pick_device(device)
+    _init_distributed(dev)
+    world, rank, _ = _dist_env()
+    is_main = rank == 0 or not dist.is_initialized()
+    bundle = build_datasets(data, val_data=val_data, val_split=recipe_obj.val_split, seed=recipe_obj.seed)
+    resolved, notes = resolve_recipe(recipe_obj, len(bundle.train), bundle.original_size)
+    if bundle.skipped:
+        notes.append(f"skipped {len(bundle.skipped)} unreadable file(s), e.g. {bundle.skipped[0]}")
+    _prepare_output(out, resume_dir, force, is_main)
+    data_record = {"data": str(data), "val_data": str(val_data) if val_data is not None else None,
+                   "class_names": bundle.class_names, "sources": bundle.sources}
+    random.seed(resolved.seed)
+    np.random.seed(resolved.seed % 2**32)
+    torch.manual_seed(resolved.seed)
+    with _deterministic(resolved.deterministic and dev.type == "cpu"):
+        if resume_dir is not None:
+            net = _load_model(resume_dir / LAST_DIR, None)
+        else:
+            net = _load_model(model, load_kwargs)  # type: ignore[arg-type]
+            set_num_classes(net, bundle.class_names, resolved.head_init)
+            _set_input_size(net, resolved.img_size if isinstance(resolved.img_size, int) else None)
+        if not is_converted(net):
+            notes.append("the model has no WS layers (a plain/BatchNorm baseline)")
+        run = _Run(net, bundle, resolved, out, dev, callback, notes, data_record)
+        run.setup()
+        if resume_dir is not None:
+            run.load_checkpoint(resume_dir / LAST_DIR)
+            notes.append(f"resumed at epoch {run.state.epoch + 1}, step {run.state.step}")
+        if is_main and out is not None:
+            with atomic_file(out / "recipe.yaml", force=True) as tmp:
+                tmp.write_text(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
+        run.run()
+    best_model = run._eval_model()
+    if is_main and out is not None:
+        from .load import load
+
+        best_model = load(out)
+        _write_summary(out, run, bundle, notes, time.perf_counter() - t_start)
+    result = TrainResult(
+        output=out, model=best_model, history=run.state.history,
+        best={"epoch": run.state.best_epoch, "top1": run.state.best_top1} if run.state.history else None,
+        class_names=bundle.class_names, recipe=resolved, steps=run.state.step, skipped_files=bundle.skipped,
+        notes=notes,
+    )
+    if export is not None and is_main:
+        from .export import export as export_model
+        from .verify import verify
+
+        result.export = export_model(best_model, export, force=force)
+        result.verify = verify(export, best_model)
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _write_summary(out: Path, run: _Run, bundle: DataBundle, notes: list[str], seconds: float) -> None:
+    summary = {
+        "status": "completed",
+        "steps": run.state.step,
+        "epochs": run.state.epoch,
+        "best": {"epoch": run.state.best_epoch, "top1": run.state.best_top1},
+        "class_names": bundle.class_names,
+        "train_images": len(bundle.train),
+        "val_images": len(bundle.val) if bundle.val is not None else 0,
+        "skipped_files": bundle.skipped,
+        "sources": bundle.sources,
+        "notes": notes,
+        "seconds": round(seconds, 2),
+        "device": str(run.device),
+        "world_size": run.world,
+    }
+    with atomic_file(out / "train.json", force=True) as tmp:
+        write_json(tmp, summary)
+
