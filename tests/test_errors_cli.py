@@ -417,3 +417,156 @@ def test_channel_counts_no_group_count_divides(tmp_path):
     error_line(invoke("convert", "test_resnet", "--no-pretrained", "--norm", "gn", "--gn-group-size", "5",
                       "-o", refused), 1, "16 channels do not split into groups of 5")
     only_entries(tmp_path, "gcd", "div")
+
+
+# ---------------------------------------------------------------------------------------------
+# Part 2, training side: datasets and recipes through `wsurgery train`
+
+TRAIN_FAST = ["--recipe", "cpu-quick", "--img-size", "32", "--set", "epochs=1", "--set", "batch_size=4",
+              "--set", "workers=0", "--set", "warmup_steps=1"]
+
+
+@pytest.fixture(scope="module")
+def train_model(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    model, _ = wsurgery.convert(timm.create_model("test_efficientnet", pretrained=False, num_classes=3),
+                                mode="aws", norm="gn", trace=False)
+    return wsurgery.save(model, tmp_path_factory.mktemp("train-model") / "conv")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models train fastest on one thread of a shared CPU
+    yield
+    torch.set_num_threads(before)
+
+
+def train_cli(model_dir: Path, data: Path, out: Path, *extra: str):
+    return invoke("train", model_dir, "--data", data, "-o", out, *TRAIN_FAST, *extra)
+
+
+def images(root: Path, per_class: int = 4, classes=("circle", "square", "stripes")) -> Path:
+    from _data import make_folder  # the training tests' synthetic images
+
+    return make_folder(root, per_class=per_class, size=24, classes=classes)
+
+
+def test_train_empty_dataset(tmp_path, train_model):
+    data = tmp_path / "data"
+    data.mkdir()
+    out = tmp_path / "run"
+    error_line(train_cli(train_model, data, out), 1, "data", "no")
+    (data / "circle").mkdir()
+    (data / "square").mkdir()
+    error_line(train_cli(train_model, data, out), 1, "data")
+    only_entries(tmp_path, "data")
+
+
+def test_train_one_class(tmp_path, train_model):
+    data = images(tmp_path / "data", classes=("circle",))
+    out = tmp_path / "run"
+    error_line(train_cli(train_model, data, out), 1, "one class", "'circle'", "at least 2")
+    only_entries(tmp_path, "data")
+
+
+def test_train_skips_and_counts_corrupt_and_non_image_files(tmp_path, train_model):
+    data = images(tmp_path / "data")
+    (data / "circle" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + os.urandom(200))
+    (data / "square" / "garbage.jpg").write_bytes(os.urandom(300))
+    (data / "stripes" / "notes.txt").write_text("not an image")
+    (data / "stripes" / "empty.png").write_bytes(b"")
+    out = tmp_path / "run"
+    result = train_cli(train_model, data, out)
+    assert result.exit_code == 0, result.stderr + result.stdout
+    assert "skipped 3 unreadable file(s)" in " ".join(result.stdout.split())
+    summary = json.loads((out / "train.json").read_text())
+    assert sorted(Path(p).name for p in summary["skipped_files"]) == ["broken.png", "empty.png", "garbage.jpg"]
+    assert summary["status"] == "completed"
+    assert wsurgery.load(out).num_classes == 3
+
+
+def test_train_converts_gray_rgba_palette_and_16bit_images(tmp_path, train_model):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    made = 0
+    for cls, mode in (("gray", "L"), ("rgba", "RGBA"), ("palette", "P"), ("deep", "I;16")):
+        (data / cls).mkdir(parents=True)
+        for i in range(3):
+            if mode == "I;16":
+                img = Image.fromarray(rng.integers(0, 65535, (20, 20), dtype=np.uint16))
+                assert img.mode in ("I;16", "I")
+            elif mode == "P":
+                img = Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).convert("P")
+            else:
+                img = Image.fromarray(rng.integers(0, 255, (20, 20, len(mode)), dtype=np.uint8).squeeze(), mode=mode)
+            img.save(data / cls / f"{i}.png")
+            made += 1
+    out = tmp_path / "run"
+    result = train_cli(train_model, data, out, "--val-split", "0.34")
+    assert result.exit_code == 0, result.stderr + result.stdout
+    summary = json.loads((out / "train.json").read_text())
+    assert summary["skipped_files"] == []
+    assert summary["status"] == "completed"
+
+
+def _csv(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_train_csv_with_missing_columns_or_unknown_labels(tmp_path, train_model):
+    data = images(tmp_path / "imgs")
+    rows = [f"{p.relative_to(data)},{p.parent.name}" for p in sorted(data.rglob("*.png"))]
+    out = tmp_path / "run"
+    bad_header = _csv(data / "bad.csv", "file,class\n" + "\n".join(rows) + "\n")
+    error_line(train_cli(train_model, bad_header, out), 1, "bad.csv lacks the column(s) path, label",
+               "found file, class", "`path,label`")
+    train_csv = _csv(data / "train.csv", "path,label\n" + "\n".join(rows) + "\n")
+    val_csv = _csv(data / "val.csv", "path,label\n" + f"{rows[0].split(',')[0]},triangle\n")
+    error_line(train_cli(train_model, train_csv, out, "--val-data", val_csv), 1,
+               "val.csv has labels the training set does not: triangle")
+    only_entries(tmp_path, "imgs")
+
+
+@pytest.mark.parametrize("setting,fragments", [
+    ("learning_rate=0.1", ["unknown key `learning_rate`", "`lr`"]),
+    ("batchsize=2", ["unknown key `batchsize`", "did you mean `batch_size`"]),
+    ("epochs=two", ["`epochs` must be", "'two'"]),
+    ("lr=-0.1", ["`lr` must be", "-0.1"]),
+    ("batch_size=0", ["`batch_size` must be", "0"]),
+])
+def test_train_recipe_errors_from_set(tmp_path, train_model, setting, fragments):
+    data = images(tmp_path / "data", per_class=2)
+    out = tmp_path / "run"
+    error_line(train_cli(train_model, data, out, "--set", setting), 2, *fragments)
+    only_entries(tmp_path, "data")
+
+
+def test_train_recipe_file_errors(tmp_path, train_model):
+    data = images(tmp_path / "data", per_class=2)
+    out = tmp_path / "run"
+    for text, fragments in (
+        ("lr: 0.01\nmomentun: 0.9\n", ["unknown key `momentun`", "`momentum`"]),
+        ("lr: fast\n", ["`lr` must be", "'fast'"]),
+        ("batch_size: -4\n", ["`batch_size` must be", "-4"]),
+        ("lr: [0.1\n", ["not valid YAML"]),
+        ("- lr\n- 0.1\n", ["must be a mapping"]),
+    ):
+        recipe = tmp_path / "recipe.yaml"
+        recipe.write_text(text)
+        result = invoke("train", train_model, "--data", data, "-o", out, "--recipe", recipe)
+        error_line(result, 2, *fragments)
+    recipe.unlink()
+    only_entries(tmp_path, "data")
+
+
+def test_train_bad_model_writes_no_run_directory(tmp_path):
+    data = images(tmp_path / "data", per_class=2)
+    out = tmp_path / "run"
+    error_line(train_cli(tmp_path / "no-such-model", data, out), 1, "no-such-model")
+    error_line(train_cli("resnt18", data, out), 1, "unknown model 'resnt18'", "did you mean")
+    only_entries(tmp_path, "data")

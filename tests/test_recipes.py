@@ -34,7 +34,7 @@ def test_every_key_is_documented():
 def test_recipe_contents_match_their_promises():
     bit = load_recipe("bit-hyperrule")
     assert (bit.optimizer, bit.lr, bit.lr_base_batch, bit.momentum, bit.weight_decay, bit.head_init) == \
-        ("sgd", 0.003, 512, 0.9, 0.0, "zero")
+        ("momentum", 0.003, 512, 0.9, 0.0, "zero")
     assert bit.sched == "multistep" and bit.decay_rate == 0.1 and bit.steps == "auto" and bit.img_size == "auto"
     mb = load_recipe("micro-batch")
     assert 1 <= mb.batch_size <= 4 and mb.accum_steps > 1 and mb.standardize_once

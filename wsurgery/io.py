@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError, InputNotFoundError, OutputExistsError, UnsafeCheckpointError
@@ -38,6 +38,7 @@ __all__ = [
     "read_json",
     "save_safetensors",
     "load_safetensors",
+    "read_safetensors_metadata",
     "load_state_dict_file",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
@@ -176,6 +177,17 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     meta = {"format": "pt", **(metadata or {})}
     save_file(clean, str(path), metadata=meta)
     _fsync_file(Path(path))
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a safetensors file (its header only; no tensor is read)."""
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path} is not a valid safetensors file ({msg}); it may be truncated or corrupt") from None
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:

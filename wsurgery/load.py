@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -26,14 +27,18 @@ from torch import nn
 from .config import SurgeryConfig
 from .convert import apply_surgery, plan_surgery
 from .errors import (
+    CheckpointError,
     CheckpointMismatchError,
+    ConfigError,
     ConversionError,
     InputNotFoundError,
     ModelNotFoundError,
     NetworkUnavailableError,
+    WSurgeryError,
 )
 from .fold import fold, fold_conv_bn
-from .io import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_dict_file, read_json
+from .io import (CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_dict_file, read_json,
+                 read_safetensors_metadata)
 
 __all__ = ["load", "load_checkpoint", "rebuild", "model_record", "suggest_models", "SOURCE_ATTR"]
 
@@ -145,9 +150,13 @@ def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
 
 
 def _network_error(name: str, exc: Exception) -> NetworkUnavailableError:
-    first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+    # the hub client's messages run to several sentences; keep the first, whole or cut at a word
+    first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0].strip()
+    if len(first) > 100:
+        first = first[:100].rsplit(" ", 1)[0] + "..."
+    detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
     return NetworkUnavailableError(
-        f"could not fetch pretrained weights for {name} ({type(exc).__name__}: {first}); "
+        f"could not fetch pretrained weights for {name} ({detail}); "
         "without a network pass a local --checkpoint PATH or --no-pretrained"
     )
 
@@ -218,10 +227,49 @@ def _load_dir(path: Path) -> nn.Module:
         raise InputNotFoundError(f"{weights} not found; the directory is incomplete (re-run the command that wrote it)")
     state_dict = load_safetensors(weights)
     config["_dir"] = str(path)
+    config_path = path / CONFIG_NAME
     if "wsurgery" not in config:  # a stock timm export (save_for_hf): load it the timm way
-        model = timm.create_model(f"local-dir:{path}", pretrained=True)
-        return model
-    return rebuild(config, state_dict)
+        try:
+            return timm.create_model(f"local-dir:{path}", pretrained=True)
+        except Exception as e:  # noqa: BLE001 - whatever timm raises, the directory is what is wrong
+            first = (str(e).splitlines() or [""])[0][:200]
+            raise CheckpointError(f"timm cannot load {path} ({type(e).__name__}: {first}); "
+                                  f"is {CONFIG_NAME} damaged? re-create the directory") from None
+    _check_record(config, read_safetensors_metadata(weights), config_path)
+    try:
+        return rebuild(config, state_dict)
+    except ConfigError as e:  # a bad value in a file is the file's fault (exit 1), not a usage error
+        raise CheckpointError(f"{config_path} holds an invalid surgery config ({e}); re-create the directory") from None
+    except WSurgeryError:
+        raise
+    except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
+        raise CheckpointError(f"{config_path} is malformed ({type(e).__name__}: {e}); re-create the directory") from None
+
+
+#: fields of the wsurgery record that decide the module structure; save/export also store the
+#: record in the weights' metadata, so an edited or corrupt config.json cannot silently change them
+_STRUCTURE_FIELDS = ("stage", "surgery", "fold_bn")
+
+
+def _check_record(config: dict[str, Any], metadata: dict[str, str], config_path: Path) -> None:
+    ws = config.get("wsurgery")
+    if not isinstance(ws, dict):
+        raise CheckpointError(f"{config_path}: `wsurgery` must be an object, found {type(ws).__name__}; "
+                              "re-create the directory")
+    if "wsurgery" not in metadata:  # weights written without the record (older or other writers)
+        return
+    try:
+        stored = json.loads(metadata["wsurgery"])
+    except json.JSONDecodeError:
+        stored = None
+    if not isinstance(stored, dict):
+        raise CheckpointError(f"{config_path.parent / WEIGHTS_NAME}: its wsurgery metadata is corrupt; "
+                              "re-create the directory")
+    for key in _STRUCTURE_FIELDS:
+        if json.loads(json.dumps(ws.get(key), default=str)) != stored.get(key):
+            raise CheckpointError(
+                f"{config_path} and {WEIGHTS_NAME} disagree on wsurgery.{key} (one was edited or is corrupt); "
+                "re-create the directory, or restore the original config.json")
 
 
 def load(

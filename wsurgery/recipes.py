@@ -94,7 +94,8 @@ class Recipe:
     eval_batch_size: int | None = _help("Batch size for evaluation (null: max(batch_size, 32)).", None)
 
     # --- optimizer
-    optimizer: str = _help("timm optimizer name (create_optimizer_v2): sgd, momentum, adamw, lamb ...", "sgd")
+    optimizer: str = _help(
+        "timm optimizer name (create_optimizer_v2): momentum (SGD), sgd (SGD + Nesterov), adamw, lamb ...", "momentum")
     lr: float = _help("Peak learning rate (at `lr_base_batch` images per step when that is set).", 0.01)
     lr_base_batch: int | None = _help(
         "If set, lr is scaled linearly: lr x (batch_size x accum_steps x world size) / lr_base_batch.", None)

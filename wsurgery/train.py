@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import difflib
 import math
 import os
 import random
@@ -57,7 +58,7 @@ import torch.distributed as dist
 import yaml
 from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, list_optimizers
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad
 from torch import nn
@@ -319,6 +320,14 @@ def _deterministic(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(before, warn_only=before_warn)
 
 
+def _has_accumulate() -> bool:
+    try:
+        from .accumulate import standardize_once  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def _standardize_once_ctx(model: nn.Module, wanted: bool) -> contextlib.AbstractContextManager:
     """``wsurgery.accumulate.standardize_once(model)`` when available and useful, else a no-op."""
     if not wanted or not is_converted(model):
@@ -483,15 +492,20 @@ class _Run:
                               f"= {lr:.3g}")
         self.lr = lr
         kwargs: dict[str, Any] = {}
-        if r.optimizer.lower() in ("sgd", "nesterov", "momentum"):
+        if r.optimizer.lower() in ("sgd", "nesterov", "momentum", "sgdp", "sgdw"):
             kwargs["momentum"] = r.momentum
+        known = list_optimizers()
+        if r.optimizer.lower() not in known:
+            close = difflib.get_close_matches(r.optimizer.lower(), known, n=1)
+            hint = f"did you mean {close[0]}?" if close else "timm.optim.list_optimizers() lists them"
+            raise RecipeError(f"`optimizer` {r.optimizer!r} is not a timm optimizer; {hint}")
         try:
             # 1-D parameters (biases, norm affines, AWS gain/shift) are kept out of weight decay by timm's
             # param_groups_weight_decay (filter_bias_and_bn=True)
             self.optimizer = create_optimizer_v2(self.model, opt=r.optimizer, lr=lr, weight_decay=r.weight_decay,
                                                  **kwargs)
         except (AssertionError, ValueError, KeyError) as e:
-            raise RecipeError(f"`optimizer` {r.optimizer!r} is not a timm optimizer ({e})") from None
+            raise RecipeError(f"`optimizer` {r.optimizer!r} does not accept these settings ({e})") from None
         total = self.total_steps
         warmup = int(r.warmup_steps)  # resolved from "auto" before we get here
         if warmup >= total:
@@ -601,7 +615,10 @@ class _Run:
         n_micro = len(batches)
         losses: list[torch.Tensor] = []
         images = 0
-        use_once = self.recipe.standardize_once and n_micro > 1 and not self.distributed
+        use_once = self.recipe.standardize_once and n_micro > 1
+        # standardize_once pushes the gradients to the weights after the last backward, outside DDP's
+        # hooks, so under DDP the micro-batches all run without sync and the gradients are averaged here
+        manual_reduce = use_once and self.ddp is not None and _has_accumulate()
         with _standardize_once_ctx(self.model, use_once):
             for i, (x, y) in enumerate(batches):
                 x = x.to(self.device, non_blocking=True)
@@ -610,7 +627,7 @@ class _Run:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if self.mixup is not None:
                     x, y = self.mixup(x, y)
-                sync = (self.ddp is None or i == n_micro - 1)
+                sync = self.ddp is None or (i == n_micro - 1 and not manual_reduce)
                 with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
                     with self._autocast():
                         out = self.train_model(x)
@@ -622,6 +639,11 @@ class _Run:
                         scaled.backward()
                 losses.append(loss.detach())
                 images += len(x)
+        if manual_reduce:
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= self.world
         mean_loss = torch.stack(losses).mean()
         if self.distributed:
             dist.all_reduce(mean_loss)

@@ -1,0 +1,47 @@
+"""``wsurgery compare``: how closely model A follows model B on the same images."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+import wsurgery
+from wsurgery.calibrate import calibration_images
+
+from ._common import console, handle_errors, kv_table
+
+
+def _load(source: str, checkpoint: Optional[Path], remap_by_order: bool):
+    return wsurgery.load(source, checkpoint=checkpoint, remap_by_order=remap_by_order)
+
+
+@handle_errors
+def compare(
+    a: str = typer.Argument(..., help="Model to judge: timm name, saved/exported directory, or hf-hub id."),
+    b: str = typer.Argument(..., help="Reference model (e.g. the original): timm name, directory, or hf-hub id."),
+    images: list[Path] = typer.Option(..., "--images", help="Images to compare on (files, folders, globs; repeatable)."),
+    a_checkpoint: Optional[Path] = typer.Option(None, "--a-checkpoint", help="Weights file for A (when A is a name)."),
+    b_checkpoint: Optional[Path] = typer.Option(None, "--b-checkpoint", help="Weights file for B (when B is a name)."),
+    remap_by_order: bool = typer.Option(False, "--remap-by-order", help="Match checkpoint tensors in order."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use at most N images (or crops)."),
+    crops_per_image: int = typer.Option(
+        1, "--crops-per-image", help="1: center crop of each file; N: N random resized crops/flips of each."),
+    img_size: Optional[int] = typer.Option(None, "--img-size", help="Input size (default: B's data config)."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the choice of images and the crops."),
+) -> None:
+    """Print top-1 agreement, top-5 overlap and KL(B || A) of model A against reference B."""
+    with console.status("loading models"):
+        model_a = _load(a, a_checkpoint, remap_by_order)
+        model_b = _load(b, b_checkpoint, remap_by_order)
+    x = calibration_images([str(i) for i in images], model_b, limit=limit, seed=seed, img_size=img_size,
+                           crops_per_image=crops_per_image)
+    with console.status(f"running both models on {x.shape[0]} images"):
+        agreement = wsurgery.compare(model_a, model_b, x)
+    console.print(kv_table(f"{a} vs {b}", [
+        ("images", agreement.num_images),
+        ("top-1 agreement", f"{agreement.top1:.1%}"),
+        ("top-5 overlap", f"{agreement.top5_overlap:.1%}"),
+        ("KL(B || A)", f"{agreement.kl:.4f} nats"),
+    ]))

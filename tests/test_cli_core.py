@@ -1,0 +1,257 @@
+"""The core commands through the real app (``typer.testing.CliRunner``): convert, inspect,
+export, verify; ``--force``; error paths; and the README flow ending in stock timm.
+
+Error-path tests check the exit code, exactly one ``error:`` line on stderr, no traceback,
+and that no output was created.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import wsurgery
+from wsurgery.cli._common import DEBUG_ENV
+from wsurgery.cli.main import app
+
+from _core_helpers import assert_no_standardization, assert_rel_close
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _offline_no_debug(monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def flat(text: str) -> str:
+    """Table text without box drawing and line wraps, for robust substring checks."""
+    for ch in "│┃┏┓┗┛┡┩┠┨━─┌┐└┘╇┳┻┼├┤┬┴╈╋═":
+        text = text.replace(ch, " ")
+    return " ".join(text.split())
+
+
+def ok(result) -> str:
+    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    return flat(result.stdout)
+
+
+def one_error(result, code: int, *fragments: str) -> str:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stdout + result.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+# ------------------------------------------------------------------------- the README flow
+
+
+@pytest.fixture(scope="module")
+def flow(tmp_path_factory):
+    """``wsurgery convert resnet50 --no-pretrained --norm gn -o X``, then export, once."""
+    root = tmp_path_factory.mktemp("flow")
+    runs, export = root / "runs" / "r50-ws", root / "export" / "r50"
+    convert = runner.invoke(app, ["convert", "resnet50", "--no-pretrained", "--norm", "gn", "-o", str(runs)])
+    exported = runner.invoke(app, ["export", str(runs), "-o", str(export)])
+    return dict(root=root, runs=runs, export=export, convert=convert, exported=exported)
+
+
+def test_convert_prints_report_and_writes_directory(flow):
+    out = ok(flow["convert"])
+    assert sorted(p.name for p in flow["runs"].iterdir()) == ["config.json", "model.safetensors"]
+    assert "convs standardized 53" in out  # resnet50: stem + 16 blocks x 3 + 4 downsample
+    assert "norms replaced 53" in out
+    assert "convs not followed by a norm 0" in out
+    assert "conv1 Conv2d Conv2d+Weight" in out and "ws/timm" in out and "94 more" in out
+    config = json.loads((flow["runs"] / "config.json").read_text())
+    assert config["architecture"] == "resnet50"
+    assert config["wsurgery"]["stage"] == "converted"
+    assert config["wsurgery"]["surgery"]["norm"] == "gn"
+    assert config["wsurgery"]["source"]["pretrained"] is False
+    assert len(config["wsurgery"]["report"]["changes"]) == 106
+
+
+def test_inspect_table_and_json(flow):
+    out = ok(invoke("inspect", flow["runs"], "--all"))
+    assert "resnet50 (converted)" in out
+    assert "layer4.2.conv3 Conv2d ws timm eps=1e-06" in out
+    assert "layer4.2.bn3 GroupNorm 32 groups / 2048 ch" in out
+    assert "ws convs 53" in out and "group norms 53" in out
+    assert "mode=ws convention=timm norm=gn" in out
+    assert "timm.create_model('local-dir:DIR', pretrained=True)" in out
+    data = json.loads(ok(invoke("inspect", flow["runs"], "--json")))
+    assert data["stage"] == "converted" and data["timm_compatible"] is True
+    assert data["counts"] == {"ws convs": 53, "group norms": 53}
+    assert len(data["rows"]) == 106
+    short = ok(invoke("inspect", flow["runs"]))
+    assert "66 more (--all)" in short  # first 40 rows only
+    # the export, too
+    exp = ok(invoke("inspect", flow["export"]))
+    assert "resnet50 (folded)" in exp and "plain convs 53" in exp and "ws convs" not in exp
+
+
+def test_export_writes_timm_layout_and_self_verifies(flow):
+    out = ok(flow["exported"])
+    assert sorted(p.name for p in flow["export"].iterdir()) == ["config.json", "model.safetensors"]
+    assert "stock timm" in out and "pass" in out and "FAIL" not in out
+    config = json.loads((flow["export"] / "config.json").read_text())
+    assert config["wsurgery"]["stage"] == "folded" and config["wsurgery"]["timm_compatible"] is True
+    assert config["model_args"]["norm_layer"] == "groupnorm"
+
+
+def test_verify_passes_and_prints_differences(flow):
+    out = ok(invoke("verify", flow["export"], "--against", flow["runs"], "--num-random", "2"))
+    assert "inputs 2" in out and "result pass" in out
+    assert "top-1 agreement 100.0%" in out
+    assert "max rel diff 0 (tolerance 1e-05)" in out  # fold is bit-exact
+
+
+def test_readme_flow_loads_in_stock_timm_without_wsurgery(flow):
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))
+    save_file({"x": x}, str(flow["root"] / "x.safetensors"))
+    child = textwrap.dedent(
+        f"""
+        import sys, timm, torch
+        from safetensors.torch import load_file, save_file
+        m = timm.create_model('local-dir:{flow["export"]}', pretrained=True).eval()
+        with torch.no_grad():
+            y = m(load_file({str(flow["root"] / "x.safetensors")!r})["x"])
+        assert 'wsurgery' not in sys.modules, 'stock timm imported wsurgery'
+        assert not any('Parametrized' in type(mod).__name__ for mod in m.modules())
+        save_file({{"y": y}}, {str(flow["root"] / "y.safetensors")!r})
+        """
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=flow["root"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    y = load_file(str(flow["root"] / "y.safetensors"))["y"]
+    reference = wsurgery.load(flow["runs"])
+    with torch.no_grad():
+        assert_rel_close(y, reference(x), 1e-5, "stock timm vs surgery directory")
+
+
+# ---------------------------------------------------------------------- small models, options
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("small")
+    runs = root / "lite0"
+    result = runner.invoke(app, ["convert", "tf_efficientnet_lite0", "--no-pretrained", "--mode", "aws",
+                                 "--norm", "gn", "--num-classes", "5", "--exclude", "classifier*", "-o", str(runs)])
+    return dict(root=root, runs=runs, result=result)
+
+
+def test_convert_options_are_recorded(small):
+    ok(small["result"])
+    model = wsurgery.load(small["runs"])
+    cfg = model.wsurgery_config
+    assert (cfg.mode, cfg.norm, cfg.exclude) == ("aws", "gn", ["classifier*"])
+    assert model.num_classes == 5
+
+
+def test_export_wsurgery_only_and_fold_bn_and_dtype(small):
+    root = small["root"]
+    out = ok(invoke("export", small["runs"], "-o", root / "e"))
+    assert "wsurgery.load(DIR)" in out and "pass" in out  # gn on 24/40/... channels: not stock timm
+    model = wsurgery.load(root / "e")
+    assert_no_standardization(model, "export")
+    out = ok(invoke("export", small["runs"], "-o", root / "e16", "--dtype", "fp16"))
+    assert "fp16" in out and "pass" in out
+    # fold-bn on a BN-kept conversion
+    runs_bn = root / "lite0-bn"
+    ok(invoke("convert", "tf_efficientnet_lite0", "--no-pretrained", "--mode", "aws", "-o", runs_bn))
+    out = ok(invoke("export", runs_bn, "-o", root / "efb", "--fold-bn"))
+    config = json.loads((root / "efb" / "config.json").read_text())
+    assert len(config["wsurgery"]["fold_bn"]) > 0 and config["wsurgery"]["timm_compatible"] is False
+    ok(invoke("verify", root / "efb", "--against", runs_bn, "--num-random", "2"))
+
+
+def test_force(tmp_path):
+    target = tmp_path / "out"
+    ok(invoke("convert", "resnet18", "--no-pretrained", "-o", target))
+    stamp = (target / "model.safetensors").stat().st_mtime_ns
+    one_error(invoke("convert", "resnet18", "--no-pretrained", "--mode", "aws", "-o", target), 1,
+              "already exists", "--force")
+    assert (target / "model.safetensors").stat().st_mtime_ns == stamp
+    assert wsurgery.load(target).wsurgery_config.mode == "ws"
+    ok(invoke("convert", "resnet18", "--no-pretrained", "--mode", "aws", "-o", target, "--force"))
+    assert wsurgery.load(target).wsurgery_config.mode == "aws"
+    ok(invoke("export", target, "-o", tmp_path / "e"))
+    one_error(invoke("export", target, "-o", tmp_path / "e"), 1, "already exists", "--force")
+    ok(invoke("export", target, "-o", tmp_path / "e", "--force"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e", "out"]  # no temporary leftovers
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+@pytest.mark.parametrize(
+    "args,code,fragments",
+    [
+        (["convert", "resnet5O", "--no-pretrained"], 1, ["unknown model", "resnet50"]),
+        (["convert", "resnet18", "--no-pretrained", "--mode", "big"], 2, ["mode"]),
+        (["convert", "resnet18", "--no-pretrained", "--convention", "mine"], 2, ["unknown WS convention"]),
+        (["convert", "resnet18", "--no-pretrained", "--norm", "gn", "--gn-group-rule", "error", "--gn-groups", "48"],
+         1, ["not divisible by 48"]),
+        (["convert", "resnet18", "--no-pretrained", "--include", "nothing*"], 1, ["match no conv"]),
+        (["convert", "resnet18", "--checkpoint", "missing.pth"], 1, ["missing.pth", "not found"]),
+    ],
+)
+def test_convert_errors(tmp_path, args, code, fragments):
+    args = [a if a != "missing.pth" else str(tmp_path / "missing.pth") for a in args]
+    one_error(invoke(*args, "-o", tmp_path / "out"), code, *fragments)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("model", ["resnet18", "hf-hub:timm/resnet18.a1_in1k"])
+def test_pretrained_offline_is_one_clear_line(tmp_path, model):
+    args = ["convert", model, "-o", tmp_path / "out"] + (["--pretrained"] if model == "resnet18" else [])
+    line = one_error(invoke(*args), 1, "could not fetch pretrained weights", "--checkpoint", "--no-pretrained")
+    assert len(line) < 300
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(wsurgery.errors.NetworkUnavailableError, match="could not fetch pretrained weights"):
+        wsurgery.load(model, pretrained=True)
+
+
+def test_export_and_verify_errors(tmp_path, small):
+    one_error(invoke("export", tmp_path / "nope", "-o", tmp_path / "e"), 1, "nope")
+    one_error(invoke("export", small["runs"], "-o", tmp_path / "e", "--dtype", "fp8"), 2, "dtype")
+    one_error(invoke("verify", tmp_path / "nope", "--against", small["runs"]), 1, "does not exist")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    # a different model fails verification with exit 1
+    other = tmp_path / "other"
+    ok(invoke("convert", "tf_efficientnet_lite0", "--no-pretrained", "--num-classes", "5", "-o", other))
+    ok(invoke("export", other, "-o", tmp_path / "other-e"))
+    line = one_error(invoke("verify", tmp_path / "other-e", "--against", small["runs"], "--num-random", "2"), 1,
+                     "differs")
+    assert "max rel diff" in line
+
+
+def test_help_texts():
+    for cmd in ("convert", "inspect", "export", "verify"):
+        out = ok(invoke(cmd, "--help"))
+        assert "--help" in out
+    assert "--norm" in flat(invoke("convert", "--help").stdout)
+    assert "--fold-bn" in flat(invoke("export", "--help").stdout)
+    assert "--against" in flat(invoke("verify", "--help").stdout)

