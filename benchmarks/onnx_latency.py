@@ -139,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     load_after = os.getloadavg()
     import onnxruntime
 
-    header = f"{'model':<24}{'input':>10}{'timm (ms)':>11}{'WS unfolded':>13}{'ONNX (ms)':>11}{'ONNX/timm':>11}{'max rel':>10}"
+    header = (f"{'model':<24}{'input':>10}{'timm (ms)':>11}{'WS unfolded':>13}{'ONNX (ms)':>11}"
+              f"{'ONNX/timm':>11}{'max rel':>10}")
     print(header)
     print("-" * len(header))
     for r in rows:

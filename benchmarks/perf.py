@@ -22,10 +22,16 @@ Weights are random (``pretrained=False``): speed does not depend on their values
 
 Usage::
 
-    python benchmarks/perf.py                 # everything, CPU, ~15-25 min on 2 busy cores
-    python benchmarks/perf.py --quick         # smoke run: small models and images, 2-3 min
+    python benchmarks/perf.py                 # everything, CPU, all cores torch uses (2 here)
+    python benchmarks/perf.py --threads 1     # on a SHARED machine: see below
+    python benchmarks/perf.py --quick         # smoke run: resnet18, 64 px, 3 rounds
     python benchmarks/perf.py --device cuda   # bf16 autocast + channels_last
     python benchmarks/perf.py --sections train,infer --rounds 7
+
+On a machine whose cores other processes are using, multi-threaded timings are dominated by
+stalls: every parallel ATen op waits at its barrier for a thread that the OS has descheduled,
+so a 0.5 ms op randomly takes 60 ms, and a model with more ops (WS adds two per conv) looks far
+slower than it is. ``--threads 1`` removes the barrier; ratios then measure the work itself.
 
 Writes ``benchmarks/results/perf.json`` (``--out``) and prints a table.
 """
@@ -445,7 +451,20 @@ def _randomize_bn(model: nn.Module) -> None:
 
 
 def bench_surgery(args, timer: Timer, tmp: Path) -> list[dict]:
+    """convert / fold / export of resnet50: the core benchmark's ``run`` where present (CPU)."""
     arch = args.surgery_arch
+    if args.device.type == "cpu":
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        try:
+            from surgery_speed import run as surgery_speed_run
+        except ImportError:
+            surgery_speed_run = None
+        finally:
+            sys.path.pop(0)
+        if surgery_speed_run is not None:
+            rows = surgery_speed_run(arch, args.surgery_rounds, "aws", "gn")
+            return [{"name": f"{arch} {step}", **r, "peak_mb": r["peak_mem_mb"], "target_s": 1.0,
+                     "source": "benchmarks/surgery_speed.py run()"} for step, r in rows.items()]
     rows = []
     samples: dict[str, list[float]] = {"convert": [], "fold": [], "export": []}
     peaks: dict[str, float] = {}
@@ -544,14 +563,19 @@ def _meta(args) -> dict[str, Any]:
     return meta
 
 
+def _write(path: Path, results: dict[str, Any]) -> None:
+    with atomic_file(path, force=True) as tmp:
+        write_json(tmp, results)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: resnet18 instead of resnet50, 64 px, 3 rounds")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: bf16 autocast, channels_last)")
     p.add_argument("--img-size", type=int, default=None, help="training image size (default 160; quick 64)")
-    p.add_argument("--infer-size", type=int, default=None, help="inference image size (default 224; quick 64)")
+    p.add_argument("--infer-size", type=int, default=None, help="inference image size (default: --img-size)")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds for training (default 5; quick 3)")
-    p.add_argument("--infer-rounds", type=int, default=None, help="rounds for inference (default 9; quick 3)")
+    p.add_argument("--infer-rounds", type=int, default=None, help="rounds for inference (default 7; quick 3)")
     p.add_argument("--modes", default="ws", help="WS modes to train: ws, aws or ws,aws (default ws)")
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -567,9 +591,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown sections {unknown}; choose from {', '.join(SECTIONS)}")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     args.img_size = args.img_size or (64 if q else 160)
-    args.infer_size = args.infer_size or (64 if q else 224)
+    args.infer_size = args.infer_size or args.img_size
     args.rounds = args.rounds or (3 if q else 5)
-    args.infer_rounds = args.infer_rounds or (3 if q else 9)
+    args.infer_rounds = args.infer_rounds or (3 if q else 7)
     args.kernel_rounds = 3 if q else 7
     args.surgery_rounds = 1 if q else 3
     args.batch, args.accum = 8, 8
@@ -601,12 +625,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             print(f"[perf] {section} ...", file=sys.stderr, flush=True)
             results[section] = runners[section]()
             results["meta"][f"{section}_wall_s"] = time.perf_counter() - t
+            _write(args.out, {**results, "partial": True})  # a long run interrupted keeps what it measured
     with contextlib.suppress(OSError):
         results["meta"]["loadavg_end"] = os.getloadavg()
     results["targets"] = _check_targets(results)
     _print_table(results, results["targets"])
-    with atomic_file(args.out, force=True) as path:
-        write_json(path, results)
+    _write(args.out, results)
     print(f"\nwrote {args.out}")
     return results
 

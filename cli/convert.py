@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -114,7 +115,7 @@ def convert(
     if not 0 <= calib_held_out < 1:
         raise UsageError(f"--calib-held-out must be a fraction in [0, 1), got {calib_held_out}")
     wsurgery.io.check_output(output, force)  # fail before the (slow) load
-    with console.status(f"loading {model}"):
+    with console.status(f"loading {escape(model)}"):
         net = wsurgery.load(model, pretrained=pretrained, checkpoint=checkpoint,
                             remap_by_order=remap_by_order, num_classes=num_classes)
     images = None

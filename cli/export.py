@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from rich.markup import escape
 
 import wsurgery
 from wsurgery.errors import UsageError
@@ -69,7 +70,7 @@ def export(
     if img_size is not None and img_size < 1:
         raise UsageError(f"--img-size must be a positive number of pixels, got {img_size}")
     wsurgery.io.check_output(output, force)
-    with console.status(f"loading {source}"):
+    with console.status(f"loading {escape(source)}"):
         model = wsurgery.load(source, pretrained=False) if not Path(source).exists() else wsurgery.load(source)
     with console.status("folding and writing"):
         result = wsurgery.export(model, output, fold_bn=fold_bn, dtype=dtype, force=force)

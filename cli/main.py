@@ -13,6 +13,7 @@ from . import verify as _verify
 from . import demo as _demo
 from . import predict as _predict
 from . import train as _train
+from . import compare as _compare
 from ._common import DEBUG_ENV
 
 app = typer.Typer(
@@ -40,6 +41,7 @@ app.command("verify")(_verify.verify)
 app.command("train")(_train.train)
 app.command("predict")(_predict.predict)
 app.command("demo")(_demo.demo)
+app.command("compare")(_compare.compare)
 
 
 def main() -> None:

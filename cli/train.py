@@ -11,7 +11,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from rich.table import Table
 
 from wsurgery.recipes import recipe_reference
-from wsurgery.train import TrainEvent, TrainingDivergedError, TrainingInterrupted, train as train_model
+from wsurgery.train import TrainEvent, train as train_model
 
 from ._common import console, fail, handle_errors, kv_table
 
@@ -111,10 +111,7 @@ def train(
         result = train_model(model, data, output, recipe, overrides=overrides or None, val_data=val_data,
                              device=device, resume=resume, export=export, force=force, callback=view,
                              load_kwargs=load_kwargs)
-    except (TrainingDivergedError, TrainingInterrupted):
-        view.stop()
-        raise
-    finally:
+    finally:  # on a NaN stop or Ctrl-C the library has written/kept the checkpoint; handle_errors prints why
         view.stop()
     rows = [("output", result.output), ("steps", result.steps), ("classes", len(result.class_names))]
     if result.best and result.best.get("top1", -1) >= 0:
@@ -123,7 +120,8 @@ def train(
         rows.append(("skipped files", len(result.skipped_files)))
     if result.export is not None:
         rows.append(("export", result.export.directory))
-        rows.append(("export max |diff|", f"{result.verify.max_abs:.3g} ({'pass' if result.verify.passed else 'FAIL'})"))
+        verdict = "pass" if result.verify.passed else "FAIL"
+        rows.append(("export max |diff|", f"{result.verify.max_abs:.3g} ({verdict})"))
     rows.append(("time", f"{result.seconds:.1f} s"))
     console.print(kv_table("train", rows))
     if result.verify is not None and not result.verify.passed:

@@ -203,6 +203,30 @@ def test_force(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e", "out"]  # no temporary leftovers
 
 
+def test_convert_from_checkpoint_remapped_by_order(tmp_path):
+    """A checkpoint from "another implementation" (renamed keys, nested, same order and shapes)."""
+    import timm
+    from collections import OrderedDict
+
+    source = timm.create_model("resnet18", pretrained=False, num_classes=4)
+    state = source.state_dict()
+    renamed = OrderedDict((f"net.p{i}", v) for i, v in enumerate(state.values()))
+    torch.save({"model": renamed, "epoch": 9}, tmp_path / "other.pth")
+    out = tmp_path / "out"
+    one_error(invoke("convert", "resnet18", "--checkpoint", tmp_path / "other.pth", "--num-classes", "4", "-o", out),
+              1, "remap-by-order")
+    assert not out.exists()
+    ok(invoke("convert", "resnet18", "--checkpoint", tmp_path / "other.pth", "--remap-by-order", "--num-classes", "4",
+              "--mode", "aws", "-o", out))
+    model = wsurgery.load(out)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert_rel_close(model(x), source.eval()(x), 1e-5, "aws from remapped checkpoint vs source")
+    config = json.loads((out / "config.json").read_text())
+    assert config["wsurgery"]["source"]["remap_by_order"] is True
+    assert config["wsurgery"]["source"]["pretrained"] is False
+
+
 # ------------------------------------------------------------------------------------ errors
 
 

@@ -57,7 +57,8 @@ def test_csv_errors(tmp_path):
     (tmp_path / "bad.csv").write_text("file,class\nimgs/circle/circle_000.png,circle\n")
     with pytest.raises(DatasetError, match="lacks the column.*path, label"):
         build_datasets(tmp_path / "bad.csv")
-    (tmp_path / "train.csv").write_text("path,label\nimgs/circle/circle_000.png,circle\nimgs/square/square_000.png,square\n")
+    (tmp_path / "train.csv").write_text(
+        "path,label\nimgs/circle/circle_000.png,circle\nimgs/square/square_000.png,square\n")
     (tmp_path / "val.csv").write_text("path,label\nimgs/stripes/stripes_000.png,stripes\n")
     with pytest.raises(DatasetError, match="labels the training set does not: stripes"):
         build_datasets(tmp_path / "train.csv", val_data=tmp_path / "val.csv")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import warnings
 import zipfile
 from functools import partial
 from pathlib import Path
@@ -26,9 +27,10 @@ import wsurgery
 from wsurgery import deploy
 from wsurgery.cli.export import parse_formats
 from wsurgery.cli.main import app
-from wsurgery.convert import ws_parametrizations
+from wsurgery.convert import clone_model, ws_parametrizations
 from wsurgery.errors import (
-    CheckpointError, ConversionError, MissingDependencyError, OutputExistsError, UnsafeCheckpointError, UsageError,
+    CheckpointError, ConversionError, MissingDependencyError, NonFiniteWeightsError, OutputExistsError,
+    UnsafeCheckpointError, UsageError,
 )
 
 from _core_helpers import randomize_norms
@@ -42,7 +44,9 @@ SIZE = 32  # px for the small CLI model
 
 def _export_raw_onnx(model: torch.nn.Module, path: Path, size: int) -> Path:
     """The unfolded model exported as it is (what wsurgery avoids), for the graph check to flag."""
-    torch.onnx.export(model.eval(), (torch.randn(2, 3, size, size),), str(path), dynamo=False, opset_version=17)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
+        torch.onnx.export(model.eval(), (torch.randn(2, 3, size, size),), str(path), dynamo=False, opset_version=17)
     return path
 
 
@@ -211,6 +215,16 @@ def test_onnx_refuses_to_overwrite(onnx_file, small_model):
         deploy.export_onnx(small_model, path, img_size=SIZE)
     assert path.read_bytes() == before
     assert [p.name for p in path.parent.iterdir()] == ["model.onnx"]  # no temporary left over
+
+
+def test_non_finite_weights_are_not_exported(tmp_path, small_model):
+    broken = clone_model(small_model)
+    with torch.no_grad():
+        broken.fc.weight[0, 0] = float("nan")  # not a conv: fold does not touch it, the export must still refuse
+    for write, name in ((deploy.export_onnx, "m.onnx"), (deploy.export_program, "m.pt2")):
+        with pytest.raises(NonFiniteWeightsError, match="fc.weight holds NaN"):
+            write(broken, tmp_path / name, img_size=SIZE)
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- part 2: torch.export ------------------------------------------------------------------------------------------

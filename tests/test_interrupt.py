@@ -8,6 +8,7 @@ and that a run started afterwards succeeds.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -72,6 +73,31 @@ def assert_valid_export(directory: Path, reference: Path) -> None:
     assert result.passed, result
 
 
+@pytest.mark.parametrize("exchange", [True, False], ids=["renameat2-exchange", "two-renames"])
+@pytest.mark.parametrize("old_kind", ["dir", "file"])
+def test_atomic_dir_force_replaces_whole_and_failure_keeps_the_old(tmp_path, monkeypatch, exchange, old_kind):
+    from wsurgery import io
+
+    if not exchange:
+        monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    dest = tmp_path / "out"
+    if old_kind == "dir":
+        dest.mkdir()
+        (dest / "old.txt").write_text("old")
+    else:
+        dest.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):  # a failure half-way: the old output stays as it was
+        with io.atomic_dir(dest, force=True) as tmp:
+            (tmp / "new.txt").write_text("half")
+            raise RuntimeError("boom")
+    assert (dest / "old.txt").read_text() == "old" if old_kind == "dir" else dest.read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with io.atomic_dir(dest, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in dest.iterdir()) == ["new.txt"] and (dest / "new.txt").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no .tmp or .old left behind
+
+
 def test_sigkill_during_export_leaves_no_partial_output(tmp_path, big_saved):
     out = tmp_path / "export"
     tmp = kill_while_writing(["export", str(big_saved), "-o", str(out), "--no-verify"], tmp_path, "export")
@@ -82,6 +108,7 @@ def test_sigkill_during_export_leaves_no_partial_output(tmp_path, big_saved):
     assert_valid_export(out, big_saved)
 
 
+@pytest.mark.sweep  # a second resnet50 export in a subprocess: CI only
 def test_sigkill_during_forced_overwrite_keeps_the_old_export(tmp_path, big_saved):
     out = tmp_path / "export"
     wsurgery.export(wsurgery.load(big_saved), out)
@@ -92,6 +119,7 @@ def test_sigkill_during_forced_overwrite_keeps_the_old_export(tmp_path, big_save
     assert_valid_export(out, big_saved)
 
 
+@pytest.mark.sweep  # a resnet50 convert in a subprocess: CI only
 def test_sigkill_during_convert_leaves_no_partial_output(tmp_path):
     out = tmp_path / "r50"
     kill_while_writing(["convert", "resnet50", "--no-pretrained", "-o", str(out)], tmp_path, "r50")
@@ -105,3 +133,68 @@ def test_sigkill_during_convert_leaves_no_partial_output(tmp_path):
     assert wsurgery.is_converted(model)
     x = torch.randn(1, 3, 64, 64)
     torch.testing.assert_close(model(x), original(x), rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------
+# training: SIGKILL mid-run, then `wsurgery train --resume` reaches the same final weights
+
+TRAIN_ARGS = ["--recipe", "cpu-quick", "--img-size", "32", "--set", "epochs=3", "--set", "batch_size=4",
+              "--set", "workers=0", "--set", "warmup_steps=2", "--set", "seed=7"]
+ONE_THREAD = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_sigkill_during_training_then_resume_gives_the_same_weights(tmp_path):
+    from _data import make_folder  # the training tests' synthetic images
+
+    data = make_folder(tmp_path / "data", per_class=6, size=24)
+    torch.manual_seed(0)
+    model, _ = wsurgery.convert(timm.create_model("test_efficientnet", pretrained=False, num_classes=3),
+                                mode="aws", norm="gn", trace=False)
+    surgery = wsurgery.save(model, tmp_path / "conv")
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    common = ["train", str(surgery), "--data", str(data), "--val-split", "0.34", *TRAIN_ARGS]
+    # the uninterrupted run, side by side with the one that gets killed
+    reference = subprocess.Popen([*WSURGERY, *common, "-o", str(full)], stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.PIPE, env=ONE_THREAD)
+    victim = subprocess.Popen([*WSURGERY, *common, "-o", str(cut)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, env=ONE_THREAD)
+    try:
+        deadline = time.monotonic() + 400
+        while not (cut / "last" / "train_state.json").exists():  # first checkpoint: end of epoch 1
+            assert victim.poll() is None, f"run ended before its first checkpoint: {victim.stderr.read().decode()}"
+            assert time.monotonic() < deadline, "no checkpoint appeared"
+            time.sleep(0.002)
+        os.kill(victim.pid, signal.SIGKILL)
+        victim.wait(30)
+        assert reference.wait(600) == 0, reference.stderr.read().decode()
+    finally:
+        for proc in (reference, victim):
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(30)
+            proc.stderr.close()
+    state = json.loads((cut / "last" / "train_state.json").read_text())["state"]
+    assert 1 <= state["epoch"] < 3, "the kill did not land mid-run"
+    # what the kill left is complete and loadable: the last checkpoint and the best model so far
+    assert wsurgery.is_converted(wsurgery.load(cut / "last"))
+    assert wsurgery.load(cut).num_classes == 3
+
+    resumed = subprocess.run([*WSURGERY, "train", "--resume", str(cut)], capture_output=True, text=True,
+                             env=ONE_THREAD, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr + resumed.stdout
+    assert f"resumed at epoch {state['epoch'] + 1}" in " ".join(resumed.stdout.split())
+    for name in ("last/model.safetensors", "model.safetensors"):
+        a, b = _tensors(full / name), _tensors(cut / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), f"{name}: {key} differs after resume"
+    ja = json.loads((full / "last" / "train_state.json").read_text())["state"]
+    jb = json.loads((cut / "last" / "train_state.json").read_text())["state"]
+    assert ja["step"] == jb["step"] and ja["epoch"] == jb["epoch"] == 3
+    assert [h.get("top1") for h in ja["history"]] == [h.get("top1") for h in jb["history"]]

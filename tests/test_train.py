@@ -203,3 +203,29 @@ def test_cli_train_predict_and_errors(data, tmp_path):
     assert "Traceback" not in res.output
     res = runner.invoke(app, ["train", str(surgery), "--data", str(tmp_path / "nothing"), "-o", str(tmp_path / "y")])
     assert res.exit_code == 1 and "does not exist" in res.output
+
+
+def test_gradient_clipping_bounds_the_update_and_amp_is_cuda_only(data):
+    # one SGD step without momentum: the update is lr x the clipped gradient, whose total norm is clip_grad
+    model = tiny()
+    result = train(model, data, None, "cpu-quick",
+                   overrides=["img_size=32", "batch_size=4", "steps=1", "lr=0.01", "warmup_steps=0", "momentum=0.0",
+                              "clip_grad=0.001", "amp=bf16", "head_init=default"])
+    fresh = tiny()
+    from wsurgery.train import set_num_classes
+
+    torch.manual_seed(0)
+    set_num_classes(fresh, sorted(CLASSES), "default")  # the same new head train() made (same seed)
+    before, after = fresh.state_dict(), result.model.state_dict()
+    delta = torch.sqrt(sum(((after[k] - before[k]).double() ** 2).sum() for k in after))
+    torch.testing.assert_close(delta.item(), 0.01 * 0.001, rtol=1e-3, atol=0.0)
+    assert any("CUDA only" in n for n in result.notes)
+
+
+def test_worker_processes_do_not_change_the_result(data):
+    # every image's augmentation has its own seed (SeededView), so DataLoader workers give the same run
+    common = ["img_size=32", "batch_size=4", "steps=3", "lr=0.01", "warmup_steps=0"]
+    a = train(tiny(), data, None, "cpu-quick", overrides=common + ["workers=2"])
+    b = train(tiny(), data, None, "cpu-quick", overrides=common + ["workers=0"])
+    for (k, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
+        assert torch.equal(x, y), k

@@ -34,6 +34,9 @@ from .predict import Prediction, predict
 from .demo import run_demo
 from . import deploy
 from .deploy import DeployResult, export_onnx, export_program, find_weight_standardization
+from .compare import Agreement, compare
+from .calibrate import CalibrationConfig, CalibrationResult, calibrate
+from .weights import find_efficientnet_lite_checkpoint, load_efficientnet_lite
 
 __all__ = [
     "__version__",
@@ -70,4 +73,11 @@ __all__ = [
     "Prediction",
     "predict",
     "run_demo",
+    "Agreement",
+    "CalibrationConfig",
+    "CalibrationResult",
+    "calibrate",
+    "compare",
+    "find_efficientnet_lite_checkpoint",
+    "load_efficientnet_lite",
 ]

@@ -271,11 +271,12 @@ def _norm_pairs(student: nn.Module, teacher: nn.Module) -> list[tuple[str, nn.Gr
 
 
 def _student_mode(student: nn.Module) -> str:
+    """``aws`` when every WS parametrization is adaptive, else ``ws``."""
     params = [p for _, _, p in ws_parametrizations(student)]
-    if params and all(isinstance(p, AdaptiveWeightStandardization) for p in params):
-        return "aws"
+    if params:
+        return "aws" if all(isinstance(p, AdaptiveWeightStandardization) for p in params) else "ws"
     config = get_surgery_config(student)
-    return config.mode if config is not None and not params else "ws"
+    return config.mode if config is not None else "ws"
 
 
 def resolve_method(student: nn.Module, teacher: nn.Module, method: str = "auto") -> list[str]:

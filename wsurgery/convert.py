@@ -39,6 +39,7 @@ __all__ = [
     "TIMM_WS_TYPES",
     "get_surgery_config",
     "clone_model",
+    "all_finite",
 ]
 
 #: timm layers that already standardize their weights: recognised, left as they are, folded.
@@ -98,7 +99,7 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def clone_model(model: nn.Module) -> nn.Module:
+def clone_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Module:
     """``copy.deepcopy`` that is safe for parametrized modules.
 
     ``deepcopy`` keeps the dynamic ``Parametrized*`` class that ``register_parametrization``
@@ -106,7 +107,7 @@ def clone_model(model: nn.Module) -> nn.Module:
     deletes the ``weight`` property from that shared class and breaks the original. Each
     parametrized module of the copy gets a class of its own here.
     """
-    new = copy.deepcopy(model)
+    new = copy.deepcopy(model, memo)
     for module in new.modules():
         if parametrize.is_parametrized(module):
             cls = type(module)
@@ -131,6 +132,20 @@ def is_converted(model: nn.Module) -> bool:
 def get_surgery_config(model: nn.Module) -> SurgeryConfig | None:
     """The config a model was converted with, or None."""
     return getattr(model, _CONFIG_ATTR, None)
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True if ``tensor`` holds no NaN or inf.
+
+    Fast path: one reduction (``sum`` is NaN/inf if any element is) without the boolean
+    tensor ``isfinite`` allocates; a non-finite sum is confirmed element-wise, so a sum that
+    merely overflows from huge finite values is not mistaken for NaN.
+    """
+    if tensor.numel() == 0:
+        return True
+    if bool(torch.isfinite(tensor.detach().sum())):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def _is_convertible_conv(module: nn.Module) -> bool:
@@ -181,7 +196,7 @@ def plan_surgery(model: nn.Module, config: SurgeryConfig) -> _Plan:
         fan_in, _ = _fan_in(module)
         if config.convention == "paper" and fan_in < 2:
             raise ConversionError(f"{name}: 1 entry per filter cannot use the unbiased 'paper' convention; exclude it")
-        if not torch.isfinite(module.weight).all():
+        if not all_finite(module.weight):
             raise NonFiniteWeightsError(f"{name}.weight holds NaN or inf; fix the checkpoint before converting")
         convs.append((name, module))
     if config.include and not convs:
@@ -205,14 +220,20 @@ def _standardize_conv(name: str, module: nn.Module, config: SurgeryConfig) -> tu
     old_type = type(module).__name__
     before = _numel(module)
     weight = module.weight.detach()
-    zero_var = int((weight.reshape(-1, fan_in).std(dim=1, correction=0) == 0).sum()) if fan_in > 1 else num_filters
+    if fan_in > 1:  # a filter has zero variance exactly when its min equals its max
+        lo, hi = torch.aminmax(weight.reshape(-1, fan_in), dim=1)
+        zero_var = int((lo == hi).sum())
+    else:
+        zero_var = num_filters
     if config.mode == "aws":
         p: WeightStandardization = AdaptiveWeightStandardization(fan_in, convention, num_filters)
         p.to(device=weight.device, dtype=weight.dtype)
         p.init_from_weight(weight)
     else:
         p = WeightStandardization(fan_in, convention)
-    parametrize.register_parametrization(module, "weight", p)
+    # unsafe=True skips the one trial evaluation register_parametrization does to check that
+    # shape and dtype are kept (a full standardization of every conv); ours keep both.
+    parametrize.register_parametrization(module, "weight", p, unsafe=True)
     note = f"{config.mode}/{convention.name}"
     if zero_var:
         note += f", {zero_var} zero-variance filters"

@@ -238,7 +238,7 @@ def _make_set(samples: list[tuple[str, int]], root: str) -> ImageSet:
 
 
 def _source_of(data: str | os.PathLike) -> Path:
-    path = Path(data)
+    path = Path(data).expanduser()
     if not path.exists():
         raise InputNotFoundError(f"{path} does not exist; pass an ImageFolder directory or a path,label CSV")
     if path.is_file() and path.suffix.lower() != ".csv":

@@ -249,7 +249,7 @@ def run_demo(
     """
     import shutil
 
-    from . import convert, export, load, save, verify
+    from . import convert, load, save, verify
     from .data import load_images
     from .datasets import eval_transform_for
     from .predict import predict

@@ -41,8 +41,12 @@ import torch
 from torch import nn
 
 from . import __version__
+from .convert import clone_model
 from .data import data_config_for
-from .errors import CheckpointError, ConversionError, InputNotFoundError, MissingDependencyError, UnsafeCheckpointError
+from .errors import (
+    CheckpointError, ConversionError, InputNotFoundError, MissingDependencyError, NonFiniteWeightsError,
+    UnsafeCheckpointError,
+)
 from .fold import FOLD_ATTR, fold, is_folded
 from .io import atomic_file, check_output
 from .save import build_config
@@ -107,7 +111,7 @@ class DeployResult:
     """What :func:`export_onnx` or :func:`export_program` wrote."""
 
     path: Path
-    format: str
+    format: Format
     input_size: tuple[int, int, int]
     dynamic_batch: bool
     fold_bn: list[list[str]] = field(default_factory=list)
@@ -157,10 +161,12 @@ def _prepare(model: nn.Module, fold_bn: bool, img_size: int | None) -> tuple[nn.
     """A folded eval-mode fp32 copy of ``model`` and its input size."""
     folded = model if is_folded(model) and not fold_bn else fold(model, fold_bn=fold_bn)
     if folded is model:  # never change the caller's model (dtype, eval mode)
-        from .convert import clone_model
-
         folded = clone_model(model)
     folded = folded.float().eval()
+    for key, value in folded.state_dict().items():  # fold checks the convs it folds; check the rest too
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise NonFiniteWeightsError(
+                f"{key} holds NaN or inf; refusing to export (resume from an earlier checkpoint)")
     pairs = [list(p) for p in getattr(folded, FOLD_ATTR, [])]
     size = tuple(int(s) for s in data_config_for(model, img_size)["input_size"])
     return folded, size, pairs  # type: ignore[return-value]
@@ -209,6 +215,7 @@ def export_onnx(
 
     Raises:
         MissingDependencyError: ``onnx`` / ``onnxruntime`` are not installed.
+        NonFiniteWeightsError: a weight is NaN or inf (nothing is written).
         ConversionError: the exporter cannot express the model.
         OutputExistsError: ``path`` exists and ``force`` is False.
     """
@@ -229,7 +236,8 @@ def export_onnx(
                 )
         except Exception as e:  # noqa: BLE001 - any exporter failure is one line for the user
             raise ConversionError(
-                f"ONNX export failed ({type(e).__name__}: {_first_line(e)}); try another --opset or --format torch-export"
+                f"ONNX export failed ({type(e).__name__}: {_first_line(e)}); "
+                "try another --opset or --format torch-export"
             ) from None
         proto = onnx.load(str(tmp))
         entry = proto.metadata_props.add()
@@ -266,6 +274,7 @@ def export_program(
         A :class:`DeployResult`; ``dynamic_batch`` says whether the batch is dynamic.
 
     Raises:
+        NonFiniteWeightsError: a weight is NaN or inf (nothing is written).
         ConversionError: ``torch.export`` cannot capture the model.
         OutputExistsError: ``path`` exists and ``force`` is False.
     """
@@ -284,12 +293,14 @@ def export_program(
         try:
             program = torch.export.export(folded, example)
         except Exception as e:  # noqa: BLE001
-            raise ConversionError(f"torch.export failed ({type(e).__name__}: {_first_line(e)}); try --format onnx") from None
+            raise ConversionError(
+                f"torch.export failed ({type(e).__name__}: {_first_line(e)}); try --format onnx") from None
     config = _record(model, "torch-export", fold_bn=pairs, input_size=list(size), dynamic_batch=dynamic,
                      static_batch=None if dynamic else int(example[0].shape[0]), dtype="fp32", torch=torch.__version__)
     with atomic_file(path, force=force) as tmp:
         with open(tmp, "wb") as f:
-            torch.export.save(program, f, extra_files={PROGRAM_EXTRA_FILE: json.dumps(config, sort_keys=True, default=str)})
+            record = json.dumps(config, sort_keys=True, default=str)
+            torch.export.save(program, f, extra_files={PROGRAM_EXTRA_FILE: record})
     return DeployResult(Path(path), "torch-export", size, dynamic, pairs, None, "torch.export.export")
 
 

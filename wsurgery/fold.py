@@ -15,7 +15,9 @@ No standardization op is left in the graph; the result needs no wsurgery code to
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .convert import TIMM_WS_TYPES, clone_model, ws_parametrizations
+from .convert import TIMM_WS_TYPES, all_finite, clone_model, ws_parametrizations
 from .errors import ConversionError, NonFiniteWeightsError
 from .graph import module_successors
 from .norm import carries_activation, is_batchnorm
@@ -64,7 +66,7 @@ def _plain_conv_like(module: nn.Conv2d, weight: torch.Tensor) -> nn.Conv2d:
 
 
 def _check_finite(name: str, tensor: torch.Tensor) -> None:
-    if not torch.isfinite(tensor).all():
+    if not all_finite(tensor):
         raise NonFiniteWeightsError(
             f"{name} holds NaN or inf after standardization; refusing to fold (resume from an earlier checkpoint)"
         )
@@ -134,6 +136,40 @@ def fold_conv_bn(model: nn.Module, pairs: list[tuple[str, str]], *, structure_on
         model.set_submodule(bn_name, _bn_replacement(bn))
 
 
+def _plain_copy(module: nn.Module, weight: torch.Tensor, memo: dict[int, Any]) -> nn.Module:
+    """A deep copy of a parametrized ``module`` as its original class holding ``weight``.
+
+    ``register_parametrization`` wraps the class as ``Parametrized<Cls>(Cls)`` and moves the
+    weight into ``module.parametrizations``; the copy drops both, so neither the
+    pre-standardization weight nor the adaptive gain/shift is copied only to be thrown away.
+    """
+    cls = type(module).__bases__[0]
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state = dict(module.__dict__)
+    state["_modules"] = OrderedDict((k, v) for k, v in module._modules.items() if k != "parametrizations")
+    state["_parameters"] = OrderedDict((k, v) for k, v in module._parameters.items())
+    new.__dict__.update(copy.deepcopy(state, memo))
+    requires_grad = module.parametrizations.weight.original.requires_grad
+    params = OrderedDict(weight=nn.Parameter(weight, requires_grad=requires_grad))
+    params.update(new._parameters)  # weight first, as a plain conv registers it
+    new._parameters = params
+    return new
+
+
+def _folded_copy(model: nn.Module, standardized: list[tuple[str, nn.Module, torch.Tensor]]) -> nn.Module:
+    """A deep copy of ``model`` in which each WS-parametrized module is already folded.
+
+    Faster than copying and then calling ``remove_parametrizations`` (resnet50: about half
+    the time), and the result is the same: plain modules of the original class holding the
+    standardized weights.
+    """
+    memo: dict[int, Any] = {}
+    for _, module, weight in standardized:
+        _plain_copy(module, weight, memo)
+    return clone_model(model, memo=memo)
+
+
 @torch.no_grad()
 def fold(
     model: nn.Module,
@@ -159,20 +195,27 @@ def fold(
     Raises:
         NonFiniteWeightsError: a standardized weight holds NaN or inf (nothing is changed).
     """
-    if not inplace:
-        model = clone_model(model)
-    parametrized = list(ws_parametrizations(model))
-    timm_ws = [(n, m) for n, m in model.named_modules() if isinstance(m, TIMM_WS_TYPES)]
     # compute and check everything before changing anything
-    new_convs = []
-    for name, module, _ in parametrized:
-        _check_finite(f"{name}.weight", module.weight)
-    for name, module in timm_ws:
-        weight = timm_std_conv_weight(module)
+    standardized = []
+    for name, module, _ in ws_parametrizations(model):
+        weight = module.weight  # the parametrization's forward: the very value training used
         _check_finite(f"{name}.weight", weight)
-        new_convs.append((name, _plain_conv_like(module, weight)))
-    for name, module, _ in parametrized:
-        parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+        standardized.append((name, module, weight))
+    new_convs = []
+    for name, module in model.named_modules():
+        if isinstance(module, TIMM_WS_TYPES):
+            weight = timm_std_conv_weight(module)
+            _check_finite(f"{name}.weight", weight)
+            new_convs.append((name, _plain_conv_like(module, weight)))
+    if inplace:
+        for _, module, weight in standardized:
+            # what remove_parametrizations(leave_parametrized=True) does, without computing the
+            # standardized weight a second time: restore the original Parameter, then point it
+            # at the value computed above (bit-identical to what the forward used)
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
+            module.weight.set_(weight)
+    else:
+        model = _folded_copy(model, standardized)
     for name, conv in new_convs:
         model.set_submodule(name, conv)
     pairs: list[tuple[str, str]] = []

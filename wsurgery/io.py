@@ -19,6 +19,7 @@ import pickle
 import shutil
 import sys
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -171,9 +172,29 @@ def read_json(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Contiguous tensors that own their storage, copying only those that do not already.
+
+    safetensors refuses tensors that share memory (tied weights, views); copying every tensor
+    instead would double the memory of a large model for nothing.
+    """
+    seen: set[int] = set()
+    clean = {}
+    for key, value in tensors.items():
+        value = value.detach()
+        storage = value.untyped_storage()
+        ptr = storage.data_ptr()
+        owns = value.is_contiguous() and storage.nbytes() == value.numel() * value.element_size()
+        if not owns or ptr in seen:
+            value = value.contiguous().clone()
+        seen.add(value.untyped_storage().data_ptr())
+        clean[key] = value
+    return clean
+
+
 def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file`` with contiguous, unshared tensors and ``format: pt``; fsynced."""
-    clean = {k: v.detach().contiguous().clone() for k, v in tensors.items()}
+    clean = _unshared(tensors)
     meta = {"format": "pt", **(metadata or {})}
     save_file(clean, str(path), metadata=meta)
     _fsync_file(Path(path))
@@ -252,7 +273,9 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise around a one-line error
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         first = str(e).splitlines()[0] if str(e) else ""
         if _looks_unsafe(path, str(e)):

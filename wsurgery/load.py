@@ -291,8 +291,8 @@ def load(
             unless ``checkpoint`` is given. Needs a network.
         checkpoint: local weights to load instead (``.safetensors``/``.pth``/``.bin``/``.pt``).
         remap_by_order: match checkpoint tensors to the model's in order, ignoring names.
-        num_classes: give the model a new classifier with this many classes. With a
-            checkpoint, the checkpoint's head is dropped first.
+        num_classes: give the model a classifier with this many classes. With a checkpoint,
+            its head is kept when it has that many classes, and replaced by a new one otherwise.
         model_args: extra timm constructor arguments.
         device: move the model there.
 

@@ -118,8 +118,8 @@ class Recipe:
     freeze_backbone: bool = _help("Train only the classifier (linear probe); the backbone stays in eval mode.", False)
 
     # --- regularisation
-    label_smoothing: float = _help("Label smoothing (timm LabelSmoothingCrossEntropy; with mixup, in the soft targets).",
-                                   0.0)
+    label_smoothing: float = _help(
+        "Label smoothing (timm LabelSmoothingCrossEntropy; with mixup, in the soft targets).", 0.0)
     mixup_alpha: float | Auto = _help("timm Mixup alpha (0: off; auto: BiT-HyperRule, 0.1 from 20k images).", 0.0)
     cutmix_alpha: float = _help("timm CutMix alpha (0: off).", 0.0)
     mixup_prob: float = _help("Probability of applying mixup/cutmix to a batch.", 1.0)

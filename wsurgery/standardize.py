@@ -163,11 +163,13 @@ def _standardize_batch_norm(
     ``W * a + b`` with ``a = gamma / sqrt(var + eps)``, ``b = beta - mean * a``: results agree
     with ``(W - mean) / sqrt(var + eps)`` to float rounding (the tests bound it).
     """
+    cudnn = torch.backends.cudnn.enabled
+    if weight.is_contiguous():  # the common case, with as few ops (and Python) as possible
+        return torch.batch_norm(weight.view(1, -1, fan_in), gamma, beta, None, None, True, 0.0, eps, cudnn).view(
+            weight.shape
+        )
     cl = _is_channels_last(weight)
-    out = torch.batch_norm(
-        _to_rows(weight, fan_in, cl).unsqueeze(0), gamma, beta, None, None, True, 0.0, eps,
-        torch.backends.cudnn.enabled,
-    )
+    out = torch.batch_norm(_to_rows(weight, fan_in, cl).unsqueeze(0), gamma, beta, None, None, True, 0.0, eps, cudnn)
     return _from_rows(out.squeeze(0), weight.shape, cl)
 
 
@@ -236,8 +238,11 @@ def _standardize_impl(
 
     Takes the convention as plain values so that :func:`torch.compile` can specialise on them.
     """
-    if eps_in_sqrt and not unbiased and weight.dtype in _BN_DTYPES and all(
-        t is None or t.dtype == weight.dtype for t in (gamma, beta)
+    if (
+        eps_in_sqrt
+        and not unbiased
+        and weight.dtype in _BN_DTYPES
+        and (gamma is None or (gamma.dtype == weight.dtype and beta.dtype == weight.dtype))
     ):
         return _standardize_batch_norm(weight, fan_in, eps, gamma, beta)
     w_hat = _StandardizeFn.apply(weight, fan_in, unbiased, eps_in_sqrt, eps)

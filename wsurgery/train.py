@@ -67,7 +67,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from .convert import clone_model, is_converted
 from .datasets import AugmentConfig, DataBundle, SeededView, build_datasets, eval_transform_for, train_transform
 from .errors import InputNotFoundError, OutputExistsError, RecipeError, UsageError, WSurgeryError
-from .io import (CONFIG_NAME, WEIGHTS_NAME, atomic_dir, atomic_file, check_output, load_safetensors, read_json,
+from .io import (CONFIG_NAME, WEIGHTS_NAME, atomic_dir, atomic_file, load_safetensors, read_json,
                  save_safetensors, write_json)
 from .recipes import Recipe, load_recipe, resolve_recipe
 from .save import build_config
@@ -807,6 +807,8 @@ def _load_model(source: nn.Module | str | os.PathLike, load_kwargs: dict[str, An
 def _init_distributed(device: torch.device) -> None:
     world, _, _ = _dist_env()
     if world > 1 and dist.is_available() and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)  # NCCL uses the current device: one GPU per rank
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
@@ -896,7 +898,9 @@ def train(
     if bundle.skipped:
         notes.append(f"skipped {len(bundle.skipped)} unreadable file(s), e.g. {bundle.skipped[0]}")
     _prepare_output(out, resume_dir, force, is_main)
-    data_record = {"data": str(data), "val_data": str(val_data) if val_data is not None else None,
+    # absolute paths: a resumed run may start from another working directory
+    data_record = {"data": str(Path(data).resolve()),
+                   "val_data": str(Path(val_data).resolve()) if val_data is not None else None,
                    "class_names": bundle.class_names, "sources": bundle.sources}
     random.seed(resolved.seed)
     np.random.seed(resolved.seed % 2**32)

@@ -14,7 +14,6 @@ Only files that are on disk are used; nothing is downloaded.
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 from dataclasses import dataclass

