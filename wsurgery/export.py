@@ -144,8 +144,8 @@ def stock_timm_args(folded: nn.Module, record: dict[str, Any], norm: str | None)
     """
     base = dict(record["model_args"])
     candidates = [base]
-    if norm == "gn":
-        candidates = [dict(base, norm_layer="groupnorm")]
+    if norm == "gn":  # the model's own args still fit where no BatchNorm was there to replace (convnext)
+        candidates = [dict(base, norm_layer="groupnorm"), base]
     target = _module_signature(folded)
     state = folded.state_dict()
     for args in candidates:

@@ -135,15 +135,6 @@ def _from_rows(rows: torch.Tensor, shape: torch.Size, channels_last: bool) -> to
 _BN_DTYPES = (torch.float32, torch.float64)
 
 
-def _uses_batch_norm(weight: torch.Tensor, convention: WSConvention, *affine: torch.Tensor | None) -> bool:
-    return (
-        convention.eps_in_sqrt
-        and not convention.unbiased
-        and weight.dtype in _BN_DTYPES
-        and all(t is None or t.dtype == weight.dtype for t in affine)
-    )
-
-
 def _standardize_batch_norm(
     weight: torch.Tensor,
     fan_in: int,
