@@ -47,6 +47,7 @@ ROWS = [
     ("AWS + GN(32)", dict(mode="aws", norm="gn"), "auto", {}),
     ("AWS + GN(32)", dict(mode="aws", norm="gn"), "gn-init", {}),
     ("WS + GN(1)", dict(mode="ws", norm="gn", gn_groups=1), "auto", {}),
+    ("WS + GN(1)", dict(mode="ws", norm="gn", gn_groups=1), "gn-init", {}),
     ("WS + GN(32)", dict(mode="ws", norm="gn"), "gn-init", {}),
     ("AWS + GN(32)", dict(mode="aws", norm="gn"), "none", {}),
     ("WS + BN kept", dict(mode="ws"), "bn-stats", {}),
@@ -73,14 +74,15 @@ def run_calibration(args) -> dict:
             continue
         student = wsurgery.convert(teacher, inplace=False, **conv_kw)[0]
         wall, cpu = time.perf_counter(), time.process_time()
-        result = calibrate(student, teacher, xcal, method=method, held_out=xev, steps=args.steps, seed=0,
+        # held-out = a quarter of the calibration crops (it may select keep_best); judged on xev below
+        result = calibrate(student, teacher, xcal, method=method, held_out=0.25, steps=args.steps, seed=0,
                            batch_size=args.batch, distill_size=args.distill_size, **cal_kw)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         after = agreement_from_logits(predict_logits(student, xev), reference)
         row = {"conversion": label, "method": method, "phases": result.phases, "train": result.train,
                "top1": after.top1, "top5_overlap": after.top5_overlap, "kl": after.kl,
-               "top1_before": result.before.top1, "steps": result.steps, "wall_s": wall, "cpu_s": cpu,
-               "calib_images": result.num_images, "eval_images": after.num_images}
+               "top1_before_on_calib_held_out": result.before.top1, "steps": result.steps, "wall_s": wall, "cpu_s": cpu,
+               "reverted": result.reverted, "calib_images": result.num_images, "eval_images": after.num_images}
         rows.append(row)
         print(f"{label:<14} {method:<9} {'+'.join(result.phases) or '-':<17} top-1 {after.top1:6.1%}  "
               f"top-5 {after.top5_overlap:6.1%}  KL {after.kl:7.3f}  {wall:7.1f} s wall  {cpu:7.1f} s cpu",
@@ -142,6 +144,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--distill-size", type=int, default=None)
     parser.add_argument("--lr", type=float, default=0.01, help="SGD learning rate (part sgd)")
+    parser.add_argument("--tag", default="", help="suffix of the results file name")
     parser.add_argument("--only", nargs="*", default=None, help="only rows whose 'label method' contains one of these")
     args = parser.parse_args()
     start = time.perf_counter()
@@ -155,7 +158,7 @@ def _write(args, data: dict) -> None:
     data = dict(data, args=vars(args), torch=torch.__version__, threads=torch.get_num_threads(),
                 machine=platform.machine())
     RESULTS.mkdir(parents=True, exist_ok=True)
-    with atomic_file(RESULTS / f"calibration_{args.part}.json", force=True) as tmp:
+    with atomic_file(RESULTS / f"calibration_{args.part}{args.tag}.json", force=True) as tmp:
         write_json(tmp, data)
 
 

@@ -255,3 +255,17 @@ def test_cli_convert_calibrate_and_compare(tmp_path):
     res = runner.invoke(app, ["convert", "test_efficientnet", "--no-pretrained", "-o", str(tmp_path / "x"),
                               "--calibrate", "distill"])
     assert res.exit_code == 2 and "--calib-data" in res.output
+
+
+def test_keep_best_undoes_a_harmful_distillation(teacher):
+    x, held = _images(64, seed=11), _images(32, seed=12)
+    reference = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=4, inplace=False)[0]
+    calibrate(reference, teacher, x, method="gn-init", held_out=held)
+    student = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=4, inplace=False)[0]
+    result = calibrate(student, teacher, x, held_out=held, steps=5, lr=50.0, warmup_steps=0)  # absurd lr
+    assert result.phases == ["gn-init", "distill"] and result.reverted == ["distill"]
+    with torch.no_grad():
+        torch.testing.assert_close(student(held), reference(held))
+    kept = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=4, inplace=False)[0]
+    worse = calibrate(kept, teacher, x, held_out=held, steps=5, lr=50.0, warmup_steps=0, keep_best=False)
+    assert worse.reverted == [] and worse.after.kl > result.after.kl

@@ -138,7 +138,7 @@ def test_sigkill_during_convert_leaves_no_partial_output(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # training: SIGKILL mid-run, then `wsurgery train --resume` reaches the same final weights
 
-TRAIN_ARGS = ["--recipe", "cpu-quick", "--img-size", "32", "--set", "epochs=3", "--set", "batch_size=4",
+TRAIN_ARGS = ["--recipe", "cpu-quick", "--img-size", "32", "--set", "epochs=2", "--set", "batch_size=4",
               "--set", "workers=0", "--set", "warmup_steps=2", "--set", "seed=7"]
 ONE_THREAD = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -149,6 +149,7 @@ def _tensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+@pytest.mark.sweep  # three training runs in subprocesses: CI only (tests/test_train.py checks resume in-process)
 def test_sigkill_during_training_then_resume_gives_the_same_weights(tmp_path):
     from _data import make_folder  # the training tests' synthetic images
 
@@ -180,7 +181,7 @@ def test_sigkill_during_training_then_resume_gives_the_same_weights(tmp_path):
                 proc.wait(30)
             proc.stderr.close()
     state = json.loads((cut / "last" / "train_state.json").read_text())["state"]
-    assert 1 <= state["epoch"] < 3, "the kill did not land mid-run"
+    assert state["epoch"] == 1, "the kill did not land mid-run"
     # what the kill left is complete and loadable: the last checkpoint and the best model so far
     assert wsurgery.is_converted(wsurgery.load(cut / "last"))
     assert wsurgery.load(cut).num_classes == 3
@@ -196,5 +197,5 @@ def test_sigkill_during_training_then_resume_gives_the_same_weights(tmp_path):
             assert torch.equal(a[key], b[key]), f"{name}: {key} differs after resume"
     ja = json.loads((full / "last" / "train_state.json").read_text())["state"]
     jb = json.loads((cut / "last" / "train_state.json").read_text())["state"]
-    assert ja["step"] == jb["step"] and ja["epoch"] == jb["epoch"] == 3
+    assert ja["step"] == jb["step"] and ja["epoch"] == jb["epoch"] == 2
     assert [h.get("top1") for h in ja["history"]] == [h.get("top1") for h in jb["history"]]

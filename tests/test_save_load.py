@@ -85,6 +85,7 @@ _CHILD = textwrap.dedent(
     import json, sys, torch
     from safetensors.torch import load_file, save_file
     import wsurgery
+    from wsurgery.convert import ws_parametrizations
     out = {}
     types = {}
     x = load_file(sys.argv[1])["x"]
@@ -93,7 +94,7 @@ _CHILD = textwrap.dedent(
         with torch.no_grad():
             out[d] = m(x)
         types[d] = [[n, type(mod).__name__, type(mod).__mro__[1].__name__] for n, mod in m.named_modules()]
-        types[d + ":ws"] = sum(1 for _ in wsurgery.convert.__globals__["ws_parametrizations"](m))
+        types[d + ":ws"] = sum(1 for _ in ws_parametrizations(m))
     save_file({k: v.contiguous() for k, v in out.items()}, sys.argv[2])
     print(json.dumps(types))
     """

@@ -20,6 +20,12 @@ the original model as teacher and unlabeled images, in up to three phases:
     adaptive-WS ``gain``/``shift`` (``train="affine"``) or every parameter (``train="all"``),
     for a bounded number of steps (and optionally seconds).
 
+With held-out images and ``keep_best`` (default), a distillation that follows another phase
+and raises the held-out KL is undone (``CalibrationResult.reverted`` says so): distilling from
+a few photos can fit them and lose the function elsewhere. The held-out images then act as a
+validation set, so judge the final model on images outside both sets
+(``benchmarks/calibration.py`` does).
+
 ``auto`` picks, from the student's surgery: adaptive WS with BN kept -> nothing (already
 exact); plain WS with BN kept -> ``bn-stats`` + ``distill`` (all); GN students ->
 ``gn-init`` + ``distill`` (``affine`` for adaptive WS, ``all`` for plain WS).
@@ -92,6 +98,8 @@ class CalibrationConfig:
     max_seconds: float | None = field(default=None, metadata={"help": "stop distilling after this many seconds"})
     init_images: int = field(default=64, metadata={"help": "images in the one gn-init / bn-stats pass"})
     warmup_steps: int = field(default=5, metadata={"help": "linear learning-rate warm-up steps"})
+    keep_best: bool = field(
+        default=True, metadata={"help": "undo the distillation if it raised the KL on the held-out images"})
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -147,6 +155,8 @@ class CalibrationResult:
     seconds: float
     seed: int
     losses: list[float] = field(default_factory=list)
+    #: phases whose result was undone because held-out agreement got worse (``keep_best``)
+    reverted: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -625,6 +635,7 @@ def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> Calib
     gen = torch.Generator().manual_seed(seed + 2)
     init_batch = calib[torch.randperm(calib.shape[0], generator=gen)[:cfg.init_images]]
     losses: list[float] = []
+    reverted: list[str] = []
     for i, phase in enumerate(phases):
         if progress is not None:
             progress(CalibrationProgress(phase, 0, cfg.steps if phase == "distill" else 1))
@@ -633,12 +644,19 @@ def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> Calib
         elif phase == "gn-init":
             init_gn_from_teacher(student, teacher, init_batch)
         elif phase == "distill":
+            guard = cfg.keep_best and held is not None and i > 0
+            if guard:  # distilling from few photos can overfit them: keep what generalises better
+                kl_before = agreement_from_logits(predict_logits(student, held), teacher_held).kl
+                snapshot = {k: v.detach().clone() for k, v in student.state_dict().items()}
             losses = distill(student, teacher, calib, cfg, train=train, seed=seed, progress=progress)
+            if guard and agreement_from_logits(predict_logits(student, held), teacher_held).kl > kl_before:
+                student.load_state_dict(snapshot)
+                reverted.append(phase)
         if progress is not None and phase != "distill":
             progress(CalibrationProgress(phase, 1, 1))
     after = agreement_from_logits(predict_logits(student, held), teacher_held) if held is not None else None
     return CalibrationResult(
         method=cfg.method, phases=phases, train=train if "distill" in phases else None, before=before, after=after,
         num_images=int(calib.shape[0]), num_held_out=int(held.shape[0]) if held is not None else 0,
-        steps=len(losses), seconds=0.0, seed=seed, losses=losses, config=cfg.to_dict(),
+        steps=len(losses), seconds=0.0, seed=seed, losses=losses, reverted=reverted, config=cfg.to_dict(),
     )

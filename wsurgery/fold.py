@@ -1,9 +1,10 @@
 """Fold: compute the standardized weights once and leave plain convs behind.
 
-* WS / adaptive-WS parametrizations are removed with
-  ``torch.nn.utils.parametrize.remove_parametrizations(..., leave_parametrized=True)``: the
-  value written back is computed by the very function the forward used, so the folded conv
-  reproduces the unfolded one bit for bit, and each module gets its original class back.
+* WS / adaptive-WS parametrizations: each standardized weight is computed once by the very
+  function the forward used (so the folded conv reproduces the unfolded one bit for bit) and
+  checked, then the parametrization is removed (``remove_parametrizations``, in place) or the
+  module is copied without it (the default, ``inplace=False``); either way each module gets
+  its original class back.
 * timm's own ``StdConv2d`` / ``ScaledStdConv2d`` (and their ``Same`` variants) become
   ``nn.Conv2d`` / ``Conv2dSame`` holding the weight their forward computes (gain and
   fan-in scale included), with the same ``F.batch_norm`` call timm uses.
