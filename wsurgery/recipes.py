@@ -131,7 +131,8 @@ class Recipe:
     ema_decay: float = _help("EMA decay per optimizer step.", 0.999)
 
     # --- precision, speed, reproducibility
-    amp: Literal["none", "bf16", "fp16"] = _help("Autocast dtype on CUDA (ignored elsewhere, with a warning).", "none")
+    amp: Literal["none", "bf16", "fp16"] = _help(
+        "Autocast dtype on CUDA (ignored elsewhere; the run notes say so).", "none")
     channels_last: bool = _help("channels_last memory format on CUDA.", True)
     standardize_once: bool = _help(
         "With accum_steps > 1, standardize WS weights once per optimizer step (wsurgery.accumulate) instead of "
