@@ -24,8 +24,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 DEBUG_ENV = "WSURGERY_DEBUG"
 
 
+#: set by the root ``--debug`` option for the current invocation (reset on every invocation, so
+#: one ``--debug`` call never leaks into the next one run in the same process, e.g. by CliRunner)
+debug_flag = False
+
+
+def set_debug(enabled: bool) -> None:
+    global debug_flag
+    debug_flag = enabled
+
+
 def debug_enabled() -> bool:
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0", "false", "no")
+    return debug_flag or os.environ.get(DEBUG_ENV, "") not in ("", "0", "false", "no")
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

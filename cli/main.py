@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-
 import typer
 
 from . import convert as _convert
@@ -14,7 +12,7 @@ from . import demo as _demo
 from . import predict as _predict
 from . import train as _train
 from . import compare as _compare
-from ._common import DEBUG_ENV
+from ._common import DEBUG_ENV, set_debug
 
 app = typer.Typer(
     name="wsurgery",
@@ -30,8 +28,7 @@ app = typer.Typer(
 def _root(
     debug: bool = typer.Option(False, "--debug", help=f"Show tracebacks on errors (same as {DEBUG_ENV}=1)."),
 ) -> None:
-    if debug:
-        os.environ[DEBUG_ENV] = "1"
+    set_debug(debug)
 
 
 app.command("convert")(_convert.convert)

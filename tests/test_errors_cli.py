@@ -597,8 +597,6 @@ def test_train_recipe_file_errors(tmp_path, train_model):
     only_entries(tmp_path, "data")
 
 
-@pytest.mark.xfail(strict=True, reason="wsurgery.train creates the run directory before it loads the model "
-                   "(_prepare_output before _load_model); reported to the training side")
 def test_train_bad_model_writes_no_run_directory(tmp_path):
     data = images(tmp_path / "data", per_class=2)
     out = tmp_path / "run"

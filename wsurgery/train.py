@@ -897,7 +897,8 @@ def train(
     resolved, notes = resolve_recipe(recipe_obj, len(bundle.train), bundle.original_size)
     if bundle.skipped:
         notes.append(f"skipped {len(bundle.skipped)} unreadable file(s), e.g. {bundle.skipped[0]}")
-    _prepare_output(out, resume_dir, force, is_main)
+    if out is not None and is_main and out.exists() and not force and resume_dir != out:
+        raise OutputExistsError(f"{out} already exists; pass --force to start over, or --resume {out}")
     # absolute paths: a resumed run may start from another working directory
     data_record = {"data": str(Path(data).resolve()),
                    "val_data": str(Path(val_data).resolve()) if val_data is not None else None,
@@ -912,6 +913,9 @@ def train(
             net = _load_model(model, load_kwargs)  # type: ignore[arg-type]
             set_num_classes(net, bundle.class_names, resolved.head_init)
             _set_input_size(net, resolved.img_size if isinstance(resolved.img_size, int) else None)
+        # only now, with the model loaded, is the run directory created (or replaced with --force):
+        # a failed load leaves nothing behind
+        _prepare_output(out, resume_dir, force, is_main)
         if not is_converted(net):
             notes.append("the model has no WS layers (a plain/BatchNorm baseline)")
         run = _Run(net, bundle, resolved, out, dev, callback, notes, data_record)
