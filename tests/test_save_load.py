@@ -308,6 +308,16 @@ def test_remap_by_order(tmp_path, r18_state):
         wsurgery.load("resnet18", checkpoint=tmp_path / "short.pth", remap_by_order=True)
 
 
+def test_remap_by_order_with_a_new_head(tmp_path, r18_state):
+    renamed = OrderedDict((f"backbone.t{i:03d}", v) for i, v in enumerate(r18_state.values()))
+    torch.save(renamed, tmp_path / "other_impl.pth")
+    model = wsurgery.load("resnet18", checkpoint=tmp_path / "other_impl.pth", remap_by_order=True, num_classes=7)
+    assert model.fc.out_features == 7
+    body = {k: v for k, v in r18_state.items() if not k.startswith("fc.")}
+    for key, value in body.items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0)
+
+
 def test_num_classes_with_checkpoint(tmp_path, r18_state):
     torch.save(r18_state, tmp_path / "w.pth")
     model = wsurgery.load("resnet18", checkpoint=tmp_path / "w.pth", num_classes=7)

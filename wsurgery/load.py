@@ -120,13 +120,19 @@ def load_checkpoint(
                 f"{source} has {len(state_dict)} tensors but the model has {len(expected)}; "
                 "remapping by order needs the same number (another architecture?)"
             )
+        heads = set(_classifier_keys(model)) if new_head else set()
+        remapped = {}
         for (mk, mv), (ck, cv) in zip(expected.items(), state_dict.items()):
             if mv.numel() != cv.numel():
+                if mk in heads:  # --num-classes: the new head keeps its own init
+                    remapped[mk] = mv
+                    continue
                 raise CheckpointMismatchError(
                     f"{source} does not fit this model by order: {ck!r} {tuple(cv.shape)} lands on "
                     f"{mk!r} {tuple(mv.shape)}"
                 )
-        state_dict = remap_state_dict(state_dict, model)
+            remapped[ck] = cv
+        state_dict = remap_state_dict(remapped, model)
     if new_head:
         state_dict = _keep_new_head(model, state_dict)
     _first_mismatch(model, state_dict, source)
