@@ -393,19 +393,19 @@ def init_gn_from_teacher(student: nn.Module, teacher: nn.Module, images: torch.T
             module.bias.copy_((mean_t - scale * mean_s).to(module.bias.dtype))
         return hook
 
-    handles = [t.register_forward_pre_hook(teacher_hook(n)) for n, _, t in pairs]
-    try:
-        _run_eval(teacher, images)
-    finally:
-        for h in handles:
-            h.remove()
-    handles = [s.register_forward_pre_hook(student_hook(n)) for n, s, _ in pairs]
-    try:
-        _run_eval(student, images)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_with_pre_hooks(teacher, [(t, teacher_hook(n)) for n, _, t in pairs], images)
+    _run_with_pre_hooks(student, [(s, student_hook(n)) for n, s, _ in pairs], images)
     return len(pairs)
+
+
+def _run_with_pre_hooks(model: nn.Module, hooks: list, images: torch.Tensor) -> None:
+    """One eval pass of ``model`` over ``images`` with forward pre-hooks installed, then removed."""
+    handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
+    try:
+        _run_eval(model, images)
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @torch.no_grad()

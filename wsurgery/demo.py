@@ -286,13 +286,15 @@ def run_demo(
     result.calibration = calibration
     test_dir = data / "test"
 
-    def _before():
-        model = set_num_classes_copy(student)
+    def _test_top1(model):
         from .datasets import build_datasets
 
         test = build_datasets(test_dir).train
         test.transform = eval_transform_for(model, cfg.img_size)
-        acc = evaluate(model, test, batch_size=64)["top1"]
+        return evaluate(model, test, batch_size=64)["top1"]
+
+    def _before():
+        acc = _test_top1(set_num_classes_copy(student))
         result.accuracy_before = acc
         return acc, f"test top-1 {acc:.1f}% (new zero-initialised 10-class head: chance level)"
 
@@ -321,12 +323,7 @@ def run_demo(
     result.export_passed = bool(trained.verify.passed)
 
     def _after():
-        from .datasets import build_datasets
-
-        exported = load(export_dir)
-        test = build_datasets(test_dir).train
-        test.transform = eval_transform_for(exported, cfg.img_size)
-        acc = evaluate(exported, test, batch_size=64)["top1"]
+        acc = _test_top1(load(export_dir))
         result.accuracy_after = acc
         return acc, f"test top-1 {acc:.1f}% (the folded plain-conv export)"
 
