@@ -92,33 +92,31 @@ def corrupt_copy(saved: Path, dest: Path, name: str, data: bytes) -> Path:
     return dest
 
 
-def test_fuzz_safetensors_header(tmp_path, saved, reference):
-    data = (saved / "model.safetensors").read_bytes()
-    header_len = int.from_bytes(data[:8], "little")
+def fuzz_file(tmp_path, saved, reference, name, data, end, seed_base):
+    """Export NUM_CASES copies of ``saved`` whose ``name`` has bytes [0, end) corrupted (seeded).
+
+    Each must give the one-line error or the exact saved model; at least half must be refused.
+    """
     outcomes = Counter()
     for seed in range(NUM_CASES):
-        rng = random.Random(seed)
-        bad = mutate(data, 0, 8 + header_len, rng)
-        src = corrupt_copy(saved, tmp_path / f"src{seed}", "model.safetensors", bad)
+        bad = mutate(data, 0, end, random.Random(seed_base + seed))
+        src = corrupt_copy(saved, tmp_path / f"src{seed}", name, bad)
         out = tmp_path / f"out{seed}"
-        outcomes[check_outcome(run_export(src, out), out, reference, f"safetensors seed {seed}")] += 1
+        outcomes[check_outcome(run_export(src, out), out, reference, f"{name} seed {seed_base + seed}")] += 1
         shutil.rmtree(src)
         shutil.rmtree(out, ignore_errors=True)
     assert sum(n for k, n in outcomes.items() if k != "harmless") >= NUM_CASES // 2, outcomes
+
+
+def test_fuzz_safetensors_header(tmp_path, saved, reference):
+    data = (saved / "model.safetensors").read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    fuzz_file(tmp_path, saved, reference, "model.safetensors", data, 8 + header_len, seed_base=0)
 
 
 def test_fuzz_config_json(tmp_path, saved, reference):
     data = (saved / "config.json").read_bytes()
-    outcomes = Counter()
-    for seed in range(NUM_CASES):
-        rng = random.Random(1000 + seed)
-        bad = mutate(data, 0, len(data), rng)
-        src = corrupt_copy(saved, tmp_path / f"src{seed}", "config.json", bad)
-        out = tmp_path / f"out{seed}"
-        outcomes[check_outcome(run_export(src, out), out, reference, f"config seed {seed}")] += 1
-        shutil.rmtree(src)
-        shutil.rmtree(out, ignore_errors=True)
-    assert sum(n for k, n in outcomes.items() if k != "harmless") >= NUM_CASES // 2, outcomes
+    fuzz_file(tmp_path, saved, reference, "config.json", data, len(data), seed_base=1000)
 
 
 @pytest.mark.parametrize("field,value", [
