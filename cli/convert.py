@@ -99,6 +99,9 @@ def convert(
     calib_size: Optional[int] = typer.Option(
         None, "--calib-size", help="Distill at this input resolution (faster; default: the model's)."),
     calib_seconds: Optional[float] = typer.Option(None, "--calib-seconds", help="Stop distilling after N seconds."),
+    calib_augment: bool = typer.Option(
+        False, "--calib-augment/--no-calib-augment",
+        help="Distill on fresh random crops, flips and blends of the images each step instead of the fixed images."),
     seed: int = typer.Option(0, "--seed", help="Seeds the image choice, crops, held-out split and batch order."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
 ) -> None:
@@ -129,7 +132,7 @@ def convert(
             result = calibrate(
                 student, net, images, method=method, steps=calib_steps, held_out=calib_held_out or None, seed=seed,
                 progress=view, batch_size=calib_batch, train=calib_train, lr=calib_lr, distill_size=calib_size,
-                max_seconds=calib_seconds,
+                max_seconds=calib_seconds, augment=calib_augment,
             )
     wsurgery.save(student, output, report=report, force=force)
     console.print(report_table(report))
@@ -148,3 +151,7 @@ def convert(
                                     f"{result.seconds:.1f} s"))
     rows.append(("saved to", output))
     console.print(kv_table("summary", rows))
+    if result is None and config.norm == "gn" and (pretrained is not False or checkpoint is not None):
+        # measured (benchmarks/calibration.py --part sgd): uncalibrated AWS + GN does not learn under SGD
+        console.print("note: BN was replaced by GN without calibration, so the model has lost its pretrained "
+                      "function; pass --calib-data PATH (unlabeled images) to calibrate the GN layers")

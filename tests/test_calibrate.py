@@ -4,6 +4,7 @@ test_real_weights.py)."""
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import wsurgery
-from wsurgery.calibrate import (CalibrationConfig, calibrate, calibration_images, init_gn_from_teacher,
+from wsurgery.calibrate import (CalibrationConfig, _augment, calibrate, calibration_images, init_gn_from_teacher,
                                 reestimate_bn_stats, resolve_method)
 from wsurgery.compare import Agreement, agreement_from_logits, compare
 from wsurgery.errors import ConfigError, UsageError
@@ -126,12 +127,13 @@ def test_bn_stats_are_the_data_statistics(teacher):
     assert n > 1 and not bn.training and bn.momentum == 0.1
 
 
-@pytest.mark.parametrize("mode,norm", [("aws", "gn"), ("ws", "gn"), ("ws", "keep")])
-def test_calibration_improves_agreement(teacher, mode, norm):
+@pytest.mark.parametrize("mode,norm,augment", [("aws", "gn", False), ("ws", "gn", False), ("ws", "keep", False),
+                                               ("aws", "gn", True)])
+def test_calibration_improves_agreement(teacher, mode, norm, augment):
     student = wsurgery.convert(teacher, mode=mode, norm=norm, gn_groups=4, inplace=False)[0]
     before_state = _state(teacher)
     result = calibrate(student, teacher, _images(128, seed=5), held_out=_images(64, seed=6), steps=60,
-                       batch_size=32, lr=1e-2 if mode == "aws" else 3e-3, seed=0)
+                       batch_size=32, lr=1e-2 if mode == "aws" else 3e-3, seed=0, augment=augment)
     assert result.phases == (["gn-init", "distill"] if norm == "gn" else ["bn-stats", "distill"])
     assert result.train == ("affine" if mode == "aws" else "all")
     assert result.steps == 60 and len(result.losses) == 60
@@ -232,6 +234,10 @@ def test_calibration_images_limit_seed_and_crops(tmp_path):
     crops = calibration_images(tmp_path / "cls_a", model, seed=2, img_size=32, crops_per_image=3, limit=None)
     assert crops.shape == (15, 3, 32, 32)
     assert not torch.equal(crops[0], crops[1])  # different random crops of the same file
+    random.seed(123)  # timm's crops draw from Python's `random`: the seed must pin them anyway
+    again = calibration_images(tmp_path / "cls_a", model, seed=2, img_size=32, crops_per_image=3, limit=None)
+    torch.testing.assert_close(again, crops)
+    assert random.random() == random.Random(123).random()  # and the caller's random state is left alone
     with pytest.raises(ConfigError, match="at least 1"):
         calibration_images(tmp_path, model, limit=0)
 
@@ -269,3 +275,28 @@ def test_keep_best_undoes_a_harmful_distillation(teacher):
     kept = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=4, inplace=False)[0]
     worse = calibrate(kept, teacher, x, held_out=held, steps=5, lr=50.0, warmup_steps=0, keep_best=False)
     assert worse.reverted == [] and worse.after.kl > result.after.kl
+
+
+def test_augment_crops_flips_and_blends_within_the_batch():
+    # every image constant (value c_i): crops, flips and resizing keep c_i; a blend lies between two c's
+    values = torch.arange(8, dtype=torch.float32)
+    x = values.view(8, 1, 1, 1).expand(8, 3, 20, 24).clone()
+    plain = _augment(x, 16, 0.0, torch.Generator().manual_seed(0))
+    assert plain.shape == (8, 3, 16, 16)
+    torch.testing.assert_close(plain, values.view(8, 1, 1, 1).expand_as(plain))
+    mixed = _augment(x, None, 0.5, torch.Generator().manual_seed(0))
+    assert mixed.shape == x.shape
+    per_image = mixed.mean(dim=(1, 2, 3))
+    torch.testing.assert_close(mixed, per_image.view(8, 1, 1, 1).expand_as(mixed))  # still constant per image
+    torch.testing.assert_close(per_image[4:], values[4:])  # the other half untouched
+    assert ((per_image[:4] >= 0) & (per_image[:4] <= 7)).all() and not torch.equal(per_image[:4], values[:4])
+    # seeded: the same generator seed gives the same views; a ramp image shows crops and flips differ
+    ramp = torch.linspace(-1, 1, 24).expand(4, 3, 20, 24).clone()
+    a, b = (_augment(ramp, None, 0.0, torch.Generator().manual_seed(s)) for s in (1, 1))
+    torch.testing.assert_close(a, b)
+    views = _augment(ramp, None, 0.0, torch.Generator().manual_seed(2))
+    assert not torch.allclose(views, ramp)
+    increasing = views[:, 0, 0, -1] > views[:, 0, 0, 0]
+    assert increasing.any() and (~increasing).any()  # some views flipped, some not (seed 2)
+    with pytest.raises(ConfigError, match="mix_fraction"):
+        CalibrationConfig(mix_fraction=1.5)

@@ -115,3 +115,29 @@ def test_bit_hyperrule_resolution_and_resolve():
     assert len(notes) == 5
     plain, none = resolve_recipe(load_recipe("cpu-quick"), 5000, (28, 28))
     assert plain == load_recipe("cpu-quick") and none == []
+
+
+def test_wheel_ships_recipes_and_the_cli_inside_the_package(tmp_path):
+    """A wheel (not only this checkout) finds the recipes by name, and installs no bare `cli`."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "dist"), str(root)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("wsurgery-*.whl")
+    with zipfile.ZipFile(wheel) as zf:
+        names = zf.namelist()
+        zf.extractall(tmp_path / "site")
+    shipped = {Path(n).stem for n in names if n.startswith("wsurgery/_recipes/") and n.endswith(".yaml")}
+    assert shipped == {p.stem for p in (root / "recipes").glob("*.yaml")} and shipped
+    assert "wsurgery/cli/main.py" in names
+    assert not any(n.split("/")[0] in ("cli", "recipes", "tests", "benchmarks") for n in names)
+    # the installed copy resolves RECIPE_DIR to its own _recipes folder
+    code = "import wsurgery.recipes as r; print(r.RECIPE_DIR); print(r.load_recipe('micro-batch').batch_size)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}).stdout.split()
+    assert Path(out[0]) == tmp_path / "site" / "wsurgery" / "_recipes"
+    assert int(out[1]) >= 1

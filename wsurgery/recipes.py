@@ -49,8 +49,16 @@ __all__ = [
     "recipe_reference",
 ]
 
-#: where the shipped recipes live (the repository's ``recipes/`` folder)
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+def _recipe_dir() -> Path:
+    """The shipped recipes: ``wsurgery/_recipes`` in an installed wheel (pyproject maps the
+    repository's ``recipes/`` folder there), the repository's ``recipes/`` in a checkout."""
+    here = Path(__file__).resolve().parent
+    packaged = here / "_recipes"
+    return packaged if packaged.is_dir() else here.parent / "recipes"
+
+
+#: where the shipped recipes live
+RECIPE_DIR = _recipe_dir()
 
 Auto = Literal["auto"]
 
