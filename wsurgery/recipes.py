@@ -140,7 +140,8 @@ class Recipe:
 
     # --- precision, speed, reproducibility
     amp: Literal["none", "bf16", "fp16"] = _help(
-        "Autocast dtype on CUDA (ignored elsewhere; the run notes say so).", "none")
+        "Autocast dtype on CUDA or CPU (bf16 is fast on CPUs with AVX-512 BF16/AMX; ignored on MPS, the run "
+        "notes say so).", "none")
     channels_last: bool = _help("channels_last memory format on CUDA.", True)
     standardize_once: bool = _help(
         "With accum_steps > 1, standardize WS weights once per optimizer step (wsurgery.accumulate) instead of "

@@ -7,7 +7,7 @@
 
 * gradient accumulation, with the WS standardization computed once per optimizer step
   (:func:`wsurgery.accumulate.standardize_once`) when that module is present;
-* AMP (bf16/fp16 autocast, GradScaler for fp16) and channels_last on CUDA only;
+* AMP (bf16/fp16 autocast, GradScaler for fp16) on CUDA and CPU; channels_last on CUDA only;
 * seeded and deterministic on CPU; DistributedDataParallel under ``torchrun`` (NCCL on
   GPU, gloo on CPU), where only rank 0 writes;
 * evaluation every epoch (top-1, top-5, loss), ``metrics.csv`` and ``metrics.png``;
@@ -434,10 +434,11 @@ class _Run:
             self.ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.train_model = self.ddp or model
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(r.amp)
-        if self.amp_dtype is not None and not self.cuda:
-            self.notes.append(f"amp={r.amp} is for CUDA only; training in fp32 on {self.device.type}")
+        if self.amp_dtype is not None and self.device.type not in ("cuda", "cpu"):
+            self.notes.append(f"amp={r.amp} runs on CUDA and CPU; training in fp32 on {self.device.type}")
             self.amp_dtype = None
-        self.scaler = torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None
+        # fp16 needs loss scaling (its range is narrow); bf16 has fp32's range and does not
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.amp_dtype == torch.float16 else None
         self._setup_data()
         self._setup_optim()
         self.ema = None
@@ -603,7 +604,7 @@ class _Run:
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.amp_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type="cuda", dtype=self.amp_dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _set_train_mode(self) -> None:
         self.model.train()
