@@ -26,7 +26,6 @@ Prints a table and writes ``benchmarks/results/finetune.json`` (``finetune-quick
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -42,6 +41,7 @@ from wsurgery.convert import clone_model  # noqa: E402
 from wsurgery.data import load_images  # noqa: E402
 from wsurgery.datasets import build_datasets, eval_transform_for  # noqa: E402
 from wsurgery.demo import fashion_mnist_folder  # noqa: E402
+from wsurgery.io import atomic_file, write_json  # noqa: E402
 from wsurgery.recipes import Recipe  # noqa: E402
 from wsurgery.train import evaluate, train  # noqa: E402
 
@@ -149,7 +149,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows,
               "seconds": round(total, 1), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
-    args.out.write_text(json.dumps(record, indent=2) + "\n")
+    with atomic_file(args.out, force=True) as tmp:  # a crash mid-write never leaves half a results file
+        write_json(tmp, record)
     print(f"wrote {args.out}")
 
 

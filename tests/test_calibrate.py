@@ -250,11 +250,12 @@ def test_cli_convert_calibrate_and_compare(tmp_path):
     out = tmp_path / "run"
     res = runner.invoke(app, ["convert", "test_efficientnet", "--no-pretrained", "-o", str(out), "--mode", "aws",
                               "--norm", "gn", "--calib-data", str(tmp_path / "photos"), "--calib-steps", "2",
-                              "--calib-batch", "4", "--calib-held-out", "0.25", "--seed", "3"])
+                              "--calib-batch", "4", "--calib-held-out", "0.25", "--seed", "3", "--calib-augment"])
     assert res.exit_code == 0, res.output
     assert "top-1 agreement" in res.output and "gn-init + distill" in res.output
     record = json.loads((out / "config.json").read_text())["wsurgery"]["calibration"]
     assert record["num_images"] == 6 and record["num_held_out"] == 2 and record["steps"] == 2
+    assert record["config"]["augment"] is True and record["config"]["lr"] is None
     res = runner.invoke(app, ["compare", str(out), str(out), "--images", str(tmp_path / "photos")])
     assert res.exit_code == 0, res.output
     assert "100.0%" in res.output and "images" in res.output
