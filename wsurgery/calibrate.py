@@ -102,7 +102,7 @@ class CalibrationConfig:
     keep_best: bool = field(
         default=True, metadata={"help": "undo the distillation if it raised the KL on the held-out images"})
     augment: bool = field(
-        default=False, metadata={"help": "distill on fresh random resized crops, flips and blends of the images each step"})
+        default=False, metadata={"help": "distill on fresh random crops, flips and blends of the images each step"})
     mix_fraction: float = field(
         default=0.5, metadata={"help": "with augment: fraction of each batch blended with another image (0: none)"})
 
@@ -550,8 +550,9 @@ def _augment(x: torch.Tensor, size: int | None, mix_fraction: float, gen: torch.
     Opt-in (``augment=True``): meant for calibrating from very few images, where a fixed batch
     can be memorised. New views every step, some of them blends of two images (mixup without
     labels). On EfficientNet-Lite0 with 144 crops of 12 photos it did not help (held-out KL 2.00
-    with, 1.77 without; see the README), so it is off by default. Written here rather than with timm's transforms because the
-    batch is already a normalized tensor and every draw must come from the seeded ``gen``
+    with, 1.77 without; see the README), so it is off by default. Written here rather than with
+    timm's transforms because the batch is already a normalized tensor and every draw must come
+    from the seeded ``gen``
     (timm's crops draw from Python's global ``random``; its ``Mixup`` needs targets).
     Crop area 25-100% and aspect ratio 3/4-4/3 as in timm's ``RandomResizedCrop``.
     """
