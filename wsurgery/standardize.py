@@ -251,6 +251,11 @@ def _affine(w_hat: torch.Tensor, fan_in: int, gamma: torch.Tensor, beta: torch.T
     return _from_rows(torch.addcmul(b, filters, g), w_hat.shape, cl)
 
 
+def _check_fan_in(fan_in: int, convention: WSConvention) -> None:
+    if fan_in < 2 and convention.unbiased:
+        raise ConfigError("the 'paper' convention needs at least 2 entries per filter (unbiased std)")
+
+
 def standardize_weight(weight: torch.Tensor, fan_in: int, convention: WSConvention) -> torch.Tensor:
     """Standardize every filter of ``weight`` (fused forward and backward).
 
@@ -271,8 +276,7 @@ def standardize_weight(weight: torch.Tensor, fan_in: int, convention: WSConventi
     Raises:
         ConfigError: the ``paper`` convention with fewer than 2 entries per filter.
     """
-    if fan_in < 2 and convention.unbiased:
-        raise ConfigError("the 'paper' convention needs at least 2 entries per filter (unbiased std)")
+    _check_fan_in(fan_in, convention)
     return _standardize_impl(weight, fan_in, convention.unbiased, convention.eps_in_sqrt, convention.eps)
 
 
@@ -313,12 +317,11 @@ class WeightStandardization(nn.Module):
 
     def _run(self, weight: torch.Tensor, gamma: torch.Tensor | None = None, beta: torch.Tensor | None = None):
         c = self.convention
-        kernel = getattr(self, "_kernel", None) or _standardize_impl
+        _check_fan_in(self.fan_in, c)
+        kernel = self._kernel or _standardize_impl
         return kernel(weight, self.fan_in, c.unbiased, c.eps_in_sqrt, c.eps, gamma, beta)
 
     def standardized(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.fan_in < 2 and self.convention.unbiased:
-            return standardize_weight(weight, self.fan_in, self.convention)  # raises the ConfigError
         return self._run(weight)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -380,8 +383,6 @@ class AdaptiveWeightStandardization(WeightStandardization):
         return _affine(w_hat, self.fan_in, self.gamma, self.beta)
 
     def standardized(self, weight: torch.Tensor) -> torch.Tensor:
-        if self.fan_in < 2 and self.convention.unbiased:
-            standardize_weight(weight, self.fan_in, self.convention)  # raises the ConfigError
         # one fused kernel (batch norm with gamma/beta as its affine) where the convention allows
         return self._run(weight, self.gamma, self.beta)
 
