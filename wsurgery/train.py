@@ -6,7 +6,7 @@
 ``ModelEmaV3``, ``dispatch_clip_grad`` and ``accuracy``. Around them:
 
 * gradient accumulation, with the WS standardization computed once per optimizer step
-  (:func:`wsurgery.accumulate.standardize_once`) when that module is present;
+  (:func:`wsurgery.accumulate.standardize_once`);
 * AMP (bf16/fp16 autocast, GradScaler for fp16) on CUDA and CPU; channels_last on CUDA only;
 * seeded and deterministic on CPU; DistributedDataParallel under ``torchrun`` (NCCL on
   GPU, gloo on CPU), where only rank 0 writes;
@@ -64,6 +64,7 @@ from timm.utils import ModelEmaV3, accuracy, dispatch_clip_grad
 from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
+from .accumulate import standardize_once
 from .convert import clone_model, is_converted
 from .datasets import AugmentConfig, DataBundle, SeededView, build_datasets, eval_transform_for, train_transform
 from .errors import InputNotFoundError, OutputExistsError, RecipeError, UsageError, WSurgeryError
@@ -320,21 +321,9 @@ def _deterministic(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(before, warn_only=before_warn)
 
 
-def _has_accumulate() -> bool:
-    try:
-        from .accumulate import standardize_once  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _standardize_once_ctx(model: nn.Module, wanted: bool) -> contextlib.AbstractContextManager:
-    """``wsurgery.accumulate.standardize_once(model)`` when available and useful, else a no-op."""
+    """``wsurgery.accumulate.standardize_once(model)`` when useful, else a no-op."""
     if not wanted or not is_converted(model):
-        return contextlib.nullcontext()
-    try:
-        from .accumulate import standardize_once
-    except ImportError:
         return contextlib.nullcontext()
     return standardize_once(model)
 
@@ -619,7 +608,7 @@ class _Run:
         use_once = self.recipe.standardize_once and n_micro > 1
         # standardize_once pushes the gradients to the weights after the last backward, outside DDP's
         # hooks, so under DDP the micro-batches all run without sync and the gradients are averaged here
-        manual_reduce = use_once and self.ddp is not None and _has_accumulate()
+        manual_reduce = use_once and self.ddp is not None
         with _standardize_once_ctx(self.model, use_once):
             for i, (x, y) in enumerate(batches):
                 x = x.to(self.device, non_blocking=True)
