@@ -552,8 +552,8 @@ def _augment(x: torch.Tensor, size: int | None, mix_fraction: float, gen: torch.
     labels). On EfficientNet-Lite0 with 144 crops of 12 photos it did not help (held-out KL 2.00
     with, 1.77 without; see the README), so it is off by default. Written here rather than with
     timm's transforms because the batch is already a normalized tensor and every draw must come
-    from the seeded ``gen``
-    (timm's crops draw from Python's global ``random``; its ``Mixup`` needs targets).
+    from the seeded ``gen`` (timm's crops draw from Python's global ``random``; its ``Mixup``
+    needs targets).
     Crop area 25-100% and aspect ratio 3/4-4/3 as in timm's ``RandomResizedCrop``.
     """
     n, _, h, w = x.shape
@@ -680,7 +680,11 @@ def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> Calib
     batch = _as_batch(images, teacher, seed)
     calib, held = _split_held_out(batch, held_out, teacher, seed)
     teacher_held = predict_logits(teacher, held) if held is not None else None
-    before = agreement_from_logits(predict_logits(student, held), teacher_held) if held is not None else None
+
+    def measure() -> Agreement | None:  # the student's agreement with the teacher on the held-out images
+        return agreement_from_logits(predict_logits(student, held), teacher_held) if held is not None else None
+
+    before = measure()
     train = cfg.train
     if train == "auto":
         train = "affine" if _student_mode(student) == "aws" else "all"
@@ -688,7 +692,9 @@ def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> Calib
     init_batch = calib[torch.randperm(calib.shape[0], generator=gen)[:cfg.init_images]]
     losses: list[float] = []
     reverted: list[str] = []
+    after = None  # measured already when the keep_best guard ran last
     for i, phase in enumerate(phases):
+        after = None
         if progress is not None:
             progress(CalibrationProgress(phase, 0, cfg.steps if phase == "distill" else 1))
         if phase == "bn-stats":
@@ -698,15 +704,19 @@ def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> Calib
         elif phase == "distill":
             guard = cfg.keep_best and held is not None and i > 0
             if guard:  # distilling from few photos can overfit them: keep what generalises better
-                kl_before = agreement_from_logits(predict_logits(student, held), teacher_held).kl
+                prior = measure()
                 snapshot = {k: v.detach().clone() for k, v in student.state_dict().items()}
             losses = distill(student, teacher, calib, cfg, train=train, seed=seed, progress=progress)
-            if guard and agreement_from_logits(predict_logits(student, held), teacher_held).kl > kl_before:
-                student.load_state_dict(snapshot)
-                reverted.append(phase)
+            if guard:
+                after = measure()
+                if after.kl > prior.kl:
+                    student.load_state_dict(snapshot)
+                    reverted.append(phase)
+                    after = prior
         if progress is not None and phase != "distill":
             progress(CalibrationProgress(phase, 1, 1))
-    after = agreement_from_logits(predict_logits(student, held), teacher_held) if held is not None else None
+    if after is None:
+        after = measure()
     return CalibrationResult(
         method=cfg.method, phases=phases, train=train if "distill" in phases else None, before=before, after=after,
         num_images=int(calib.shape[0]), num_held_out=int(held.shape[0]) if held is not None else 0,
