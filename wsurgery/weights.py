@@ -119,12 +119,8 @@ def load_efficientnet_lite(variant: str = "lite0", **load_kwargs) -> nn.Module:
 
     info = _variant(variant)
     path = find_efficientnet_lite_checkpoint(info.variant)
-    num_classes = load_kwargs.pop("num_classes", None)
-    model = load(info.architecture, checkpoint=path, remap_by_order=True, **load_kwargs)
-    if num_classes is not None and num_classes != model.num_classes:
-        # the ImageNet head is loaded first (remapping by order needs every tensor), then replaced
-        model.reset_classifier(num_classes)
-    return model
+    # with num_classes, load() remaps the ImageNet tensors by order and keeps the new head's own init
+    return load(info.architecture, checkpoint=path, remap_by_order=True, **load_kwargs)
 
 
 #: Real colour and grayscale photos shipped by common packages: name -> (module, relative path).
