@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import wsurgery
-from wsurgery.calibrate import calibrate, calibration_images, init_gn_from_teacher
+from wsurgery.calibrate import _channel_moments, calibrate, calibration_images, init_gn_from_teacher
 from wsurgery.compare import agreement_from_logits, predict_logits
 from wsurgery.io import atomic_file, write_json
 from wsurgery.weights import load_efficientnet_lite, sample_photos
@@ -121,18 +121,17 @@ class _FrozenStatsGN(torch.nn.Module):
         if self.freeze in ("std", "both"):
             std = self.stats[1]
         x_hat = (x - mean) / std
-        if self.affine is None:
-            (var_s, mean_s), (var_t, mean_t) = (torch.var_mean(t.transpose(0, 1).flatten(1), dim=1)
-                                                for t in (x_hat, self.target))
+        if self.affine is None:  # gn-init's moment matching
+            (mean_s, var_s), (mean_t, var_t) = _channel_moments(x_hat), _channel_moments(self.target)
             w = (var_t / var_s.clamp_min(1e-12)).sqrt()
-            self.affine = (w.view(1, -1, 1, 1), (mean_t - w * mean_s).view(1, -1, 1, 1))
+            self.affine = (w.view(1, -1, 1, 1).to(x.dtype), (mean_t - w * mean_s).view(1, -1, 1, 1).to(x.dtype))
         y = x_hat * self.affine[0] + self.affine[1]
         return self.gn.act(self.gn.drop(y)) if hasattr(self.gn, "act") else y
 
 
 def run_norm_stats(args) -> dict:
     """AWS + GN(1): which per-sample GN statistic costs the agreement (mean, std, or both)."""
-    from wsurgery.calibrate import _bn_output, _norm_pairs
+    from wsurgery.calibrate import _bn_output, _norm_pairs, _run_with_pre_hooks
 
     teacher, xcal, xev, reference, calib_names = _setup(args)
     rows = []
@@ -140,12 +139,8 @@ def run_norm_stats(args) -> dict:
         student = wsurgery.convert(teacher, inplace=False, mode="aws", norm="gn", gn_groups=1)[0].eval()
         pairs = _norm_pairs(student, teacher)
         targets: dict[str, torch.Tensor] = {}
-        handles = [bn.register_forward_pre_hook(lambda m, a, n=n: targets.__setitem__(n, _bn_output(m, a[0])))
-                   for n, _, bn in pairs]
-        with torch.no_grad():
-            teacher(xcal[:64])
-        for h in handles:
-            h.remove()
+        _run_with_pre_hooks(teacher, [(bn, lambda m, a, n=n: targets.__setitem__(n, _bn_output(m, a[0])))
+                                      for n, _, bn in pairs], xcal[:64])
         modules = dict(student.named_modules())
         for name, gn, _ in pairs:
             parent, _, attr = name.rpartition(".")

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .convert import clone_model
+from .convert import all_finite, clone_model
 from .data import data_config_for
 from .errors import (
     CheckpointError, ConversionError, InputNotFoundError, MissingDependencyError, NonFiniteWeightsError,
@@ -164,7 +164,7 @@ def _prepare(model: nn.Module, fold_bn: bool, img_size: int | None) -> tuple[nn.
         folded = clone_model(model)
     folded = folded.float().eval()
     for key, value in folded.state_dict().items():  # fold checks the convs it folds; check the rest too
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        if value.is_floating_point() and not all_finite(value):
             raise NonFiniteWeightsError(
                 f"{key} holds NaN or inf; refusing to export (resume from an earlier checkpoint)")
     pairs = [list(p) for p in getattr(folded, FOLD_ATTR, [])]
