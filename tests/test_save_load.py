@@ -385,6 +385,43 @@ def test_gn_groups_in_a_model_that_does_not_divide():
     assert _type_names(model) == types
 
 
+def test_norms_on_pooled_maps_get_one_group_and_keep_working(tmp_path):
+    """ResNeSt's split attention runs fc1 -> bn1 on 1x1 (pooled) maps. GroupNorm with one channel
+    per group would output its bias for every input; convert gives those layers one group."""
+    model = _timm("resnest14d")
+    attn_bns = {f"{n}.bn1" for n, m in model.named_modules() if type(m).__name__ == "SplitAttn"}
+    assert attn_bns  # the model has split-attention blocks
+    assert wsurgery.pooled_norms(model) == frozenset(attn_bns)
+    converted, report = wsurgery.convert(model, mode="aws", norm="gn", inplace=False, trace=False)
+    notes = {c.name: c.note for c in report.changes}
+    for name, m in converted.named_modules():
+        if isinstance(m, nn.GroupNorm):
+            assert m.num_groups == (1 if name in attn_bns else gn_num_groups(m.num_channels, 32, None, "gcd")), name
+            assert ("1x1" in notes[name]) == (name in attn_bns)
+    # the attention GN now depends on its input: outputs differ between two images, unlike 32 groups of one value
+    name = sorted(attn_bns)[0]
+    seen = []
+    handle = converted.get_submodule(name).register_forward_hook(lambda _m, _a, o: seen.append(o))
+    converted.eval()
+    with torch.no_grad():
+        converted(torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)))
+    handle.remove()
+    gn = converted.get_submodule(name)
+    assert not torch.allclose(seen[0][0], seen[0][1])
+    naive = nn.GroupNorm(gn.num_channels, gn.num_channels, affine=True)
+    naive.load_state_dict(gn.state_dict())
+    x = torch.randn(2, gn.num_channels, 1, 1)
+    # what the plain rule would have done: the bias whatever the input (up to rounding amplified by 1/sqrt(eps))
+    assert_close(naive(x), gn.bias.detach().view(1, -1, 1, 1).expand_as(x), atol=1e-3, rtol=0)
+    # a saved model rebuilds the same groups
+    wsurgery.save(converted, tmp_path / "m")
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["wsurgery"]["pooled_norms"] == sorted(attn_bns)
+    loaded = wsurgery.load(tmp_path / "m")
+    assert loaded.get_submodule(name).num_groups == 1
+    x = torch.randn(2, 3, 64, 64)
+    assert_close(loaded.eval()(x), converted(x))
+
+
 def test_groupnorm_copies_affine_and_keeps_activation():
     torch.manual_seed(0)
     bna = BatchNormAct2d(16, act_layer=nn.SiLU, drop_layer=None)

@@ -16,7 +16,7 @@ True
 __version__ = "0.1.0"
 
 from .config import SurgeryConfig
-from .convert import LayerChange, SurgeryReport, convert, is_converted
+from .convert import LayerChange, SurgeryReport, convert, is_converted, pooled_norms
 from .errors import WSurgeryError
 from .export import ExportResult, export
 from .fold import fold
@@ -57,6 +57,7 @@ __all__ = [
     "fold",
     "inspect",
     "is_converted",
+    "pooled_norms",
     "load",
     "load_checkpoint",
     "save",

@@ -40,6 +40,7 @@ __all__ = [
     "get_surgery_config",
     "clone_model",
     "all_finite",
+    "pooled_norms",
 ]
 
 #: timm layers that already standardize their weights: recognised, left as they are, folded.
@@ -169,10 +170,15 @@ class _Plan:
     norms: list[tuple[str, nn.Module, int]]
     already: list[str]
     skipped: list[str]
+    pooled: frozenset[str] = frozenset()
 
 
-def plan_surgery(model: nn.Module, config: SurgeryConfig) -> _Plan:
+def plan_surgery(model: nn.Module, config: SurgeryConfig, pooled: frozenset[str] = frozenset()) -> _Plan:
     """Decide every change and validate it, without touching the model.
+
+    ``pooled`` names the BatchNorms that see 1x1 maps (see :func:`pooled_norms`): they become
+    GroupNorm with ONE group (a LayerNorm over the channels), because with one value per group
+    GroupNorm outputs its bias whatever the input.
 
     Raises:
         ConversionError: the model is already converted, patterns match nothing, or a norm
@@ -206,12 +212,15 @@ def plan_surgery(model: nn.Module, config: SurgeryConfig) -> _Plan:
         for name, module in model.named_modules():
             if is_batchnorm(module):
                 channels = int(getattr(module, "num_features", None) or module.weight.shape[0])
+                if name in pooled:
+                    norms.append((name, module, 1))
+                    continue
                 try:
                     groups = gn_num_groups(channels, config.gn_groups, config.gn_group_size, config.gn_group_rule)
                 except ConversionError as e:
                     raise ConversionError(f"{name}: {e}") from None
                 norms.append((name, module, groups))
-    return _Plan(convs, norms, already, skipped)
+    return _Plan(convs, norms, already, skipped, frozenset(pooled))
 
 
 def _standardize_conv(name: str, module: nn.Module, config: SurgeryConfig) -> tuple[LayerChange, int]:
@@ -252,12 +261,57 @@ def apply_surgery(model: nn.Module, config: SurgeryConfig, plan: _Plan) -> Surge
     for name, bn, groups in plan.norms:
         gn = batchnorm_to_groupnorm(bn, groups, eps=config.gn_eps)
         model.set_submodule(name, gn)
-        report.changes.append(
-            LayerChange(name, type(bn).__name__, type(gn).__name__, _numel(bn), _numel(gn), f"{groups} groups")
-        )
+        note = "1 group (sees 1x1 maps)" if name in plan.pooled else f"{groups} groups"
+        report.changes.append(LayerChange(name, type(bn).__name__, type(gn).__name__, _numel(bn), _numel(gn), note))
     report.params_after = _numel(model)
     setattr(model, _CONFIG_ATTR, config)
+    if config.norm == "gn":  # saved with the model, so a rebuild gives these layers one group too
+        model.wsurgery_pooled_norms = sorted(plan.pooled)
     return report
+
+
+def _probe_input(model: nn.Module) -> torch.Tensor | None:
+    """One zero image of the model's default input size (timm's ``pretrained_cfg``, else 224 px)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = cfg.get("input_size")
+    if size is None:
+        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        if first is None:
+            return None
+        size = (first.in_channels, 224, 224)
+    param = next(model.parameters(), None)
+    if param is None:
+        return None
+    return torch.zeros(1, *size, device=param.device, dtype=param.dtype)
+
+
+def pooled_norms(model: nn.Module) -> frozenset[str] | None:
+    """The BatchNorms that see 1x1 maps at the model's default input size.
+
+    Split-attention (ResNeSt) and selective-kernel (SKNet) blocks put a BatchNorm in the small
+    MLP they run on globally pooled features. A GroupNorm there would normalize each group over
+    ``channels / groups`` values; with one value per group it returns its bias for every input.
+    Found by one eval-mode forward pass of a zero image with pre-hooks (static shapes are not in
+    the fx graph), so it costs one inference. ``None`` when the forward pass fails.
+    """
+    x = _probe_input(model)
+    if x is None:
+        return None
+    found: set[str] = set()
+    hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: found.add(n) if a[0].shape[-2:].numel() == 1 else None)
+             for n, m in model.named_modules() if is_batchnorm(m)]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(x)
+    except Exception:  # noqa: BLE001 - a model that cannot run a plain image just gets no probe
+        return None
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    return frozenset(found)
 
 
 def _is_norm(module: nn.Module) -> bool:
@@ -285,6 +339,7 @@ def convert(
     *,
     inplace: bool = True,
     trace: bool = True,
+    probe: bool = True,
     **overrides: Any,
 ) -> tuple[nn.Module, SurgeryReport]:
     """Convert every selected conv to Weight Standardization, optionally BN -> GN.
@@ -298,6 +353,8 @@ def convert(
         inplace: modify ``model`` itself (default, like timm's module converters). With
             ``False`` a deep copy is converted and ``model`` is left as it was.
         trace: find convs not followed by a norm layer (a torch.fx trace) for the report.
+        probe: with ``norm="gn"``, run one forward pass of a zero image to find BatchNorms on
+            1x1 maps (:func:`pooled_norms`); they get one GroupNorm group.
 
     Returns:
         ``(model, report)``: the converted model (the same object when ``inplace``) and a
@@ -317,11 +374,12 @@ def convert(
         config = SurgeryConfig(**overrides)
     elif overrides:
         config = SurgeryConfig(**{**config.to_dict(), **overrides})
-    plan = plan_surgery(model, config)
+    pooled = (pooled_norms(model) or frozenset()) if config.norm == "gn" and probe else frozenset()
+    plan = plan_surgery(model, config, pooled)
     unnormalized = _convs_without_norm(model, [n for n, _ in plan.convs]) if trace else None
     if not inplace:
         model = clone_model(model)
-        plan = plan_surgery(model, config)
+        plan = plan_surgery(model, config, pooled)
     report = apply_surgery(model, config, plan)
     report.convs_without_norm = unnormalized
     return model, report

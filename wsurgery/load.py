@@ -25,7 +25,7 @@ from timm.models import remap_state_dict
 from torch import nn
 
 from .config import SurgeryConfig
-from .convert import apply_surgery, plan_surgery
+from .convert import apply_surgery, plan_surgery, pooled_norms
 from .errors import (
     CheckpointError,
     CheckpointMismatchError,
@@ -202,7 +202,10 @@ def rebuild(config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None =
     surgery = ws.get("surgery")
     if surgery:
         cfg = SurgeryConfig.from_dict(surgery)
-        apply_surgery(model, cfg, plan_surgery(model, cfg))
+        # the norms convert gave one group (1x1 maps); records older than that field: probe again
+        pooled = frozenset(ws["pooled_norms"]) if "pooled_norms" in ws else (
+            (pooled_norms(model) or frozenset()) if cfg.norm == "gn" else frozenset())
+        apply_surgery(model, cfg, plan_surgery(model, cfg, pooled))
     if ws.get("stage") == "folded":
         model = fold(model, inplace=True)
         fold_conv_bn(model, [tuple(p) for p in ws.get("fold_bn", [])], structure_only=True)
@@ -254,7 +257,7 @@ def _load_dir(path: Path) -> nn.Module:
 
 #: fields of the wsurgery record that decide the module structure; save/export also store the
 #: record in the weights' metadata, so an edited or corrupt config.json cannot silently change them
-_STRUCTURE_FIELDS = ("stage", "surgery", "fold_bn")
+_STRUCTURE_FIELDS = ("stage", "surgery", "fold_bn", "pooled_norms")
 
 
 def _check_record(config: dict[str, Any], metadata: dict[str, str], config_path: Path) -> None:
