@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from wsurgery.compare import Agreement
 from wsurgery.errors import WSurgeryError
 
 console = Console()
@@ -84,6 +85,11 @@ def kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
     for k, v in rows:
         table.add_row(k, str(v))
     return table
+
+
+def confident_cell(a: Agreement) -> str:
+    """``top1_confident`` with its image count, or a dash when the reference was confident on none."""
+    return f"{a.top1_confident:.1%} of {a.num_confident}" if a.top1_confident is not None else "- (none)"
 
 
 def fmt(x: float) -> str:

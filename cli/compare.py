@@ -8,9 +8,10 @@ from typing import Optional
 import typer
 
 import wsurgery
+from wsurgery.compare import CONFIDENT
 from wsurgery.calibrate import calibration_images
 
-from ._common import console, handle_errors, kv_table
+from ._common import confident_cell, console, handle_errors, kv_table
 
 
 def _load(source: str, checkpoint: Optional[Path], remap_by_order: bool):
@@ -42,6 +43,7 @@ def compare(
     console.print(kv_table(f"{a} vs {b}", [
         ("images", agreement.num_images),
         ("top-1 agreement", f"{agreement.top1:.1%}"),
+        (f"top-1 where B is confident (p >= {CONFIDENT:g})", confident_cell(agreement)),
         ("top-5 overlap", f"{agreement.top5_overlap:.1%}"),
         ("KL(B || A)", f"{agreement.kl:.4f} nats"),
     ]))

@@ -11,11 +11,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import wsurgery
+from wsurgery.compare import CONFIDENT
 from wsurgery.calibrate import METHODS, CalibrationProgress, CalibrationResult, calibrate, calibration_images
 from wsurgery.config import SurgeryConfig
 from wsurgery.errors import UsageError
 
-from ._common import console, handle_errors, kv_table
+from ._common import confident_cell, console, handle_errors, kv_table
 
 
 def report_table(report: wsurgery.SurgeryReport, limit: int = 12) -> Table:
@@ -55,11 +56,13 @@ class CalibrationView:
 
 def calibration_table(result: CalibrationResult) -> Table:
     table = Table(title=f"calibration ({' + '.join(result.phases) or 'none'})", title_justify="left")
-    for col in ("held-out images", "top-1 agreement", "top-5 overlap", "KL"):
+    for col in ("held-out images", "top-1 agreement", f"top-1, original confident (p >= {CONFIDENT:g})",
+                "top-5 overlap", "KL"):
         table.add_column(col)
     for label, a in (("before", result.before), ("after", result.after)):
         if a is not None:
-            table.add_row(f"{label} ({a.num_images})", f"{a.top1:.1%}", f"{a.top5_overlap:.1%}", f"{a.kl:.4f}")
+            table.add_row(f"{label} ({a.num_images})", f"{a.top1:.1%}", confident_cell(a), f"{a.top5_overlap:.1%}",
+                          f"{a.kl:.4f}")
     return table
 
 
@@ -99,6 +102,8 @@ def convert(
     calib_size: Optional[int] = typer.Option(
         None, "--calib-size", help="Distill at this input resolution (faster; default: the model's)."),
     calib_seconds: Optional[float] = typer.Option(None, "--calib-seconds", help="Stop distilling after N seconds."),
+    calib_temperature: Optional[float] = typer.Option(
+        None, "--calib-temperature", help="Softmax temperature of the distillation KL (default: the library's, 2)."),
     calib_augment: bool = typer.Option(
         False, "--calib-augment/--no-calib-augment",
         help="Distill on fresh random crops, flips and blends of the images each step instead of the fixed images."),
@@ -133,6 +138,7 @@ def convert(
                 student, net, images, method=method, steps=calib_steps, held_out=calib_held_out or None, seed=seed,
                 progress=view, batch_size=calib_batch, train=calib_train, lr=calib_lr, distill_size=calib_size,
                 max_seconds=calib_seconds, augment=calib_augment,
+                **({"temperature": calib_temperature} if calib_temperature is not None else {}),
             )
     wsurgery.save(student, output, report=report, force=force)
     console.print(report_table(report))

@@ -4,6 +4,7 @@ test_real_weights.py)."""
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import numpy as np
@@ -16,7 +17,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import wsurgery
-from wsurgery.calibrate import (CalibrationConfig, _augment, calibrate, calibration_images, init_gn_from_teacher,
+from wsurgery.calibrate import (CalibrationConfig, _augment, _kl, calibrate, calibration_images, init_gn_from_teacher,
                                 reestimate_bn_stats, resolve_method)
 from wsurgery.compare import Agreement, agreement_from_logits, compare
 from wsurgery.errors import ConfigError, UsageError
@@ -74,9 +75,37 @@ def test_agreement_matches_hand_computation():
     p, q = ref.softmax(-1), out.softmax(-1)
     expected_kl = (p * (p.log() - q.log())).sum(-1).mean()
     torch.testing.assert_close(torch.tensor(a.kl), expected_kl, rtol=1e-5, atol=1e-6)
+    # confident rows: the reference's softmax max >= 0.5, computed here by hand
+    p_max = torch.tensor([math.exp(max(row)) / sum(math.exp(v) for v in row) for row in ref.tolist()])
+    assert a.num_confident == int((p_max >= 0.5).sum())
+    assert a.top1_confident == (None if a.num_confident == 0 else
+                                float(torch.tensor([1.0, 0.0])[p_max >= 0.5].mean()))
     same = agreement_from_logits(ref, ref)
     assert (same.top1, same.top5_overlap, same.num_images) == (1.0, 1.0, 2)
     assert same.kl == pytest.approx(0.0, abs=1e-6)
+
+
+def test_top1_confident_counts_only_images_the_reference_is_sure_of():
+    # reference: rows 0 and 2 are confident (p_max ~ 0.98 and 0.5 exactly), row 1 is flat (p_max 0.25)
+    ref = torch.tensor([[8.0, 0, 0, 0], [0.0, 0, 0, 0], [math.log(3.0), 0, 0, 0]])
+    out = torch.tensor([[0.0, 1, 0, 0], [1.0, 0, 0, 0], [1.0, 0, 0, 0]])  # disagrees on 0, agrees on 1 and 2
+    a = agreement_from_logits(out, ref)
+    assert ref.softmax(-1).amax(-1)[2].item() == pytest.approx(0.5)
+    assert a.top1 == pytest.approx(2 / 3)
+    assert (a.top1_confident, a.num_confident) == (pytest.approx(0.5), 2)
+    none = agreement_from_logits(out[1:2], ref[1:2])
+    assert (none.top1_confident, none.num_confident) == (None, 0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_distillation_loss_is_tempered_kl_times_t_squared(temperature):
+    gen = torch.Generator().manual_seed(0)
+    s, t = torch.randn(5, 10, generator=gen), torch.randn(5, 10, generator=gen) * 3
+    p = [[math.exp(v / temperature) for v in row] for row in t.tolist()]
+    q = [[math.exp(v / temperature) for v in row] for row in s.tolist()]
+    expected = sum(sum(pi / sum(pr) * math.log((pi / sum(pr)) / (qi / sum(qr))) for pi, qi in zip(pr, qr))
+                   for pr, qr in zip(p, q)) / 5 * temperature ** 2
+    torch.testing.assert_close(_kl(s, t, temperature), torch.tensor(expected), rtol=1e-5, atol=1e-6)
 
 
 def test_agreement_rejects_mismatched_heads():
@@ -250,12 +279,19 @@ def test_cli_convert_calibrate_and_compare(tmp_path):
     out = tmp_path / "run"
     res = runner.invoke(app, ["convert", "test_efficientnet", "--no-pretrained", "-o", str(out), "--mode", "aws",
                               "--norm", "gn", "--calib-data", str(tmp_path / "photos"), "--calib-steps", "2",
-                              "--calib-batch", "4", "--calib-held-out", "0.25", "--seed", "3", "--calib-augment"])
+                              "--calib-batch", "4", "--calib-held-out", "0.25", "--seed", "3", "--calib-augment",
+                              "--calib-temperature", "3"])
     assert res.exit_code == 0, res.output
     assert "top-1 agreement" in res.output and "gn-init + distill" in res.output
     record = json.loads((out / "config.json").read_text())["wsurgery"]["calibration"]
     assert record["num_images"] == 6 and record["num_held_out"] == 2 and record["steps"] == 2
     assert record["config"]["augment"] is True and record["config"]["lr"] is None
+    assert record["config"]["temperature"] == 3.0
+    res = runner.invoke(app, ["convert", "test_efficientnet", "--no-pretrained", "-o", str(tmp_path / "t0"),
+                              "--mode", "aws", "--norm", "gn", "--calib-data", str(tmp_path / "photos"),
+                              "--calib-temperature", "0"])
+    assert res.exit_code != 0 and "temperature" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "t0").exists()
     res = runner.invoke(app, ["compare", str(out), str(out), "--images", str(tmp_path / "photos")])
     assert res.exit_code == 0, res.output
     assert "100.0%" in res.output and "images" in res.output

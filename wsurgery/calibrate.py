@@ -15,7 +15,8 @@ the original model as teacher and unlabeled images, in up to three phases:
     Layer by layer in one pass: a forward pre-hook on each GN sets its affine from the
     input it actually receives, which already went through the calibrated layers before it.
 ``distill``
-    A short label-free distillation: ``KL(teacher || student)`` on the calibration images, or
+    A short label-free distillation: ``KL(teacher || student)`` at temperature 4 (times 16, as
+    Hinton et al. scale it) on the calibration images, or
     on fresh random crops, flips and blends of them each step (``augment``); optionally plus a
     per-layer feature loss; training only the norm affines and the
     adaptive-WS ``gain``/``shift`` (``train="affine"``) or every parameter (``train="all"``),
@@ -91,7 +92,9 @@ class CalibrationConfig:
     lr: float | None = field(default=None, metadata={"help": "AdamW learning rate (default 5e-4 affine, 2e-4 all)"})
     train: Literal["auto", "affine", "all"] = field(
         default="auto", metadata={"help": "distill these parameters: norm affines + AWS gain/shift, or all"})
-    temperature: float = field(default=1.0, metadata={"help": "softmax temperature of the KL loss"})
+    # 4, not 1: on EfficientNet-Lite0 AWS + GN(1), 60 steps, 3 seeds, T = 1 / 2 / 4 gave held-out KL
+    # 0.80 / 0.74 / 0.73 and top-1 agreement on confident crops 82 / 87 / 93% (README, calibration)
+    temperature: float = field(default=4.0, metadata={"help": "softmax temperature of the KL loss"})
     feature_weight: float = field(
         default=0.0, metadata={"help": "weight of the per-norm-layer feature MSE added to the KL (0: logits only)"})
     distill_size: int | None = field(
