@@ -9,6 +9,14 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 
+# pytest-xdist: share the cores between the workers. Each torch process otherwise starts one thread
+# per core, and N workers x N threads on N cores oversubscribe: a 7 s test took 160 s that way.
+# The environment variable reaches the subprocesses the tests start (CLI, DDP) too.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 
 def pytest_addoption(parser):
     parser.addoption("--sweep", action="store_true", default=False, help="also run the full architecture sweep")
