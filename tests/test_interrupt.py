@@ -199,3 +199,20 @@ def test_sigkill_during_training_then_resume_gives_the_same_weights(tmp_path):
     jb = json.loads((cut / "last" / "train_state.json").read_text())["state"]
     assert ja["step"] == jb["step"] and ja["epoch"] == jb["epoch"] == 2
     assert [h.get("top1") for h in ja["history"]] == [h.get("top1") for h in jb["history"]]
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_outputs_get_the_umask_mode_not_the_temporary_files_0600(tmp_path, umask):
+    """mkstemp/mkdtemp make 0600/0700 temporaries; a renamed output must not stay private to its writer."""
+    model = timm.create_model("resnet10t", pretrained=False, num_classes=3)
+    old = os.umask(umask)
+    try:
+        saved = wsurgery.save(wsurgery.convert(model, mode="ws")[0], tmp_path / "saved")
+        exported = wsurgery.export(wsurgery.load(saved), tmp_path / "export").directory
+    finally:
+        os.umask(old)
+    for directory in (saved, exported):
+        assert directory.stat().st_mode & 0o777 == 0o777 & ~umask
+        files = [p for p in directory.rglob("*") if p.is_file()]
+        assert files and all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in files), \
+            {p.name: oct(p.stat().st_mode & 0o777) for p in files}

@@ -69,6 +69,13 @@ def check_output(path: str | os.PathLike, force: bool) -> Path:
     return path
 
 
+def _umask_mode(directory: bool) -> int:
+    """The mode ``open``/``mkdir`` would give a new file or directory (mkstemp/mkdtemp use 0600/0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it is fsynced and renamed to ``path``."""
@@ -78,6 +85,7 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        os.chmod(tmp_path, _umask_mode(directory=False))
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
@@ -120,6 +128,7 @@ def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
+        os.chmod(tmp, _umask_mode(directory=True))
         fsync_dir(tmp)
         if path.exists() and _exchange(tmp, path):  # --force: swap atomically, then delete the old
             _remove(tmp)
@@ -197,6 +206,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, 
     clean = _unshared(tensors)
     meta = {"format": "pt", **(metadata or {})}
     save_file(clean, str(path), metadata=meta)
+    os.chmod(path, _umask_mode(directory=False))  # safetensors writes through a private (0600) temporary
     _fsync_file(Path(path))
 
 
