@@ -10,12 +10,19 @@ import typer
 import wsurgery
 from wsurgery.compare import CONFIDENT
 from wsurgery.calibrate import calibration_images
+from wsurgery.data import find_images
+from wsurgery.errors import NetworkUnavailableError
 
 from ._common import confident_cell, console, handle_errors, kv_table
 
 
-def _load(source: str, checkpoint: Optional[Path], remap_by_order: bool):
-    return wsurgery.load(source, checkpoint=checkpoint, remap_by_order=remap_by_order)
+def _load(source: str, checkpoint: Optional[Path], remap_by_order: bool, which: str):
+    try:
+        return wsurgery.load(source, checkpoint=checkpoint, remap_by_order=remap_by_order)
+    except NetworkUnavailableError:  # load's advice names convert's flags; here the fix is per model
+        raise NetworkUnavailableError(
+            f"could not fetch pretrained weights for {source}; without a network pass --{which}-checkpoint PATH "
+            f"(a local weights file) or a saved/exported directory as {which.upper()}") from None
 
 
 @handle_errors
@@ -33,9 +40,10 @@ def compare(
     seed: int = typer.Option(0, "--seed", help="Seeds the choice of images and the crops."),
 ) -> None:
     """Print top-1 agreement, top-5 overlap and KL(B || A) of model A against reference B."""
+    find_images([str(i) for i in images])  # a wrong path fails before minutes of model loading
     with console.status("loading models"):
-        model_a = _load(a, a_checkpoint, remap_by_order)
-        model_b = _load(b, b_checkpoint, remap_by_order)
+        model_a = _load(a, a_checkpoint, remap_by_order, "a")
+        model_b = _load(b, b_checkpoint, remap_by_order, "b")
     x = calibration_images([str(i) for i in images], model_b, limit=limit, seed=seed, img_size=img_size,
                            crops_per_image=crops_per_image)
     with console.status(f"running both models on {x.shape[0]} images"):

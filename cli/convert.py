@@ -12,11 +12,24 @@ from rich.table import Table
 
 import wsurgery
 from wsurgery.compare import CONFIDENT
-from wsurgery.calibrate import METHODS, CalibrationProgress, CalibrationResult, calibrate, calibration_images
+from wsurgery.calibrate import METHODS, CalibrationConfig, CalibrationProgress, CalibrationResult, calibrate, calibration_images
 from wsurgery.config import SurgeryConfig
-from wsurgery.errors import UsageError
+from wsurgery.errors import ConfigError, UsageError
 
 from ._common import confident_cell, console, handle_errors, kv_table
+
+#: config fields -> the flags that set them, so a bad value is reported by the name the user typed
+FLAGS = {"steps": "--calib-steps", "batch_size": "--calib-batch", "train": "--calib-train", "lr": "--calib-lr",
+         "distill_size": "--calib-size", "max_seconds": "--calib-seconds", "temperature": "--calib-temperature",
+         **{f: "--" + f.replace("_", "-") for f in ("mode", "convention", "eps", "norm", "gn_groups", "gn_group_size",
+                                                   "gn_group_rule")}}
+
+
+def _flag_error(e: ConfigError) -> ConfigError:
+    message = str(e)
+    for field, flag in FLAGS.items():
+        message = message.replace(f"`{field}`", flag)
+    return ConfigError(message)
 
 
 def report_table(report: wsurgery.SurgeryReport, limit: int = 12) -> Table:
@@ -103,7 +116,7 @@ def convert(
         None, "--calib-size", help="Distill at this input resolution (faster; default: the model's)."),
     calib_seconds: Optional[float] = typer.Option(None, "--calib-seconds", help="Stop distilling after N seconds."),
     calib_temperature: Optional[float] = typer.Option(
-        None, "--calib-temperature", help="Softmax temperature of the distillation KL (default: the library's, 2)."),
+        None, "--calib-temperature", help=f"Softmax temperature of the distillation KL (default: {CalibrationConfig.temperature:g})."),
     calib_augment: bool = typer.Option(
         False, "--calib-augment/--no-calib-augment",
         help="Distill on fresh random crops, flips and blends of the images each step instead of the fixed images."),
@@ -111,10 +124,17 @@ def convert(
     force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
 ) -> None:
     """Convert every conv of a timm model to Weight Standardization (optionally BN -> GN), calibrate, save."""
-    config = SurgeryConfig(
-        mode=mode, convention=convention, eps=eps, include=include, exclude=exclude, norm=norm,
-        gn_groups=gn_groups, gn_group_size=gn_group_size, gn_group_rule=gn_group_rule,
-    )
+    try:
+        config = SurgeryConfig(
+            mode=mode, convention=convention, eps=eps, include=include, exclude=exclude, norm=norm,
+            gn_groups=gn_groups, gn_group_size=gn_group_size, gn_group_rule=gn_group_rule,
+        )
+        calib_overrides = dict(steps=calib_steps, batch_size=calib_batch, train=calib_train, lr=calib_lr,
+                               distill_size=calib_size, max_seconds=calib_seconds, augment=calib_augment,
+                               **({"temperature": calib_temperature} if calib_temperature is not None else {}))
+        CalibrationConfig(**calib_overrides)  # bad values fail here, before the (slow) load
+    except ConfigError as e:
+        raise _flag_error(e) from None
     method = calibrate_method or ("auto" if calib_data else "none")
     if method not in METHODS:
         raise UsageError(f"--calibrate must be one of {', '.join(METHODS)}, got {method!r}")
@@ -134,12 +154,8 @@ def convert(
     result = None
     if images is not None:
         with CalibrationView() as view:
-            result = calibrate(
-                student, net, images, method=method, steps=calib_steps, held_out=calib_held_out or None, seed=seed,
-                progress=view, batch_size=calib_batch, train=calib_train, lr=calib_lr, distill_size=calib_size,
-                max_seconds=calib_seconds, augment=calib_augment,
-                **({"temperature": calib_temperature} if calib_temperature is not None else {}),
-            )
+            result = calibrate(student, net, images, method=method, held_out=calib_held_out or None, seed=seed,
+                               progress=view, **calib_overrides)
     wsurgery.save(student, output, report=report, force=force)
     console.print(report_table(report))
     if result is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
+import timm
 import typer
 from rich.markup import escape
 
@@ -48,6 +49,12 @@ def _write_deployment(fmt: str, model: Any, output: Path, fold_bn: bool, img_siz
 def export(
     source: str = typer.Argument(..., help="A surgery directory (or a timm model name with its own StdConv2d)."),
     output: Path = typer.Option(..., "--output", "-o", help="Export directory to write."),
+    checkpoint: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="Weights for SOURCE when it is a timm name (.safetensors/.pth/.bin)."),
+    remap_by_order: bool = typer.Option(False, "--remap-by-order", help="Match checkpoint tensors in order."),
+    pretrained: Optional[bool] = typer.Option(
+        None, "--pretrained/--no-pretrained", help="For a timm name: fetch timm's weights (needs a network), "
+        "or export random weights (for testing)."),
     fold_bn: bool = typer.Option(False, "--fold-bn", help="Also fold each BatchNorm that follows a conv into it."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (safetensors; ONNX and .pt2 are fp32)."),
     formats: list[str] = typer.Option(
@@ -70,8 +77,11 @@ def export(
     if img_size is not None and img_size < 1:
         raise UsageError(f"--img-size must be a positive number of pixels, got {img_size}")
     wsurgery.io.check_output(output, force)
+    if timm.is_model(source) and not Path(source).exists() and checkpoint is None and pretrained is None:
+        raise UsageError(f"{source} is a model name, and exporting it needs its weights: pass --checkpoint PATH, "
+                         "--pretrained (fetches timm's, needs a network) or --no-pretrained (random, for testing)")
     with console.status(f"loading {escape(source)}"):
-        model = wsurgery.load(source, pretrained=False) if not Path(source).exists() else wsurgery.load(source)
+        model = wsurgery.load(source, checkpoint=checkpoint, remap_by_order=remap_by_order, pretrained=pretrained)
     with console.status("folding and writing"):
         result = wsurgery.export(model, output, fold_bn=fold_bn, dtype=dtype, force=force)
     rows: list[tuple[str, Any]] = [

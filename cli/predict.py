@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from wsurgery.errors import DatasetError
 from wsurgery.predict import predict as predict_images
 
 from ._common import console, err_console, handle_errors
@@ -22,6 +23,9 @@ def predict(
 ) -> None:
     """Print the top-k class names and probabilities for each image."""
     results = predict_images(model, images, topk, img_size=img_size, device=device)
+    if all(r.error for r in results):
+        raise DatasetError(f"none of the {len(results)} files could be read as an image ({results[0].error}); "
+                           "pass image files (JPEG, PNG, ...), folders of them, or glob patterns")
     table = Table(title=f"top-{topk} predictions", title_justify="left")
     table.add_column("image")
     table.add_column("rank", justify="right")

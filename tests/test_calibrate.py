@@ -272,7 +272,7 @@ def test_calibration_images_limit_seed_and_crops(tmp_path):
 
 
 def test_cli_convert_calibrate_and_compare(tmp_path):
-    from cli.main import app
+    from wsurgery.cli.main import app
 
     _write_photos(tmp_path / "photos", 8)
     runner = CliRunner()
@@ -290,8 +290,11 @@ def test_cli_convert_calibrate_and_compare(tmp_path):
     res = runner.invoke(app, ["convert", "test_efficientnet", "--no-pretrained", "-o", str(tmp_path / "t0"),
                               "--mode", "aws", "--norm", "gn", "--calib-data", str(tmp_path / "photos"),
                               "--calib-temperature", "0"])
-    assert res.exit_code != 0 and "temperature" in res.output and "Traceback" not in res.output
-    assert not (tmp_path / "t0").exists()
+    assert res.exit_code != 0 and "--calib-temperature must be positive" in res.output, res.output
+    assert "Traceback" not in res.output and not (tmp_path / "t0").exists()
+    res = runner.invoke(app, ["convert", "test_efficientnet", "--no-pretrained", "-o", str(tmp_path / "g0"),
+                              "--norm", "gn", "--gn-groups", "0"])
+    assert res.exit_code != 0 and "--gn-groups must be at least 1" in res.output, res.output
     res = runner.invoke(app, ["compare", str(out), str(out), "--images", str(tmp_path / "photos")])
     assert res.exit_code == 0, res.output
     assert "100.0%" in res.output and "images" in res.output

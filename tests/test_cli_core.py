@@ -14,6 +14,7 @@ import sys
 import textwrap
 
 import pytest
+import timm
 import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -269,6 +270,32 @@ def test_export_and_verify_errors(tmp_path, small):
     line = one_error(invoke("verify", tmp_path / "other-e", "--against", small["runs"], "--num-random", "2"), 1,
                      "differs")
     assert "max rel diff" in line
+
+
+def test_export_of_a_timm_name_needs_its_weights_named(tmp_path):
+    """A timm model with its own ScaledStdConv2d exports by name, from the weights given, never silently random."""
+    line = one_error(invoke("export", "nf_regnet_b0", "-o", tmp_path / "e"), 2, "--checkpoint", "--no-pretrained")
+    assert "weights" in line and not (tmp_path / "e").exists()
+    torch.manual_seed(0)
+    original = timm.create_model("nf_regnet_b0", pretrained=False).eval()
+    ckpt = tmp_path / "nf.safetensors"
+    save_file(original.state_dict(), str(ckpt))
+    ok(invoke("export", "nf_regnet_b0", "--checkpoint", ckpt, "-o", tmp_path / "e"))
+    assert wsurgery.verify(tmp_path / "e", original, num_random=2).passed  # the checkpoint's weights, folded
+    ok(invoke("export", "nf_regnet_b0", "--no-pretrained", "-o", tmp_path / "r"))
+    assert not wsurgery.verify(tmp_path / "r", original, num_random=2).passed
+
+
+def test_bad_numbers_and_inputs_are_usage_errors(tmp_path, small):
+    one_error(invoke("convert", "resnet18", "--no-pretrained", "--num-classes", "-3", "-o", tmp_path / "o"), 2,
+              "--num-classes", "-3")
+    one_error(invoke("verify", small["runs"], "--against", small["runs"], "--rtol", "-1"), 2, "--rtol")
+    # compare checks its images before loading anything (resnet18 would need the network)
+    line = one_error(invoke("compare", "resnet18", "resnet18", "--images", tmp_path / "missing"), 1, "missing")
+    assert "pretrained" not in line
+    (tmp_path / "fake.jpg").write_text("not an image")
+    one_error(invoke("predict", small["runs"], tmp_path / "fake.jpg"), 1, "could be read")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.jpg"]
 
 
 def test_help_texts():

@@ -146,7 +146,7 @@ def test_usage_errors_exit_2(tmp_path):
     assert result.exit_code == 2
     # wsurgery's own ConfigError (a bad option value) is a usage error too
     result = invoke("convert", "resnet18", "--no-pretrained", "--mode", "bogus", "-o", tmp_path / "never")
-    error_line(result, 2, "`mode` must be 'ws' or 'aws'", "'bogus'")
+    error_line(result, 2, "--mode must be 'ws' or 'aws'", "'bogus'")
     only_entries(tmp_path)
 
 

