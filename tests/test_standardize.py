@@ -71,6 +71,13 @@ def test_every_convention_matches_independent_formula(name, shape):
     got64 = standardize_weight(w.double(), w[0].numel(), get_convention(name))
     assert got64.dtype == torch.float64
     assert_close(got64, expected, rtol=1e-12, atol=1e-12)
+    # the convention may be given by name, as the README shows
+    assert_close(standardize_weight(w.double(), w[0].numel(), name), expected, rtol=1e-12, atol=1e-12)
+
+
+def test_unknown_convention_name_is_a_clear_error():
+    with pytest.raises(ConfigError, match="unknown WS convention 'tim'.*timm"):
+        standardize_weight(torch.randn(2, 4), 4, "tim")
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))

@@ -33,6 +33,7 @@ from .errors import ConfigError
 __all__ = [
     "WSConvention",
     "CONVENTIONS",
+    "as_convention",
     "get_convention",
     "filter_stats",
     "standardize_weight",
@@ -86,6 +87,11 @@ def get_convention(name: str, eps: float | None = None) -> WSConvention:
             f"unknown WS convention {name!r}; choose one of {', '.join(CONVENTIONS)}"
         ) from None
     return conv.with_eps(eps)
+
+
+def as_convention(convention: WSConvention | str) -> WSConvention:
+    """A :class:`WSConvention`, or one of :data:`CONVENTIONS` by name (``"timm"``, ``"bit"``, ...)."""
+    return get_convention(convention) if isinstance(convention, str) else convention
 
 
 def _as_filters(weight: torch.Tensor, fan_in: int) -> torch.Tensor:
@@ -256,7 +262,7 @@ def _check_fan_in(fan_in: int, convention: WSConvention) -> None:
         raise ConfigError("the 'paper' convention needs at least 2 entries per filter (unbiased std)")
 
 
-def standardize_weight(weight: torch.Tensor, fan_in: int, convention: WSConvention) -> torch.Tensor:
+def standardize_weight(weight: torch.Tensor, fan_in: int, convention: WSConvention | str = "timm") -> torch.Tensor:
     """Standardize every filter of ``weight`` (fused forward and backward).
 
     ``timm``/``bit`` (biased variance, eps inside the sqrt) on float32/float64 weights run as
@@ -268,7 +274,7 @@ def standardize_weight(weight: torch.Tensor, fan_in: int, convention: WSConventi
             filter-major order (a conv weight ``(out, in/groups, kh, kw)``, contiguous or
             ``channels_last``, or a CondConv expert bank ``(experts, out * in/groups * kh * kw)``).
         fan_in: entries per filter.
-        convention: the formula for ``s``.
+        convention: the formula for ``s``: a :class:`WSConvention` or a name in :data:`CONVENTIONS`.
 
     Returns:
         ``W_hat`` with the shape, dtype and memory format of ``weight``.
@@ -276,12 +282,15 @@ def standardize_weight(weight: torch.Tensor, fan_in: int, convention: WSConventi
     Raises:
         ConfigError: the ``paper`` convention with fewer than 2 entries per filter.
     """
+    convention = as_convention(convention)
     _check_fan_in(fan_in, convention)
     return _standardize_impl(weight, fan_in, convention.unbiased, convention.eps_in_sqrt, convention.eps)
 
 
-def standardize_weight_reference(weight: torch.Tensor, fan_in: int, convention: WSConvention) -> torch.Tensor:
+def standardize_weight_reference(weight: torch.Tensor, fan_in: int,
+                                 convention: WSConvention | str = "timm") -> torch.Tensor:
     """The same function written naively with autograd; the tests compare against it."""
+    convention = as_convention(convention)
     w = _as_filters(weight, fan_in)
     mean = w.mean(dim=1, keepdim=True)
     centered = w - mean
@@ -304,10 +313,10 @@ class WeightStandardization(nn.Module):
 
     mode = "ws"
 
-    def __init__(self, fan_in: int, convention: WSConvention):
+    def __init__(self, fan_in: int, convention: WSConvention | str = "timm"):
         super().__init__()
         self.fan_in = int(fan_in)
-        self.convention = convention
+        self.convention = as_convention(convention)
         # Set by :func:`wsurgery.accumulate.standardize_once`: a leaf holding W_hat that
         # collects gradients across micro-batches. None in ordinary use.
         self._frozen: torch.Tensor | None = None
@@ -356,7 +365,7 @@ class AdaptiveWeightStandardization(WeightStandardization):
 
     mode = "aws"
 
-    def __init__(self, fan_in: int, convention: WSConvention, num_filters: int):
+    def __init__(self, fan_in: int, convention: WSConvention | str, num_filters: int):
         super().__init__(fan_in, convention)
         self.num_filters = int(num_filters)
         self.coef = self.fan_in ** -0.5
