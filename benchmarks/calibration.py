@@ -21,6 +21,8 @@ are reported too (on a dedicated 2-core CPU the wall time is about CPU seconds /
 Usage::
 
     python benchmarks/calibration.py --part calibration --eval 128 --steps 60   # native 224 px
+    python benchmarks/calibration.py --part calibration --eval 128 --steps 60 --threads 1 \\
+        --only "AWS + GN(1) auto" --temperature 1 2 4 --seed 0 1 2 --tag _224_seeds   # mean ± std over seeds
     python benchmarks/calibration.py --part floor --eval 128
     python benchmarks/calibration.py --part sgd --steps 60
     python benchmarks/calibration.py --part norm-stats   # which per-sample GN statistic loses the function
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import itertools
 import json
 import platform
 import time
@@ -79,33 +82,73 @@ def _setup(args):
     return teacher, xcal, xev, predict_logits(teacher, xev), calib_names
 
 
+def _row_name(label: str, method: str, cal_kw: dict) -> str:
+    return " ".join([label, method, *(f"{k}={v}" for k, v in cal_kw.items())])
+
+
+def _selected(name: str, only: list[str] | None) -> bool:
+    """``--only``: a row whose whole name is given, else every row whose name contains it."""
+    if not only:
+        return True
+    names = {_row_name(label, method, kw) for label, _, method, kw in ROWS}
+    return any(name == o if o in names else o in name for o in only)
+
+
 def run_calibration(args) -> dict:
     teacher, xcal, xev, reference, calib_names = _setup(args)
+    reference_calib = predict_logits(teacher, xcal)
     rows = []
-    for label, conv_kw, method, cal_kw in ROWS:
-        if args.only and not any(o in f"{label} {method}" for o in args.only):
+    for (label, conv_kw, method, cal_kw), temperature, seed in itertools.product(ROWS, args.temperature, args.seed):
+        if not _selected(_row_name(label, method, cal_kw), args.only):
             continue
         student = wsurgery.convert(teacher, inplace=False, **conv_kw)[0]
         wall, cpu = time.perf_counter(), time.process_time()
         # held-out = a quarter of the calibration crops (it may select keep_best); judged on xev below
-        result = calibrate(student, teacher, xcal, method=method, held_out=0.25, steps=args.steps, seed=args.seed,
+        result = calibrate(student, teacher, xcal, method=method, held_out=0.25, steps=args.steps, seed=seed,
                            batch_size=args.batch, distill_size=args.distill_size, lr=args.distill_lr,
                            augment=args.augment, max_seconds=args.distill_seconds,
-                           **({"temperature": args.temperature} if args.temperature else {}), **cal_kw)
+                           **({"temperature": temperature} if temperature else {}), **cal_kw)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         after = agreement_from_logits(predict_logits(student, xev), reference)
+        # the same measure on the calibration crops themselves (three quarters of them were distilled on):
+        # the gap to the held-out photos shows how much of what is left is the few photos, not the optimiser
+        seen = agreement_from_logits(predict_logits(student, xcal), reference_calib)
         row = {"conversion": label, "method": method, "phases": result.phases, "train": result.train,
+               "temperature": temperature or result.config["temperature"], "seed": seed,
                "top1": after.top1, "top1_confident": after.top1_confident, "num_confident": after.num_confident,
-               "top5_overlap": after.top5_overlap, "kl": after.kl,
+               "top5_overlap": after.top5_overlap, "kl": after.kl, "top1_calib": seen.top1, "kl_calib": seen.kl,
                "top1_before_on_calib_held_out": result.before.top1, "steps": result.steps, "wall_s": wall, "cpu_s": cpu,
                "reverted": result.reverted, "calib_images": result.num_images, "eval_images": after.num_images}
         rows.append(row)
         print(f"{label:<14} {method:<9} {'+'.join(result.phases) or '-':<17} {result.train or '-':<6} "
-              f"top-1 {after.top1:6.1%}  top-1 conf {_pct(after.top1_confident)} of {after.num_confident}  "
-              f"top-5 {after.top5_overlap:6.1%}  KL {after.kl:7.3f}  {wall:7.1f} s wall  {cpu:7.1f} s cpu",
-              flush=True)
+              f"T {row['temperature']:<3g} seed {seed}  top-1 {after.top1:6.1%}  top-1 conf "
+              f"{_pct(after.top1_confident)} of {after.num_confident}  top-5 {after.top5_overlap:6.1%}  "
+              f"KL {after.kl:7.3f}  (calib crops: top-1 {seen.top1:6.1%} KL {seen.kl:6.3f})  "
+              f"{wall:7.1f} s wall  {cpu:7.1f} s cpu", flush=True)
         _write(args, {"rows": rows, "calib_photos": calib_names, "eval_photos": EVAL_PHOTOS, "partial": True})
-    return {"rows": rows, "calib_photos": calib_names, "eval_photos": EVAL_PHOTOS}
+    return {"rows": rows, "summary": _summary(rows), "calib_photos": calib_names, "eval_photos": EVAL_PHOTOS}
+
+
+def _summary(rows: list[dict]) -> list[dict]:
+    """Mean and spread over seeds of each (conversion, method, train, temperature)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["conversion"], r["method"], r["train"], r["temperature"]), []).append(r)
+    out = []
+    for (conversion, method, train, temperature), rs in groups.items():
+        entry = {"conversion": conversion, "method": method, "train": train, "temperature": temperature,
+                 "seeds": [r["seed"] for r in rs]}
+        for key in ("top1", "top1_confident", "kl", "top1_calib", "kl_calib", "wall_s"):
+            values = [r[key] for r in rs if r[key] is not None]
+            entry[key] = float(np.mean(values)) if values else None
+            entry[key + "_std"] = float(np.std(values)) if values else None
+        out.append(entry)
+        if len(rs) > 1:
+            print(f"mean of {len(rs)} seeds: {conversion} {method} {train or '-'} T {temperature:g}: "
+                  f"top-1 {entry['top1']:.1%} ± {entry['top1_std']:.1%}  top-1 conf {_pct(entry['top1_confident'])}  "
+                  f"KL {entry['kl']:.3f} ± {entry['kl_std']:.3f}  (calib crops: top-1 {entry['top1_calib']:.1%} "
+                  f"KL {entry['kl_calib']:.3f})", flush=True)
+    return out
 
 
 def _pct(x: float | None) -> str:
@@ -255,16 +298,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--distill-size", type=int, default=None)
     parser.add_argument("--distill-lr", type=float, default=None, help="distillation lr (default: the library's)")
-    parser.add_argument("--temperature", type=float, default=None,
-                        help="distillation temperature (default: the library's)")
+    parser.add_argument("--temperature", type=float, nargs="+", default=[None],
+                        help="distillation temperature(s); several run each row once per value (default: the library's)")
     parser.add_argument("--distill-seconds", type=float, default=None,
                         help="cap the distillation (calibrate's max_seconds)")
     parser.add_argument("--augment", action="store_true", help="distill on fresh crops/flips/blends (calibrate's augment)")
     parser.add_argument("--sgd-lrs", type=float, nargs="+", default=[0.01, 0.003], help="SGD learning rates (part sgd)")
-    parser.add_argument("--seed", type=int, default=0, help="calibrate's seed (held-out split, batch order)")
+    parser.add_argument("--seed", type=int, nargs="+", default=[0],
+                        help="calibrate's seed(s) (held-out split, batch order); several run each row once per seed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
-    parser.add_argument("--only", nargs="*", default=None, help="only rows whose 'label method' contains one of these")
+    parser.add_argument("--only", nargs="*", default=None, help="only these rows: a whole name ('AWS + GN(1) auto' is one row, 'AWS + GN(1) auto train=all' another) or a part of names")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -290,6 +290,7 @@ def test_bad_numbers_and_inputs_are_usage_errors(tmp_path, small):
     one_error(invoke("convert", "resnet18", "--no-pretrained", "--num-classes", "-3", "-o", tmp_path / "o"), 2,
               "--num-classes", "-3")
     one_error(invoke("verify", small["runs"], "--against", small["runs"], "--rtol", "-1"), 2, "--rtol")
+    one_error(invoke("verify", small["runs"], "--against", small["runs"], "--num-random", "-1"), 2, "--num-random")
     # compare checks its images before loading anything (resnet18 would need the network)
     line = one_error(invoke("compare", "resnet18", "resnet18", "--images", tmp_path / "missing"), 1, "missing")
     assert "pretrained" not in line
