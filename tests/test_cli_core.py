@@ -258,6 +258,37 @@ def test_pretrained_offline_is_one_clear_line(tmp_path, model):
         wsurgery.load(model, pretrained=True)
 
 
+@pytest.mark.parametrize("resolves", [False, True])
+def test_unreachable_hub_makes_huggingface_hub_answer_from_its_cache(monkeypatch, resolves):
+    """No DNS for the hub: huggingface_hub runs in offline mode for the load (no minute of retries)."""
+    import socket
+
+    from huggingface_hub import constants
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    for var in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    def getaddrinfo(host, *args, **kwargs):
+        if not resolves:
+            raise socket.gaierror(-2, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", 443))]
+
+    seen = []
+
+    def create_model(name, pretrained=False, **kwargs):
+        seen.append((pretrained, constants.is_offline_mode()))
+        raise LocalEntryNotFoundError("not in the cache")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(timm, "create_model", create_model)
+    with pytest.raises(wsurgery.errors.NetworkUnavailableError, match="could not fetch pretrained weights"):
+        wsurgery.load("resnet18", pretrained=True)
+    assert seen == [(True, not resolves)]
+    assert constants.HF_HUB_OFFLINE is False  # restored
+
+
 def test_export_and_verify_errors(tmp_path, small):
     one_error(invoke("export", tmp_path / "nope", "-o", tmp_path / "e"), 1, "nope")
     one_error(invoke("export", small["runs"], "-o", tmp_path / "e", "--dtype", "fp8"), 2, "dtype")

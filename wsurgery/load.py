@@ -13,11 +13,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import json
 import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import timm
 import torch
@@ -141,9 +145,48 @@ def load_checkpoint(
     return model
 
 
+def _hub_unreachable() -> bool:
+    """True when the hub's host name does not even resolve (and no proxy would resolve it for us)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False
+    try:
+        from huggingface_hub import constants
+    except ImportError:
+        return False
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError:
+        return True
+    return False
+
+
+@contextlib.contextmanager
+def _offline_when_unreachable(pretrained: bool) -> Iterator[None]:
+    """Without a network, let huggingface_hub answer from its cache at once.
+
+    Otherwise it retries each weight file with back-off (a minute for resnet18 here) and logs a
+    warning per attempt before the error; in offline mode a cached file still loads, a missing
+    one fails immediately. We set the flag huggingface_hub reads (``HF_HUB_OFFLINE`` is read into
+    ``constants`` at its import, so the environment variable would come too late) and restore it.
+    """
+    if not pretrained or not _hub_unreachable():
+        yield
+        return
+    from huggingface_hub import constants
+
+    saved = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = saved
+
+
 def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
+        with _offline_when_unreachable(pretrained):
+            return timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise _unknown_model(name) from None
