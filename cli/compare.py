@@ -40,11 +40,11 @@ def compare(
     seed: int = typer.Option(0, "--seed", help="Seeds the choice of images and the crops."),
 ) -> None:
     """Print top-1 agreement, top-5 overlap and KL(B || A) of model A against reference B."""
-    find_images([str(i) for i in images])  # a wrong path fails before minutes of model loading
+    paths = find_images([str(i) for i in images])  # a wrong path fails before minutes of model loading
     with console.status("loading models"):
         model_a = _load(a, a_checkpoint, remap_by_order, "a")
         model_b = _load(b, b_checkpoint, remap_by_order, "b")
-    x = calibration_images([str(i) for i in images], model_b, limit=limit, seed=seed, img_size=img_size,
+    x = calibration_images(paths, model_b, limit=limit, seed=seed, img_size=img_size,
                            crops_per_image=crops_per_image)
     with console.status(f"running both models on {x.shape[0]} images"):
         agreement = wsurgery.compare(model_a, model_b, x)
