@@ -12,6 +12,16 @@ unsure (top-1 probability < 0.5) its own arg-max flips under such nuisances, so 
 model can be expected to agree with it there more often than it agrees with itself; the
 ``top-1 conf`` column (agreement where the original is confident) is free of that noise.
 
+``--eval-images DIR`` adds a second, independent evaluation: every photo in DIR whole (timm's
+eval transform: resize, center crop) and flipped. Where a file name ends in ``_<ImageNet class
+index>`` (as foolbox's 20 ImageNet validation samples do: ``imagenet_00_243.jpg``), the
+accuracy of the original and of the converted model is reported too. The README gets them with
+``pip download --no-deps foolbox==3.3.4`` and ``unzip -j foolbox-*.whl 'foolbox/data/imagenet_*'``.
+
+Part ``per-layer`` swaps ONE BatchNorm of the original for a GroupNorm(1) (moment-matched as
+``gn-init`` does, every conv exact) and measures the agreement, for every BN in turn: how much
+of the function each single per-sample normalization costs.
+
 Part ``sgd`` checks issue 3 part 6: a few plain-SGD steps on the real-weights model (new 10-class
 head, Fashion-MNIST images) for WS+GN and AWS+GN under the same data and schedule.
 
@@ -26,11 +36,16 @@ Usage::
     python benchmarks/calibration.py --part floor --eval 128
     python benchmarks/calibration.py --part sgd --steps 60
     python benchmarks/calibration.py --part norm-stats   # which per-sample GN statistic loses the function
+    python benchmarks/calibration.py --part per-layer --eval 128   # the cost of each single BN -> GN swap
+    bash benchmarks/get_photos.sh        # optional extra photos -> benchmarks/photos/{imagenet,nature}
+    python benchmarks/calibration.py --only "AWS + GN(1) auto" --eval-images benchmarks/photos/imagenet \\
+        --calib-extra benchmarks/photos/nature   # + whole ImageNet photos, calibration from 35 photos
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gzip
 import itertools
 import json
@@ -38,13 +53,16 @@ import platform
 import time
 from pathlib import Path
 
+import re
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 import wsurgery
-from wsurgery.calibrate import _channel_moments, calibrate, calibration_images, init_gn_from_teacher
+from wsurgery.calibrate import _channel_moments, _norm_pairs, calibrate, calibration_images, init_gn_from_teacher
 from wsurgery.compare import agreement_from_logits, predict_logits
+from wsurgery.data import eval_transform, find_images, open_rgb
 from wsurgery.io import atomic_file, write_json
 from wsurgery.weights import load_efficientnet_lite, sample_photos
 
@@ -67,9 +85,55 @@ ROWS = [
 ]
 
 
-def _crops(names: list[str], photos: dict[str, Path], teacher, n: int, res: int, seed: int) -> torch.Tensor:
-    paths = [str(photos[k]) for k in names if k in photos]
+def _crops(names: list[str], photos: dict[str, Path], teacher, n: int, res: int, seed: int,
+           extra: list[Path] = ()) -> torch.Tensor:
+    paths = [str(photos[k]) for k in names if k in photos] + [str(p) for p in extra]
     return calibration_images(paths, teacher, limit=n, seed=seed, img_size=res, crops_per_image=-(-n // len(paths)))
+
+
+def _whole_photos(spec: str, teacher) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+    """Every photo of ``spec`` whole (eval transform) and flipped; ImageNet labels from ``..._<index>.ext`` names."""
+    paths = find_images(spec)
+    tf = eval_transform(teacher)
+    x = torch.stack([tf(open_rgb(p)) for p in paths])
+    found = [re.search(r"_(\d+)$", p.stem) for p in paths]
+    labels = torch.tensor([int(m.group(1)) for m in found]) if all(found) else None
+    return torch.cat([x, x.flip(-1)]), (torch.cat([labels, labels]) if labels is not None else None), \
+        [p.name for p in paths]
+
+
+class _PhotoEval:
+    """Agreement (and accuracy, with labels) of a model with the original on the whole photos of ``--eval-images``."""
+
+    def __init__(self, spec: str | None, teacher):
+        self.x = None
+        if spec:
+            self.x, self.labels, self.names = _whole_photos(spec, teacher)
+            self.reference = predict_logits(teacher, self.x)
+            acc = self.accuracy(self.reference)
+            print(f"--eval-images: {len(self.names)} photos and their flips"
+                  + (f"; the original's accuracy {acc:.1%} (labels from the file names)" if acc is not None else ""),
+                  flush=True)
+
+    def accuracy(self, logits: torch.Tensor) -> float | None:
+        return float((logits.argmax(1) == self.labels).float().mean()) if self.labels is not None else None
+
+    def __call__(self, model) -> dict:
+        if self.x is None:
+            return {}
+        logits = predict_logits(model, self.x)
+        a = agreement_from_logits(logits, self.reference)
+        return {"photos_top1": a.top1, "photos_top1_confident": a.top1_confident,
+                "photos_num_confident": a.num_confident, "photos_kl": a.kl, "photos_images": a.num_images,
+                "photos_accuracy": self.accuracy(logits), "photos_accuracy_original": self.accuracy(self.reference)}
+
+    @staticmethod
+    def line(row: dict) -> str:
+        if "photos_top1" not in row:
+            return ""
+        acc = f", accuracy {_pct(row['photos_accuracy'])} (original {_pct(row['photos_accuracy_original'])})" \
+            if row["photos_accuracy"] is not None else ""
+        return f"\n    whole photos: top-1 {row['photos_top1']:6.1%}  KL {row['photos_kl']:7.3f}{acc}"
 
 
 def _setup(args):
@@ -77,7 +141,9 @@ def _setup(args):
     teacher = load_efficientnet_lite("lite0").eval()
     photos = sample_photos()
     calib_names = [k for k in photos if k not in EVAL_PHOTOS]
-    xcal = _crops(calib_names, photos, teacher, args.calib, args.res, seed=1)
+    extra = find_images(args.calib_extra) if args.calib_extra else []
+    xcal = _crops(calib_names, photos, teacher, args.calib, args.res, seed=1, extra=extra)
+    calib_names += [p.name for p in extra]
     xev = _crops(EVAL_PHOTOS, photos, teacher, args.eval, args.res, seed=2)
     return teacher, xcal, xev, predict_logits(teacher, xev), calib_names
 
@@ -97,6 +163,7 @@ def _selected(name: str, only: list[str] | None) -> bool:
 def run_calibration(args) -> dict:
     teacher, xcal, xev, reference, calib_names = _setup(args)
     reference_calib = predict_logits(teacher, xcal)
+    photos = _PhotoEval(args.eval_images, teacher)
     rows = []
     for (label, conv_kw, method, cal_kw), temperature, seed in itertools.product(ROWS, args.temperature, args.seed):
         if not _selected(_row_name(label, method, cal_kw), args.only):
@@ -118,13 +185,14 @@ def run_calibration(args) -> dict:
                "top1": after.top1, "top1_confident": after.top1_confident, "num_confident": after.num_confident,
                "top5_overlap": after.top5_overlap, "kl": after.kl, "top1_calib": seen.top1, "kl_calib": seen.kl,
                "top1_before_on_calib_held_out": result.before.top1, "steps": result.steps, "wall_s": wall, "cpu_s": cpu,
-               "reverted": result.reverted, "calib_images": result.num_images, "eval_images": after.num_images}
+               "reverted": result.reverted, "calib_images": result.num_images, "eval_images": after.num_images,
+               **photos(student)}
         rows.append(row)
         print(f"{label:<14} {method:<9} {'+'.join(result.phases) or '-':<17} {result.train or '-':<6} "
               f"T {row['temperature']:<3g} seed {seed}  top-1 {after.top1:6.1%}  top-1 conf "
               f"{_pct(after.top1_confident)} of {after.num_confident}  top-5 {after.top5_overlap:6.1%}  "
               f"KL {after.kl:7.3f}  (calib crops: top-1 {seen.top1:6.1%} KL {seen.kl:6.3f})  "
-              f"{wall:7.1f} s wall  {cpu:7.1f} s cpu", flush=True)
+              f"{wall:7.1f} s wall  {cpu:7.1f} s cpu{photos.line(row)}", flush=True)
         _write(args, {"rows": rows, "calib_photos": calib_names, "eval_photos": EVAL_PHOTOS, "partial": True})
     return {"rows": rows, "summary": _summary(rows), "calib_photos": calib_names, "eval_photos": EVAL_PHOTOS}
 
@@ -138,8 +206,9 @@ def _summary(rows: list[dict]) -> list[dict]:
     for (conversion, method, train, temperature), rs in groups.items():
         entry = {"conversion": conversion, "method": method, "train": train, "temperature": temperature,
                  "seeds": [r["seed"] for r in rs]}
-        for key in ("top1", "top1_confident", "kl", "top1_calib", "kl_calib", "wall_s"):
-            values = [r[key] for r in rs if r[key] is not None]
+        for key in ("top1", "top1_confident", "kl", "top1_calib", "kl_calib", "wall_s",
+                    "photos_top1", "photos_kl", "photos_accuracy"):
+            values = [r[key] for r in rs if r.get(key) is not None]
             entry[key] = float(np.mean(values)) if values else None
             entry[key + "_std"] = float(np.std(values)) if values else None
         out.append(entry)
@@ -147,7 +216,9 @@ def _summary(rows: list[dict]) -> list[dict]:
             print(f"mean of {len(rs)} seeds: {conversion} {method} {train or '-'} T {temperature:g}: "
                   f"top-1 {entry['top1']:.1%} ± {entry['top1_std']:.1%}  top-1 conf {_pct(entry['top1_confident'])}  "
                   f"KL {entry['kl']:.3f} ± {entry['kl_std']:.3f}  (calib crops: top-1 {entry['top1_calib']:.1%} "
-                  f"KL {entry['kl_calib']:.3f})", flush=True)
+                  f"KL {entry['kl_calib']:.3f})" + (f"  whole photos: top-1 {entry['photos_top1']:.1%} "
+                                                    f"KL {entry['photos_kl']:.3f}" if entry["photos_top1"] is not None
+                                                    else ""), flush=True)
     return out
 
 
@@ -208,7 +279,7 @@ class _FrozenStatsGN(torch.nn.Module):
 
 def run_norm_stats(args) -> dict:
     """AWS + GN(1): which per-sample GN statistic costs the agreement (mean, std, or both)."""
-    from wsurgery.calibrate import _bn_output, _norm_pairs, _run_with_pre_hooks
+    from wsurgery.calibrate import _bn_output, _run_with_pre_hooks
 
     teacher, xcal, xev, reference, calib_names = _setup(args)
     rows = []
@@ -229,6 +300,36 @@ def run_norm_stats(args) -> dict:
         print(f"GN(1), per-sample statistics replaced by their average: {freeze:<5} top-1 {after.top1:6.1%}  "
               f"top-5 {after.top5_overlap:6.1%}  KL {after.kl:7.3f}", flush=True)
     return {"rows": rows, "calib_photos": calib_names, "eval_photos": EVAL_PHOTOS}
+
+
+def run_per_layer(args) -> dict:
+    """The original with ONE BatchNorm swapped for a moment-matched GroupNorm(1), for every BN in turn."""
+    teacher, xcal, xev, reference, calib_names = _setup(args)
+    photos = _PhotoEval(args.eval_images, teacher)
+    student = wsurgery.convert(teacher, inplace=False, mode="aws", norm="gn", gn_groups=1)[0].eval()
+    gns = {name: gn for name, gn, _ in _norm_pairs(student, teacher)}
+    rows = []
+    for name in [*gns, "all"]:
+        if name == "all":  # every BN swapped at once: what gn-init gives the whole AWS + GN(1) model
+            hybrid = student
+        else:  # the original, exact, but for this one layer (deep copy: the teacher stays untouched)
+            hybrid = copy.deepcopy(teacher)
+            parent, _, attr = name.rpartition(".")
+            setattr(hybrid.get_submodule(parent) if parent else hybrid, attr, copy.deepcopy(gns[name]))
+        init_gn_from_teacher(hybrid, teacher, xcal[:64])
+        a = agreement_from_logits(predict_logits(hybrid, xev), reference)
+        row = {"layer": name, "channels": gns[name].num_channels if name in gns else None, "top1": a.top1,
+               "top1_confident": a.top1_confident, "num_confident": a.num_confident, "kl": a.kl, **photos(hybrid)}
+        rows.append(row)
+        print(f"{'every BN' if name == 'all' else 'only ' + name:<23} as GN(1): top-1 {a.top1:6.1%}  top-1 conf {_pct(a.top1_confident)}  "
+              f"KL {a.kl:7.3f}{photos.line(row)}", flush=True)
+    single = [r for r in rows if r["layer"] != "all"]
+    summary = {"layers": len(single), "top1_median": float(np.median([r["top1"] for r in single])),
+               "top1_min": min(r["top1"] for r in single), "kl_median": float(np.median([r["kl"] for r in single])),
+               "layers_below_90": sum(r["top1"] < 0.9 for r in single)}
+    print(f"{summary['layers']} single swaps: median top-1 {summary['top1_median']:.1%}, worst "
+          f"{summary['top1_min']:.1%}, {summary['layers_below_90']} below 90%; median KL {summary['kl_median']:.3f}")
+    return {"rows": rows, "summary": summary, "calib_photos": calib_names, "eval_photos": EVAL_PHOTOS}
 
 
 def _fashion_mnist(n: int, res: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -289,11 +390,17 @@ def run_sgd(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["calibration", "floor", "sgd", "norm-stats"], default="calibration")
+    parser.add_argument("--part", choices=["calibration", "floor", "sgd", "norm-stats", "per-layer"],
+                        default="calibration")
     parser.add_argument("--res", type=int, default=None,
                         help="input resolution of calibration and evaluation (default: the model's, 224)")
     parser.add_argument("--calib", type=int, default=192, help="calibration crops (<= 256)")
     parser.add_argument("--eval", type=int, default=64, help="evaluation crops (other photos)")
+    parser.add_argument("--calib-extra", default=None,
+                        help="more calibration photos besides the packages' (a folder, files or a glob); the "
+                             "--calib crops are spread over all of them")
+    parser.add_argument("--eval-images", default=None,
+                        help="also evaluate on these whole photos and their flips (a folder, files or a glob)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--distill-size", type=int, default=None)
@@ -313,7 +420,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    data = {"calibration": run_calibration, "floor": run_floor, "sgd": run_sgd, "norm-stats": run_norm_stats}[args.part](args)
+    data = {"calibration": run_calibration, "floor": run_floor, "sgd": run_sgd, "norm-stats": run_norm_stats,
+            "per-layer": run_per_layer}[args.part](args)
     data.update(total_wall_s=time.perf_counter() - start)
     _write(args, data)
 

@@ -216,3 +216,28 @@ def test_outputs_get_the_umask_mode_not_the_temporary_files_0600(tmp_path, umask
         files = [p for p in directory.rglob("*") if p.is_file()]
         assert files and all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in files), \
             {p.name: oct(p.stat().st_mode & 0o777) for p in files}
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_umask_is_read_without_changing_it_where_proc_reports_it(monkeypatch, umask):
+    """Setting and restoring the umask to read it races with other threads' new files; Linux reports it."""
+    from wsurgery import io as wio
+
+    old = os.umask(umask)
+    try:
+        expected = umask
+        if os.path.exists("/proc/self/status") and "Umask:" in open("/proc/self/status").read():
+            calls = []
+            monkeypatch.setattr(wio.os, "umask", lambda m: calls.append(m) or umask)
+            assert wio._current_umask() == expected and calls == []
+            monkeypatch.undo()
+        # where /proc cannot be read: the set-and-restore fallback, which leaves the umask as it was
+        real_open = open
+        monkeypatch.setattr("builtins.open", lambda f, *a, **k: (_ for _ in ()).throw(OSError("no proc"))
+                            if str(f) == "/proc/self/status" else real_open(f, *a, **k))
+        assert wio._current_umask() == expected
+        assert wio._umask_mode(directory=False) == 0o666 & ~umask
+        monkeypatch.undo()
+        assert os.umask(umask) == umask
+    finally:
+        os.umask(old)

