@@ -15,12 +15,13 @@ model can be expected to agree with it there more often than it agrees with itse
 ``--eval-images DIR`` adds a second, independent evaluation: every photo in DIR whole (timm's
 eval transform: resize, center crop) and flipped. Where a file name ends in ``_<ImageNet class
 index>`` (as foolbox's 20 ImageNet validation samples do: ``imagenet_00_243.jpg``), the
-accuracy of the original and of the converted model is reported too. The README gets them with
-``pip download --no-deps foolbox==3.3.4`` and ``unzip -j foolbox-*.whl 'foolbox/data/imagenet_*'``.
+accuracy of the original and of the converted model is reported too. ``benchmarks/get_photos.sh``
+fetches them (and 23 nature photos for ``--calib-extra``).
 
 Part ``per-layer`` swaps ONE BatchNorm of the original for a GroupNorm(1) (moment-matched as
 ``gn-init`` does, every conv exact) and measures the agreement, for every BN in turn: how much
-of the function each single per-sample normalization costs.
+of the function each single per-sample normalization costs; then the first k BNs together, for a
+few k, to show how the costs add up with depth.
 
 Part ``sgd`` checks issue 3 part 6: a few plain-SGD steps on the real-weights model (new 10-class
 head, Fashion-MNIST images) for WS+GN and AWS+GN under the same data and schedule.
@@ -50,10 +51,9 @@ import gzip
 import itertools
 import json
 import platform
+import re
 import time
 from pathlib import Path
-
-import re
 
 import numpy as np
 import torch
@@ -91,13 +91,16 @@ def _crops(names: list[str], photos: dict[str, Path], teacher, n: int, res: int,
     return calibration_images(paths, teacher, limit=n, seed=seed, img_size=res, crops_per_image=-(-n // len(paths)))
 
 
-def _whole_photos(spec: str, teacher) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
+def _whole_photos(spec: str, teacher, img_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
     """Every photo of ``spec`` whole (eval transform) and flipped; ImageNet labels from ``..._<index>.ext`` names."""
     paths = find_images(spec)
-    tf = eval_transform(teacher)
+    tf = eval_transform(teacher, img_size)
     x = torch.stack([tf(open_rgb(p)) for p in paths])
-    found = [re.search(r"_(\d+)$", p.stem) for p in paths]
+    # labels only from names of the form imagenet_<n>_<class index> (foolbox's samples), never from any "_123"
+    found = [re.fullmatch(r"imagenet_\d+_(\d+)", p.stem) for p in paths]
     labels = torch.tensor([int(m.group(1)) for m in found]) if all(found) else None
+    if labels is not None and not bool((labels < teacher.num_classes).all()):
+        labels = None
     return torch.cat([x, x.flip(-1)]), (torch.cat([labels, labels]) if labels is not None else None), \
         [p.name for p in paths]
 
@@ -105,10 +108,10 @@ def _whole_photos(spec: str, teacher) -> tuple[torch.Tensor, torch.Tensor | None
 class _PhotoEval:
     """Agreement (and accuracy, with labels) of a model with the original on the whole photos of ``--eval-images``."""
 
-    def __init__(self, spec: str | None, teacher):
+    def __init__(self, spec: str | None, teacher, img_size: int | None = None):
         self.x = None
         if spec:
-            self.x, self.labels, self.names = _whole_photos(spec, teacher)
+            self.x, self.labels, self.names = _whole_photos(spec, teacher, img_size)
             self.reference = predict_logits(teacher, self.x)
             acc = self.accuracy(self.reference)
             print(f"--eval-images: {len(self.names)} photos and their flips"
@@ -148,6 +151,12 @@ def _setup(args):
     return teacher, xcal, xev, predict_logits(teacher, xev), calib_names
 
 
+def _init_crops(xcal: torch.Tensor, n: int = 64) -> torch.Tensor:
+    """A seeded random ``n`` of the calibration crops, as calibrate's gn-init draws them (the crops come
+    grouped by photo, so the first ``n`` would be only the first few photos)."""
+    return xcal[torch.randperm(xcal.shape[0], generator=torch.Generator().manual_seed(2))[:n]]
+
+
 def _row_name(label: str, method: str, cal_kw: dict) -> str:
     return " ".join([label, method, *(f"{k}={v}" for k, v in cal_kw.items())])
 
@@ -163,7 +172,7 @@ def _selected(name: str, only: list[str] | None) -> bool:
 def run_calibration(args) -> dict:
     teacher, xcal, xev, reference, calib_names = _setup(args)
     reference_calib = predict_logits(teacher, xcal)
-    photos = _PhotoEval(args.eval_images, teacher)
+    photos = _PhotoEval(args.eval_images, teacher, args.res)
     rows = []
     for (label, conv_kw, method, cal_kw), temperature, seed in itertools.product(ROWS, args.temperature, args.seed):
         if not _selected(_row_name(label, method, cal_kw), args.only):
@@ -282,19 +291,20 @@ def run_norm_stats(args) -> dict:
     from wsurgery.calibrate import _bn_output, _run_with_pre_hooks
 
     teacher, xcal, xev, reference, calib_names = _setup(args)
+    xinit = _init_crops(xcal)
     rows = []
     for freeze in ("none", "mean", "std", "both"):
         student = wsurgery.convert(teacher, inplace=False, mode="aws", norm="gn", gn_groups=1)[0].eval()
         pairs = _norm_pairs(student, teacher)
         targets: dict[str, torch.Tensor] = {}
         _run_with_pre_hooks(teacher, [(bn, lambda m, a, n=n: targets.__setitem__(n, _bn_output(m, a[0])))
-                                      for n, _, bn in pairs], xcal[:64])
+                                      for n, _, bn in pairs], xinit)
         modules = dict(student.named_modules())
         for name, gn, _ in pairs:
             parent, _, attr = name.rpartition(".")
             setattr(modules[parent] if parent else student, attr, _FrozenStatsGN(gn, freeze, targets[name]))
         with torch.no_grad():
-            student(xcal[:64])  # records the averages and the affines, layer by layer
+            student(xinit)  # records the averages and the affines, layer by layer
         after = agreement_from_logits(predict_logits(student, xev), reference)
         rows.append({"frozen": freeze, "top1": after.top1, "top5_overlap": after.top5_overlap, "kl": after.kl})
         print(f"GN(1), per-sample statistics replaced by their average: {freeze:<5} top-1 {after.top1:6.1%}  "
@@ -305,28 +315,47 @@ def run_norm_stats(args) -> dict:
 def run_per_layer(args) -> dict:
     """The original with ONE BatchNorm swapped for a moment-matched GroupNorm(1), for every BN in turn."""
     teacher, xcal, xev, reference, calib_names = _setup(args)
-    photos = _PhotoEval(args.eval_images, teacher)
+    photos = _PhotoEval(args.eval_images, teacher, args.res)
     student = wsurgery.convert(teacher, inplace=False, mode="aws", norm="gn", gn_groups=1)[0].eval()
     gns = {name: gn for name, gn, _ in _norm_pairs(student, teacher)}
-    rows = []
-    for name in [*gns, "all"]:
-        if name == "all":  # every BN swapped at once: what gn-init gives the whole AWS + GN(1) model
-            hybrid = student
-        else:  # the original, exact, but for this one layer (deep copy: the teacher stays untouched)
-            hybrid = copy.deepcopy(teacher)
+    names = list(gns)
+    xinit = _init_crops(xcal)
+
+    def hybrid_with(swapped: list[str]) -> torch.nn.Module:
+        """The original, exact (deep copy: the teacher stays untouched), but for these layers as GN(1), gn-init'ed."""
+        hybrid = copy.deepcopy(teacher)
+        for name in swapped:
             parent, _, attr = name.rpartition(".")
             setattr(hybrid.get_submodule(parent) if parent else hybrid, attr, copy.deepcopy(gns[name]))
-        init_gn_from_teacher(hybrid, teacher, xcal[:64])
+        init_gn_from_teacher(hybrid, teacher, xinit)
+        return hybrid
+
+    # one layer at a time, then the first k layers together (how the costs compound with depth)
+    plan = [("only", [n]) for n in names]
+    plan += [("first", names[:k]) for k in sorted({1, 2, 4, 8, 16, 24, 32, 40, len(names)})]
+    rows = []
+    for kind, swapped in plan:
+        hybrid = hybrid_with(swapped)
         a = agreement_from_logits(predict_logits(hybrid, xev), reference)
-        row = {"layer": name, "channels": gns[name].num_channels if name in gns else None, "top1": a.top1,
+        label = swapped[0] if kind == "only" else f"first {len(swapped)}"
+        row = {"kind": kind, "layer": label, "num_swapped": len(swapped),
+               "channels": gns[swapped[0]].num_channels if kind == "only" else None, "top1": a.top1,
                "top1_confident": a.top1_confident, "num_confident": a.num_confident, "kl": a.kl, **photos(hybrid)}
         rows.append(row)
-        print(f"{'every BN' if name == 'all' else 'only ' + name:<23} as GN(1): top-1 {a.top1:6.1%}  top-1 conf {_pct(a.top1_confident)}  "
+        print(f"{('only ' if kind == 'only' else '') + label:<23} as GN(1): top-1 {a.top1:6.1%}  top-1 conf {_pct(a.top1_confident)}  "
               f"KL {a.kl:7.3f}{photos.line(row)}", flush=True)
-    single = [r for r in rows if r["layer"] != "all"]
+        _write(args, {"rows": rows, "partial": True})
+    single = [r for r in rows if r["kind"] == "only"]
     summary = {"layers": len(single), "top1_median": float(np.median([r["top1"] for r in single])),
                "top1_min": min(r["top1"] for r in single), "kl_median": float(np.median([r["kl"] for r in single])),
-               "layers_below_90": sum(r["top1"] < 0.9 for r in single)}
+               "layers_below_90": sum(r["top1"] < 0.9 for r in single),
+               "confident_median": float(np.median([r["top1_confident"] for r in single])),
+               "confident_below_100": sum(r["top1_confident"] < 1.0 for r in single)}
+    if photos.x is not None:
+        summary.update(photos_top1_median=float(np.median([r["photos_top1"] for r in single])),
+                       photos_top1_min=min(r["photos_top1"] for r in single),
+                       photos_kl_median=float(np.median([r["photos_kl"] for r in single])),
+                       photos_below_100=sum(r["photos_top1"] < 1.0 for r in single))
     print(f"{summary['layers']} single swaps: median top-1 {summary['top1_median']:.1%}, worst "
           f"{summary['top1_min']:.1%}, {summary['layers_below_90']} below 90%; median KL {summary['kl_median']:.3f}")
     return {"rows": rows, "summary": summary, "calib_photos": calib_names, "eval_photos": EVAL_PHOTOS}

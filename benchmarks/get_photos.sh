@@ -18,12 +18,17 @@ with zipfile.ZipFile(sys.argv[1]) as z:
         if name.startswith("foolbox/data/imagenet_"):
             (pathlib.Path(sys.argv[2]) / pathlib.Path(name).name).write_bytes(z.read(name))
 PY
-(cd "$work" && apt-get download mate-backgrounds plasma-workspace-wallpapers >/dev/null 2>&1)
+if ! (cd "$work" && apt-get download mate-backgrounds plasma-workspace-wallpapers >/dev/null); then
+    echo "get_photos.sh: apt-get download of Debian's wallpaper packages failed (needs Debian's package lists:" \
+         "run apt-get update); the ImageNet samples are in $out/imagenet, the nature photos are not" >&2
+    exit 1
+fi
 for deb in "$work"/*.deb; do dpkg -x "$deb" "$work/x"; done
 nature=("$work"/x/usr/share/backgrounds/mate/nature/*.jpg)
 for name in BytheWater ColdRipple DarkestHour EveningGlow FallenLeaf Grey Kite OneStandsOut Path Volna summer_1am; do
-    # the smallest rendering of each plasma wallpaper is plenty for 224 px crops
-    nature+=("$(ls -S "$work/x/usr/share/wallpapers/$name/contents/images/"* | tail -n 1)")
+    # the rendering with the fewest pixels (files are named WIDTHxHEIGHT) is plenty for 224 px crops
+    nature+=("$(for f in "$work/x/usr/share/wallpapers/$name/contents/images/"*; do
+        wh=$(basename "${f%.*}"); echo "$(( ${wh%x*} * ${wh#*x} )) $f"; done | sort -n | head -n 1 | cut -d' ' -f2-)")
 done
 for f in "${nature[@]}"; do
     base=$(basename "$f"); dir=$(basename "$(dirname "$(dirname "$(dirname "$f")")")")

@@ -226,7 +226,8 @@ def test_umask_is_read_without_changing_it_where_proc_reports_it(monkeypatch, um
     old = os.umask(umask)
     try:
         expected = umask
-        if os.path.exists("/proc/self/status") and "Umask:" in open("/proc/self/status").read():
+        status = Path("/proc/self/status")
+        if status.exists() and "Umask:" in status.read_text(errors="replace"):
             calls = []
             monkeypatch.setattr(wio.os, "umask", lambda m: calls.append(m) or umask)
             assert wio._current_umask() == expected and calls == []

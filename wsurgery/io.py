@@ -73,7 +73,7 @@ def _current_umask() -> int:
     """The process umask. Linux (4.7+) reports it in ``/proc/self/status``; elsewhere the only portable
     way is to set it and restore it, and for that instant another thread's new file would get mode 0666."""
     try:
-        with open("/proc/self/status", encoding="ascii") as f:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:  # the name line may not be ASCII
             for line in f:
                 if line.startswith("Umask:"):
                     return int(line.split()[1], 8)
