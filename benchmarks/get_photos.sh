@@ -3,7 +3,9 @@
 #   OUT/imagenet/  foolbox's 20 ImageNet validation samples (224 px, class index in the file name), from
 #                  PyPI's foolbox 3.3.4 wheel (MIT; unpacked only, foolbox is not installed)
 #   OUT/nature/    23 nature photographs among Debian's desktop wallpapers (mate-backgrounds and
-#                  plasma-workspace-wallpapers; the drawn and abstract ones are left out)
+#                  plasma-workspace-wallpapers, as Debian 12 ships them: 1.26.0-1 and 4:5.27.5-2; other
+#                  releases may differ; the drawn and abstract ones are left out)
+# Files already in OUT stay (and would be read by --calib-extra / --eval-images): use an empty OUT.
 # Usage: bash benchmarks/get_photos.sh [OUT]   (default OUT: benchmarks/photos; needs pip and apt-get download)
 set -euo pipefail
 out=${1:-"$(dirname "$0")/photos"}
