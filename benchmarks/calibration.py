@@ -299,10 +299,8 @@ def run_norm_stats(args) -> dict:
         targets: dict[str, torch.Tensor] = {}
         _run_with_pre_hooks(teacher, [(bn, lambda m, a, n=n: targets.__setitem__(n, _bn_output(m, a[0])))
                                       for n, _, bn in pairs], xinit)
-        modules = dict(student.named_modules())
         for name, gn, _ in pairs:
-            parent, _, attr = name.rpartition(".")
-            setattr(modules[parent] if parent else student, attr, _FrozenStatsGN(gn, freeze, targets[name]))
+            student.set_submodule(name, _FrozenStatsGN(gn, freeze, targets[name]))
         with torch.no_grad():
             student(xinit)  # records the averages and the affines, layer by layer
         after = agreement_from_logits(predict_logits(student, xev), reference)
@@ -325,8 +323,7 @@ def run_per_layer(args) -> dict:
         """The original, exact (deep copy: the teacher stays untouched), but for these layers as GN(1), gn-init'ed."""
         hybrid = copy.deepcopy(teacher)
         for name in swapped:
-            parent, _, attr = name.rpartition(".")
-            setattr(hybrid.get_submodule(parent) if parent else hybrid, attr, copy.deepcopy(gns[name]))
+            hybrid.set_submodule(name, copy.deepcopy(gns[name]))
         init_gn_from_teacher(hybrid, teacher, xinit)
         return hybrid
 
