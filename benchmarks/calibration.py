@@ -60,7 +60,8 @@ import torch
 import torch.nn.functional as F
 
 import wsurgery
-from wsurgery.calibrate import _channel_moments, _norm_pairs, calibrate, calibration_images, init_gn_from_teacher
+from wsurgery.calibrate import (_channel_moments, _init_subset, _norm_pairs, calibrate, calibration_images,
+                                init_gn_from_teacher)
 from wsurgery.compare import agreement_from_logits, predict_logits
 from wsurgery.data import eval_transform, find_images, open_rgb
 from wsurgery.io import atomic_file, write_json
@@ -113,7 +114,8 @@ class _PhotoEval:
         if spec:
             self.x, self.labels, self.names = _whole_photos(spec, teacher, img_size)
             self.reference = predict_logits(teacher, self.x)
-            acc = self.accuracy(self.reference)
+            self.accuracy_original = self.accuracy(self.reference)
+            acc = self.accuracy_original
             print(f"--eval-images: {len(self.names)} photos and their flips"
                   + (f"; the original's accuracy {acc:.1%} (labels from the file names)" if acc is not None else ""),
                   flush=True)
@@ -128,7 +130,7 @@ class _PhotoEval:
         a = agreement_from_logits(logits, self.reference)
         return {"photos_top1": a.top1, "photos_top1_confident": a.top1_confident,
                 "photos_num_confident": a.num_confident, "photos_kl": a.kl, "photos_images": a.num_images,
-                "photos_accuracy": self.accuracy(logits), "photos_accuracy_original": self.accuracy(self.reference)}
+                "photos_accuracy": self.accuracy(logits), "photos_accuracy_original": self.accuracy_original}
 
     @staticmethod
     def line(row: dict) -> str:
@@ -149,12 +151,6 @@ def _setup(args):
     calib_names += [p.name for p in extra]
     xev = _crops(EVAL_PHOTOS, photos, teacher, args.eval, args.res, seed=2)
     return teacher, xcal, xev, predict_logits(teacher, xev), calib_names
-
-
-def _init_crops(xcal: torch.Tensor, n: int = 64) -> torch.Tensor:
-    """A seeded random ``n`` of the calibration crops, as calibrate's gn-init draws them (the crops come
-    grouped by photo, so the first ``n`` would be only the first few photos)."""
-    return xcal[torch.randperm(xcal.shape[0], generator=torch.Generator().manual_seed(2))[:n]]
 
 
 def _row_name(label: str, method: str, cal_kw: dict) -> str:
@@ -291,7 +287,7 @@ def run_norm_stats(args) -> dict:
     from wsurgery.calibrate import _bn_output, _run_with_pre_hooks
 
     teacher, xcal, xev, reference, calib_names = _setup(args)
-    xinit = _init_crops(xcal)
+    xinit = _init_subset(xcal, 64)  # the 64 that calibrate's gn-init would use
     rows = []
     for freeze in ("none", "mean", "std", "both"):
         student = wsurgery.convert(teacher, inplace=False, mode="aws", norm="gn", gn_groups=1)[0].eval()
@@ -317,7 +313,7 @@ def run_per_layer(args) -> dict:
     student = wsurgery.convert(teacher, inplace=False, mode="aws", norm="gn", gn_groups=1)[0].eval()
     gns = {name: gn for name, gn, _ in _norm_pairs(student, teacher)}
     names = list(gns)
-    xinit = _init_crops(xcal)
+    xinit = _init_subset(xcal, 64)  # the 64 that calibrate's gn-init would use
 
     def hybrid_with(swapped: list[str]) -> torch.nn.Module:
         """The original, exact (deep copy: the teacher stays untouched), but for these layers as GN(1), gn-init'ed."""

@@ -411,6 +411,15 @@ def init_gn_from_teacher(student: nn.Module, teacher: nn.Module, images: torch.T
     return len(pairs)
 
 
+def _init_subset(images: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    """The ``n`` images (a seeded random subset) the one-pass phases (gn-init) of :func:`calibrate` use.
+
+    Random, not the first ``n``: image batches read from a folder come grouped by photo.
+    """
+    gen = torch.Generator().manual_seed(seed + 2)
+    return images[torch.randperm(images.shape[0], generator=gen)[:n]]
+
+
 def _run_with_pre_hooks(model: nn.Module, hooks: list, images: torch.Tensor) -> None:
     """One eval pass of ``model`` over ``images`` with forward pre-hooks installed, then removed."""
     handles = [module.register_forward_pre_hook(hook) for module, hook in hooks]
@@ -691,8 +700,7 @@ def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> Calib
     train = cfg.train
     if train == "auto":
         train = "affine" if _student_mode(student) == "aws" else "all"
-    gen = torch.Generator().manual_seed(seed + 2)
-    init_batch = calib[torch.randperm(calib.shape[0], generator=gen)[:cfg.init_images]]
+    init_batch = _init_subset(calib, cfg.init_images, seed)
     losses: list[float] = []
     reverted: list[str] = []
     after = None  # measured already when the keep_best guard ran last
