@@ -41,12 +41,15 @@ __all__ = [
     "clone_model",
     "all_finite",
     "pooled_norms",
+    "FOLD_ATTR",
 ]
 
 #: timm layers that already standardize their weights: recognised, left as they are, folded.
 TIMM_WS_TYPES = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 
 _CONFIG_ATTR = "wsurgery_config"
+#: attribute holding the list of (conv, bn) names folded by ``fold_bn`` (set by fold and load)
+FOLD_ATTR = "wsurgery_folded_bn"
 
 
 @dataclass
@@ -111,9 +114,14 @@ def clone_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modu
     new = copy.deepcopy(model, memo)
     for module in new.modules():
         if parametrize.is_parametrized(module):
-            cls = type(module)
-            module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
+            own_class(module)
     return new
+
+
+def own_class(module: nn.Module) -> None:
+    """Give a parametrized ``module`` a ``Parametrized*`` class of its own (see :func:`clone_model`)."""
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__, dict(cls.__dict__))
 
 
 def ws_parametrizations(model: nn.Module):
@@ -374,7 +382,9 @@ def convert(
         config = SurgeryConfig(**overrides)
     elif overrides:
         config = SurgeryConfig(**{**config.to_dict(), **overrides})
-    pooled = (pooled_norms(model) or frozenset()) if config.norm == "gn" and probe else frozenset()
+    config, pooled = _keep_earlier_structure(model, config)
+    if pooled is None:
+        pooled = (pooled_norms(model) or frozenset()) if config.norm == "gn" and probe else frozenset()
     plan = plan_surgery(model, config, pooled)
     unnormalized = _convs_without_norm(model, [n for n, _ in plan.convs]) if trace else None
     if not inplace:
@@ -383,3 +393,35 @@ def convert(
     report = apply_surgery(model, config, plan)
     report.convs_without_norm = unnormalized
     return model, report
+
+
+def _keep_earlier_structure(model: nn.Module, config: SurgeryConfig) -> tuple[SurgeryConfig, frozenset[str] | None]:
+    """The config to record for a model whose structure an earlier surgery already changed.
+
+    A folded model (``wsurgery.fold`` or ``wsurgery.load`` of an export) still carries the
+    surgery it came from. Its GroupNorms are kept in the new record (same group settings and
+    1x1-map norms), so :func:`wsurgery.load` rebuilds the same modules; otherwise the saved
+    directory would describe BatchNorms the weights no longer have. Returns the config and the
+    earlier 1x1-map norms (None: nothing earlier to keep, probe as usual).
+
+    Raises:
+        ConversionError: its BatchNorms were folded into the convs (``fold_bn``), or new
+            GroupNorm settings contradict the ones it already has.
+    """
+    if getattr(model, FOLD_ATTR, None):
+        raise ConversionError(
+            "this model's BatchNorms were folded into its convs (an export made with --fold-bn), so its convs "
+            "have no norm layer after them for Weight Standardization; convert the unfolded model "
+            "(the surgery directory) or an export made without --fold-bn")
+    earlier = get_surgery_config(model)
+    if earlier is None or earlier.norm != "gn":
+        return config, None
+    groups = ("gn_groups", "gn_group_size", "gn_group_rule", "gn_eps")
+    if config.norm == "gn" and any(getattr(config, k) != getattr(earlier, k) for k in groups):
+        raise ConversionError(
+            "this model already has GroupNorm from an earlier surgery ("
+            + ", ".join(f"{k}={getattr(earlier, k)}" for k in groups)
+            + "); convert it with the same GroupNorm settings, or with --norm keep to leave them as they are")
+    keep = {k: getattr(earlier, k) for k in groups}
+    config = SurgeryConfig(**{**config.to_dict(), "norm": "gn", **keep})
+    return config, frozenset(getattr(model, "wsurgery_pooled_norms", ()) or ())

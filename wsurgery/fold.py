@@ -27,15 +27,12 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .convert import TIMM_WS_TYPES, all_finite, clone_model, ws_parametrizations
+from .convert import FOLD_ATTR, TIMM_WS_TYPES, all_finite, clone_model, own_class, ws_parametrizations
 from .errors import ConversionError, NonFiniteWeightsError
 from .graph import module_successors
 from .norm import carries_activation, is_batchnorm
 
 __all__ = ["timm_std_conv_weight", "fold", "find_conv_bn_pairs", "fold_conv_bn", "is_folded", "FOLD_ATTR"]
-
-#: attribute holding the list of (conv, bn) names folded by ``fold_bn``
-FOLD_ATTR = "wsurgery_folded_bn"
 
 
 def timm_std_conv_weight(module: nn.Conv2d) -> torch.Tensor:
@@ -209,12 +206,21 @@ def fold(
             _check_finite(f"{name}.weight", weight)
             new_convs.append((name, _plain_conv_like(module, weight)))
     if inplace:
+        restored: set[int] = set()
         for _, module, weight in standardized:
             # what remove_parametrizations(leave_parametrized=True) does, without computing the
             # standardized weight a second time: restore the original Parameter, then point it
-            # at the value computed above (bit-identical to what the forward used)
+            # at the value computed above (bit-identical to what the forward used).
+            # A class of its own first: a plain copy.deepcopy (timm's ModelEma) shares the
+            # Parametrized* class, and removing the property from it would break the other copy.
+            own_class(module)
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
-            module.weight.set_(weight)
+            original = module.weight
+            if id(original) in restored:  # one Parameter shared by two convs: each gets its own value
+                module.weight = nn.Parameter(weight, requires_grad=original.requires_grad)
+            else:
+                restored.add(id(original))
+                original.set_(weight)
     else:
         model = _folded_copy(model, standardized)
     for name, conv in new_convs:
@@ -223,5 +229,8 @@ def fold(
     if fold_bn:
         pairs = find_conv_bn_pairs(model) if fold_bn is True else [tuple(p) for p in fold_bn]
         fold_conv_bn(model, pairs)
-    setattr(model, FOLD_ATTR, [list(p) for p in pairs])
+    # pairs folded before (a model loaded from a --fold-bn export) stay on the record: the
+    # export written from this model has to rebuild them too
+    earlier = [list(p) for p in getattr(model, FOLD_ATTR, None) or []]
+    setattr(model, FOLD_ATTR, earlier + [list(p) for p in pairs if list(p) not in earlier])
     return model

@@ -13,6 +13,8 @@ import torch.fx
 from timm.layers import get_notrace_functions, get_notrace_modules
 from torch import nn
 
+from .norm import is_batchnorm
+
 __all__ = ["module_successors"]
 
 
@@ -27,7 +29,9 @@ class _LeafTracer(torch.fx.Tracer):
         self._leaves = tuple(get_notrace_modules()) + _ALWAYS_LEAF + extra_leaves
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if isinstance(m, self._leaves):
+        # is_batchnorm also covers the frozen BNs that are no _BatchNorm (torchvision's, which
+        # timm's freeze_batch_norm_2d uses): traced through, their conv would seem to feed a mul
+        if isinstance(m, self._leaves) or is_batchnorm(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 

@@ -67,14 +67,18 @@ def compare_outputs(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float,
 
 
 def _module_runner(model: nn.Module) -> Runner:
-    model.eval()
     param = next(model.parameters(), None)
     dtype = param.dtype if param is not None else torch.float32
     device = param.device if param is not None else torch.device("cpu")
 
     @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:
-        return model(x.to(device=device, dtype=dtype)).float().cpu()
+        was_training = model.training
+        model.eval()  # and back afterwards: the caller's model is left in the mode it was in
+        try:
+            return model(x.to(device=device, dtype=dtype)).float().cpu()
+        finally:
+            model.train(was_training)
 
     return run
 
@@ -100,6 +104,29 @@ def _resolve(obj: nn.Module | str | os.PathLike) -> tuple[Runner, nn.Module | No
     return _module_runner(model), model, str(path)
 
 
+def _stored_dtype(directory: Path) -> str | None:
+    """The precision of the floating-point tensors in ``directory``'s weights file, from its header.
+
+    Read from the tensors themselves, not from config.json, so an edited config cannot loosen
+    the tolerance the weights are judged by.
+    """
+    from safetensors import safe_open
+
+    from .io import WEIGHTS_NAME
+
+    names = {"F16": "fp16", "BF16": "bf16", "F32": "fp32"}
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        return None
+    with safe_open(str(weights), framework="pt") as f:
+        found = {names.get(f.get_slice(k).get_dtype()) for k in f.keys()} - {None}
+    # the coarsest one decides (an fp16 export keeps nothing in fp32 but counters)
+    for dtype in ("bf16", "fp16", "fp32"):
+        if dtype in found:
+            return dtype
+    return None
+
+
 def _dtype_of(candidate: nn.Module | str | os.PathLike, model: nn.Module | None) -> str:
     """The precision the candidate's weights were stored in.
 
@@ -107,10 +134,8 @@ def _dtype_of(candidate: nn.Module | str | os.PathLike, model: nn.Module | None)
     weights are loaded into an fp32 model, so the parameters' dtype would say fp32.
     """
     if not isinstance(candidate, nn.Module) and Path(candidate).is_dir():
-        from .io import CONFIG_NAME, read_json
-
-        stored = (read_json(Path(candidate) / CONFIG_NAME).get("wsurgery") or {}).get("dtype")
-        if stored in DEFAULT_RTOL:
+        stored = _stored_dtype(Path(candidate))
+        if stored is not None:
             return stored
     param = next(model.parameters(), None) if model is not None else None
     return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(param.dtype if param is not None else None, "fp32")
