@@ -165,7 +165,9 @@ def convert(
         ("convs standardized", report.num_convs),
         ("norms replaced", report.num_norms),
         ("already WS (timm)", len(report.already_standardized)),
-        ("convs not followed by a norm", "unknown (not traceable)" if unnormalized is None else len(unnormalized)),
+        ("convs not followed by a norm", "unknown (not traceable)" if unnormalized is None else
+         f"{len(unnormalized)}" + (f" (+{len(report.convs_not_traced)} inside untraced modules, not judged)"
+                                   if report.convs_not_traced else "")),
         ("params", f"{report.params_before:,} -> {report.params_after:,}"),
     ]
     if result is not None:

@@ -517,6 +517,7 @@ def test_report_types_params_and_include_exclude():
     assert report.convs_without_norm is not None
     se = sorted(n for n in convs if n.endswith(("se.conv_reduce", "se.conv_expand")))
     assert se and sorted(report.convs_without_norm) == se
+    assert report.convs_not_traced == []  # every conv of this model is seen by the trace
     data = report.to_dict()
     assert wsurgery.SurgeryReport.from_dict(json.loads(json.dumps(data))).to_dict() == data
 
@@ -533,6 +534,18 @@ def test_report_conv_without_norm_custom_model():
     assert report.num_convs == 3 and report.num_norms == 0
     _, report = wsurgery.convert(nn.Sequential(nn.Conv2d(3, 4, 1, bias=False)), trace=False)
     assert report.convs_without_norm is None  # not traced: unknown, not "none"
+
+
+def test_report_names_convs_the_trace_cannot_see():
+    # timm keeps NormFreeBlock whole in a trace (its notrace registry); the convs inside it,
+    # SE convs without a norm among them, are listed as not judged instead of passing silently
+    model = timm.create_model("nf_regnet_b0")
+    # its plain convs inside the blocks: the SE convs (the others are timm's own StdConv2d, left alone)
+    inside = sorted(n for n, m in model.named_modules()
+                    if type(m) is nn.Conv2d and n.startswith("stages.") and ".attn." in n)
+    _, report = wsurgery.convert(model, mode="ws")
+    assert len(inside) == 32 and sorted(report.convs_not_traced) == inside
+    assert report.convs_without_norm == []  # every converted conv is inside the blocks: none judged
 
 
 def test_zero_variance_filters_reported():

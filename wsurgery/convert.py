@@ -73,6 +73,9 @@ class SurgeryReport:
     skipped: list[str] = field(default_factory=list)
     #: convs whose output does not go straight into a norm layer (None: model not traceable)
     convs_without_norm: list[str] | None = None
+    #: converted convs the trace could not judge: called inside a module the tracer keeps whole
+    #: (timm's notrace modules, e.g. NormFreeBlock) or not called as modules at all
+    convs_not_traced: list[str] = field(default_factory=list)
     zero_variance_filters: dict[str, int] = field(default_factory=dict)
     params_before: int = 0
     params_after: int = 0
@@ -326,19 +329,20 @@ def _is_norm(module: nn.Module) -> bool:
     return is_batchnorm(module) or isinstance(module, (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._BatchNorm))
 
 
-def _convs_without_norm(model: nn.Module, conv_names: list[str]) -> list[str] | None:
+def _convs_without_norm(model: nn.Module, conv_names: list[str]) -> tuple[list[str] | None, list[str]]:
+    """``(convs not followed by a norm, convs the trace does not show)``; ``(None, [])`` if untraceable."""
     succ = module_successors(model)
     if succ is None:
-        return None
+        return None, []
     modules = dict(model.named_modules())
-    out = []
+    out, unseen = [], []
     for name in conv_names:
         users = succ.get(name)
-        if users is None:  # a conv that is never called directly (e.g. inside CondConv) is not judged
-            continue
-        if not any(u in modules and _is_norm(modules[u]) for u in users):
+        if users is None:  # never called as a module in the trace: not judged, and reported as such
+            unseen.append(name)
+        elif not any(u in modules and _is_norm(modules[u]) for u in users):
             out.append(name)
-    return out
+    return out, unseen
 
 
 def convert(
@@ -386,12 +390,13 @@ def convert(
     if pooled is None:
         pooled = (pooled_norms(model) or frozenset()) if config.norm == "gn" and probe else frozenset()
     plan = plan_surgery(model, config, pooled)
-    unnormalized = _convs_without_norm(model, [n for n, _ in plan.convs]) if trace else None
+    unnormalized, unseen = _convs_without_norm(model, [n for n, _ in plan.convs]) if trace else (None, [])
     if not inplace:
         model = clone_model(model)
         plan = plan_surgery(model, config, pooled)
     report = apply_surgery(model, config, plan)
     report.convs_without_norm = unnormalized
+    report.convs_not_traced = unseen
     return model, report
 
 
