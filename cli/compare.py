@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -38,6 +39,7 @@ def compare(
         1, "--crops-per-image", help="1: center crop of each file; N: N random resized crops/flips of each."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Input size (default: B's data config)."),
     seed: int = typer.Option(0, "--seed", help="Seeds the choice of images and the crops."),
+    as_json: bool = typer.Option(False, "--json", help="Print the agreement as JSON."),
 ) -> None:
     """Print top-1 agreement, top-5 overlap and KL(B || A) of model A against reference B."""
     paths = find_images([str(i) for i in images])  # a wrong path fails before minutes of model loading
@@ -48,6 +50,9 @@ def compare(
                            crops_per_image=crops_per_image)
     with console.status(f"running both models on {x.shape[0]} images"):
         agreement = wsurgery.compare(model_a, model_b, x)
+    if as_json:
+        console.print_json(json.dumps(agreement.to_dict()))
+        return
     console.print(kv_table(f"{a} vs {b}", [
         ("images", agreement.num_images),
         ("top-1 agreement", f"{agreement.top1:.1%}"),

@@ -1,0 +1,430 @@
+"""CLI flags that change what a command computes, each checked against an independent
+computation or the Python API's answer (not just "it ran"):
+
+convert --eps / --include / --exclude / --calib-images / --calib-train, export --opset,
+verify --images / --rtol / --seed, predict --img-size, compare --limit / --img-size,
+inspect of a timm model name, train --help-recipe and train's missing arguments.
+
+Small models only (resnet10t, rexnet_100 with --no-pretrained or a seeded local checkpoint)
+and tiny PIL image folders; the expensive outputs are made once per module.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import json
+import re
+import shutil
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn.utils import parametrize
+from typer.testing import CliRunner
+
+import wsurgery
+from wsurgery.cli._common import DEBUG_ENV, console
+from wsurgery.cli.main import app
+
+from _data import make_folder
+
+runner = CliRunner()
+
+NUM_CLASSES = 3
+
+
+# ---------------------------------------------------------------------------- helpers
+# (the same small helpers as test_cli_core, kept here so this file stands on its own)
+
+
+@pytest.fixture(autouse=True)
+def _offline_no_debug_wide(monkeypatch):
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # a wide console: one table row per line, so cells (long tmp paths included) can be read back
+    monkeypatch.setattr(console, "width", 400)
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def flat(text: str) -> str:
+    """Table text without box drawing and line wraps, for robust substring checks."""
+    for ch in "│┃┏┓┗┛┡┩┠┨━─┌┐└┘╇┳┻┼├┤┬┴╈╋═":
+        text = text.replace(ch, " ")
+    return " ".join(text.split())
+
+
+def ok(result) -> str:
+    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    return flat(result.stdout)
+
+
+def one_error(result, code: int, *fragments: str) -> str:
+    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ")
+    assert "Traceback" not in result.stdout + result.stderr
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    return lines[0]
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """The body rows of every rich table printed (cells stripped), one list per line."""
+    return [[c.strip() for c in line.strip()[1:-1].split("│")]
+            for line in stdout.splitlines() if line.strip().startswith("│")]
+
+
+def kv(stdout: str) -> dict[str, str]:
+    """A ``kv_table``'s rows as a dict."""
+    return {r[0]: r[1] for r in table_rows(stdout) if len(r) == 2}
+
+
+def conv_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+
+
+def standardized_names(model: nn.Module) -> set[str]:
+    return {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and parametrize.is_parametrized(m, "weight")}
+
+
+# ---------------------------------------------------------------------------- shared fixtures
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A seeded resnet10t checkpoint (3 classes), 12 small images, its WS conversion and its export."""
+    root = tmp_path_factory.mktemp("flags")
+    torch.manual_seed(0)
+    original = timm.create_model("resnet10t", pretrained=False, num_classes=NUM_CLASSES).eval()
+    ckpt = root / "resnet10t.safetensors"
+    save_file(original.state_dict(), str(ckpt))
+    images = make_folder(root / "images", per_class=4, size=32, seed=0)
+    num_images = len(list(images.rglob("*.png")))
+    runs, export = root / "ws", root / "export"
+    ok(invoke("convert", "resnet10t", "--checkpoint", ckpt, "--num-classes", NUM_CLASSES, "-o", runs))
+    ok(invoke("export", runs, "-o", export))
+    return dict(root=root, ckpt=ckpt, state=load_file(str(ckpt)), images=images, num_images=num_images,
+                runs=runs, export=export)
+
+
+@pytest.fixture(scope="module")
+def eps_runs(base):
+    """The same checkpoint converted with --eps 0.5 (a model that computes something else)."""
+    out = base["root"] / "ws-eps"
+    ok(invoke("convert", "resnet10t", "--checkpoint", base["ckpt"], "--num-classes", NUM_CLASSES,
+              "--eps", "0.5", "-o", out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def perturbed(base):
+    """A copy of the export with one conv weight nudged (seeded), so verify has something to find."""
+    out = base["root"] / "perturbed"
+    out.mkdir()
+    shutil.copy(base["export"] / "config.json", out / "config.json")
+    weights = base["export"] / "model.safetensors"
+    with safe_open(str(weights), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    w = tensors["layer1.0.conv1.weight"]
+    gen = torch.Generator().manual_seed(0)
+    tensors["layer1.0.conv1.weight"] = w + 1e-2 * w.abs().max() * torch.randn(w.shape, generator=gen)
+    save_file(tensors, str(out / "model.safetensors"), metadata=metadata)
+    return out
+
+
+# ---------------------------------------------------------------------------- convert
+
+
+def _reference_ws(w: torch.Tensor, convention: str, eps: float) -> torch.Tensor:
+    """(W - mean) / scale per output filter, in float64, written out from the README's table."""
+    w = w.double()
+    flat_w = w.reshape(w.shape[0], -1)
+    mean = flat_w.mean(dim=1, keepdim=True)
+    var = flat_w.var(dim=1, unbiased=False, keepdim=True)
+    scale = torch.sqrt(var + eps) if convention == "timm" else torch.sqrt(var) + eps
+    return ((flat_w - mean) / scale).reshape(w.shape)
+
+
+@pytest.mark.parametrize("convention", ["timm", "seed"])
+def test_convert_eps_is_recorded_and_used(base, eps_runs, tmp_path, convention):
+    eps = 0.5
+    if convention == "timm":  # the default convention: the shared conversion, made without --convention
+        out = eps_runs
+    else:
+        out = tmp_path / "seed"
+        ok(invoke("convert", "resnet10t", "--checkpoint", base["ckpt"], "--num-classes", NUM_CLASSES,
+                  "--convention", convention, "--eps", eps, "-o", out))
+    config = json.loads((out / "config.json").read_text())
+    assert config["wsurgery"]["surgery"]["eps"] == eps
+    assert config["wsurgery"]["surgery"]["convention"] == convention
+    model = wsurgery.load(out)
+    assert model.wsurgery_config.ws_convention.eps == eps
+    names = conv_names(model)
+    assert standardized_names(model) == set(names) and len(names) == 14
+    default_eps = {"timm": 1e-6, "seed": 1e-5}[convention]
+    for name in names:
+        w = base["state"][f"{name}.weight"]
+        with torch.no_grad():
+            got = model.get_submodule(name).weight.double()  # the parametrized (standardized) weight
+        expected = _reference_ws(w, convention, eps)
+        assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), name
+        # the eps really matters at this size: the convention's own eps gives a different weight
+        assert not torch.allclose(got, _reference_ws(w, convention, default_eps), rtol=1e-2, atol=1e-3), name
+    # and the forward pass uses it: each conv computes F.conv2d with the expected weight
+    conv = model.get_submodule("conv1.0")
+    x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = conv(x)
+        y_ref = nn.functional.conv2d(x.double(), _reference_ws(base["state"]["conv1.0.weight"], convention, eps),
+                                     None, conv.stride, conv.padding, conv.dilation, conv.groups)
+    assert torch.allclose(y.double(), y_ref, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def rexnet_convs():
+    """rexnet_100 has features.1 and features.10 ... features.16: a naive prefix match would mix them."""
+    names = conv_names(timm.create_model("rexnet_100", pretrained=False))
+    assert any(n.startswith("features.1.") for n in names) and any(n.startswith("features.10.") for n in names)
+    return names
+
+
+@pytest.mark.parametrize(
+    "include,exclude",
+    [
+        (["features.1.*", "stem.*"], []),          # repeatable include; must not take features.10 ...
+        ([], ["features.1.*"]),                   # exclude only features.1, keep features.10 ...
+        (["features.1*"], ["features.1.*"]),       # both: include the prefix, exclude wins for features.1
+    ],
+)
+def test_convert_include_exclude_use_fnmatch_on_module_names(tmp_path, rexnet_convs, include, exclude):
+    def selected(name: str) -> bool:
+        if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            return False
+        return not any(fnmatch.fnmatchcase(name, p) for p in exclude)
+
+    expected = {n for n in rexnet_convs if selected(n)}
+    assert 0 < len(expected) < len(rexnet_convs)
+    args = [a for p in include for a in ("--include", p)] + [a for p in exclude for a in ("--exclude", p)]
+    out = tmp_path / "rex"
+    ok(invoke("convert", "rexnet_100", "--no-pretrained", *args, "-o", out))
+    model = wsurgery.load(out)
+    assert standardized_names(model) == expected
+    assert set(conv_names(model)) == set(rexnet_convs)  # the others are still there, as plain convs
+    cfg = model.wsurgery_config
+    assert (cfg.include, cfg.exclude) == (include, exclude)
+    config = json.loads((out / "config.json").read_text())
+    assert {c["name"] for c in config["wsurgery"]["report"]["changes"]} == expected
+
+
+@pytest.fixture(scope="module")
+def calibrated(base):
+    """Two distill-only calibrations of the WS model: --calib-train affine on 8 images, all on every image."""
+    common = ["convert", "resnet10t", "--checkpoint", base["ckpt"], "--num-classes", NUM_CLASSES,
+              "--calibrate", "distill", "--calib-data", base["images"], "--calib-steps", "3", "--calib-batch", "4",
+              "--calib-size", "64", "--calib-lr", "0.01", "--seed", "0"]
+    affine, everything = base["root"] / "cal-affine", base["root"] / "cal-all"
+    ok(invoke(*common, "--calib-images", "8", "--calib-train", "affine", "-o", affine))
+    ok(invoke(*common, "--calib-train", "all", "-o", everything))
+    return dict(affine=affine, all=everything)
+
+
+def _calibration_record(directory) -> dict:
+    return json.loads((directory / "config.json").read_text())["wsurgery"]["calibration"]
+
+
+def test_convert_calib_images_limits_the_images_used(base, calibrated):
+    assert base["num_images"] > 8
+    limited = _calibration_record(calibrated["affine"])
+    assert limited["num_images"] + limited["num_held_out"] == 8
+    assert limited["num_held_out"] > 0
+    unlimited = _calibration_record(calibrated["all"])  # default --calib-images 256: every one of the files
+    assert unlimited["num_images"] + unlimited["num_held_out"] == base["num_images"]
+
+
+def test_convert_calib_train_is_recorded_and_respected(base, calibrated):
+    state = base["state"]
+    plain = timm.create_model("resnet10t", pretrained=False)
+    convs = conv_names(plain)
+    bn_affine = [f"{n}.{p}" for n, m in plain.named_modules() if isinstance(m, nn.BatchNorm2d) for p in ("weight", "bias")]
+    assert bn_affine and all(k in state for k in bn_affine)
+
+    for train in ("affine", "all"):
+        record = _calibration_record(calibrated[train])
+        assert record["train"] == train and record["config"]["train"] == train
+        assert record["phases"] == ["distill"] and record["steps"] == 3 and record["reverted"] == []
+
+    def original_weights(model):
+        return {n: model.get_submodule(n).parametrizations.weight.original.detach() for n in convs}
+
+    affine = wsurgery.load(calibrated["affine"])
+    affine_state = affine.state_dict()
+    # affine: conv weights and the classifier untouched, the BatchNorm affines trained
+    for name, w in original_weights(affine).items():
+        assert torch.equal(w, state[f"{name}.weight"]), name
+    assert torch.equal(affine_state["fc.weight"], state["fc.weight"])
+    assert any(not torch.equal(affine_state[k], state[k]) for k in bn_affine)
+
+    everything = wsurgery.load(calibrated["all"])
+    all_state = everything.state_dict()
+    # all: every conv and the classifier trained too
+    for name, w in original_weights(everything).items():
+        assert not torch.equal(w, state[f"{name}.weight"]), name
+    assert not torch.equal(all_state["fc.weight"], state["fc.weight"])
+
+
+# ---------------------------------------------------------------------------- export
+
+
+def test_export_opset_is_written_into_the_onnx_file(base, tmp_path):
+    onnx = pytest.importorskip("onnx")
+    pytest.importorskip("onnxruntime")
+    opset = 14
+    assert opset != wsurgery.deploy.DEFAULT_OPSET  # else the flag would not be tested
+    out = tmp_path / "e"
+    ok(invoke("export", base["runs"], "-o", out, "--format", "onnx", "--opset", opset, "--img-size", 64))
+    proto = onnx.load(str(out / "model.onnx"))
+    default_domain = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    assert default_domain == [opset]
+    # the graph is for the --img-size asked for
+    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims[1:] == [3, 64, 64]
+
+
+# ---------------------------------------------------------------------------- verify
+
+
+def _inputs(stdout: str) -> int:
+    return int(kv(stdout)["inputs"])
+
+
+def test_verify_images_adds_one_input_per_image(base):
+    plain = invoke("verify", base["export"], "--against", base["runs"], "--num-random", "2")
+    ok(plain)
+    assert _inputs(plain.stdout) == 2
+    with_images = invoke("verify", base["export"], "--against", base["runs"], "--num-random", "2",
+                         "--images", base["images"])
+    ok(with_images)
+    assert _inputs(with_images.stdout) == 2 + base["num_images"]
+    assert kv(with_images.stdout)["result"] == "pass"
+
+
+def test_verify_rtol_decides_pass_or_fail(base, perturbed):
+    api = wsurgery.verify(perturbed, base["runs"], num_random=2, seed=0)
+    assert api.max_rel > 1e-5  # the nudge is visible at the default fp32 tolerance ...
+    args = ["verify", perturbed, "--against", base["runs"], "--num-random", "2"]
+    one_error(invoke(*args), 1, "differs", "max rel diff")
+    loose = 2 * api.max_rel  # ... and within a tolerance twice its size
+    result = invoke(*args, "--rtol", loose)
+    out = ok(result)
+    assert kv(result.stdout)["result"] == "pass"
+    assert f"(tolerance {loose:g})" in out
+    one_error(invoke(*args, "--rtol", api.max_rel / 2), 1, "differs", f"> {api.max_rel / 2:g}")
+
+
+def test_verify_seed_changes_the_random_inputs(base, perturbed):
+    printed = {}
+    for seed in (0, 1):
+        result = invoke("verify", perturbed, "--against", base["runs"], "--num-random", "2", "--seed", seed,
+                        "--rtol", "1")
+        ok(result)
+        printed[seed] = kv(result.stdout)["max |diff|"]
+        api = wsurgery.verify(perturbed, base["runs"], num_random=2, seed=seed, rtol=1)
+        assert printed[seed] == f"{api.max_abs:.3g}"
+    assert printed[0] != printed[1]
+
+
+# ---------------------------------------------------------------------------- predict, compare
+
+
+def _predictions(stdout: str) -> list[tuple[str, str, str]]:
+    """(image, class, probability) per row of predict's table (the image only on its first row)."""
+    out, image = [], None
+    for cells in table_rows(stdout):
+        if len(cells) != 4:
+            continue
+        image = cells[0] or image
+        out.append((image, cells[2], cells[3]))
+    return out
+
+
+def _api_predictions(model, images, topk: int, img_size) -> list[tuple[str, str, str]]:
+    return [(str(p.path), name, f"{prob:.1%}")
+            for p in wsurgery.predict(model, [str(images)], topk, img_size=img_size)
+            for name, prob in zip(p.labels, p.probs)]
+
+
+def test_predict_img_size_is_the_size_the_model_sees(base):
+    result = invoke("predict", base["export"], base["images"], "--topk", NUM_CLASSES, "--img-size", 64)
+    ok(result)
+    printed = _predictions(result.stdout)
+    assert len(printed) == base["num_images"] * NUM_CLASSES
+    model = wsurgery.load(base["export"])
+    at_64 = _api_predictions(model, base["images"], NUM_CLASSES, 64)
+    default = _api_predictions(model, base["images"], NUM_CLASSES, None)
+    assert at_64 != default  # the size changes the answer, so the comparison below means something
+    assert printed == at_64
+
+
+def test_compare_limit_is_the_number_of_images(base, eps_runs):
+    assert base["num_images"] > 5
+    limited = invoke("compare", eps_runs, base["runs"], "--images", base["images"], "--limit", 5)
+    ok(limited)
+    assert kv(limited.stdout)["images"] == "5"
+    full = invoke("compare", eps_runs, base["runs"], "--images", base["images"])
+    ok(full)
+    assert kv(full.stdout)["images"] == str(base["num_images"])
+
+
+def test_compare_img_size_is_the_size_both_models_see(base, eps_runs):
+    result = invoke("compare", eps_runs, base["runs"], "--images", base["images"], "--img-size", 64)
+    ok(result)
+    printed = kv(result.stdout)
+    at_64 = wsurgery.compare(eps_runs, base["runs"], [str(base["images"])], img_size=64)
+    default = wsurgery.compare(eps_runs, base["runs"], [str(base["images"])])
+    assert f"{at_64.kl:.4f}" != f"{default.kl:.4f}"
+    assert printed["KL(B || A)"] == f"{at_64.kl:.4f} nats"
+    assert printed["top-5 overlap"] == f"{at_64.top5_overlap:.1%}"
+    assert printed["images"] == str(base["num_images"])
+
+
+# ---------------------------------------------------------------------------- inspect, train
+
+
+def test_inspect_a_timm_model_name():
+    data = json.loads(ok(invoke("inspect", "resnet10t", "--json")))
+    model = timm.create_model("resnet10t", pretrained=False)
+    expected = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.BatchNorm2d))]
+    assert [r["name"] for r in data["rows"]] == expected
+    convs = sum(isinstance(m, nn.Conv2d) for m in model.modules())
+    bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    assert data["counts"] == {"plain convs": convs, "batch norms": bns}
+    assert data["architecture"] == "resnet10t" and data["stage"] == "plain" and data["surgery"] is None
+    assert data["num_params"] == sum(p.numel() for p in model.parameters())
+    # an unknown name is one error line, not a traceback
+    one_error(invoke("inspect", "resnet10tt"), 1, "resnet10tt")
+
+
+def test_train_help_recipe_lists_every_recipe_key():
+    from wsurgery.recipes import Recipe
+
+    result = invoke("train", "--help-recipe")
+    ok(result)
+    keys = [cells[0] for cells in table_rows(result.stdout) if cells[0]]
+    assert keys == [f.name for f in dataclasses.fields(Recipe)]
+
+
+@pytest.mark.parametrize("args", [[], ["resnet10t"], ["-o", "OUT"]])
+def test_train_without_model_or_output_is_a_usage_error(tmp_path, args):
+    args = [str(tmp_path / "out") if a == "OUT" else a for a in args]
+    one_error(invoke("train", *args), 2, "MODEL", "--output")
+    assert list(tmp_path.iterdir()) == []
