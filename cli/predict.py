@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Optional
 
 import typer
@@ -20,12 +22,16 @@ def predict(
     topk: int = typer.Option(5, "--topk", "-k", help="Classes to show per image."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Input size (default: the model's)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
+    as_json: bool = typer.Option(False, "--json", help="Print the predictions as JSON (one object per image)."),
 ) -> None:
     """Print the top-k class names and probabilities for each image."""
     results = predict_images(model, images, topk, img_size=img_size, device=device)
     if all(r.error for r in results):
         raise DatasetError(f"none of the {len(results)} files could be read as an image ({results[0].error}); "
                            "pass image files (JPEG, PNG, ...), folders of them, or glob patterns")
+    if as_json:
+        console.print_json(json.dumps([dataclasses.asdict(r) for r in results], default=str))
+        return
     table = Table(title=f"top-{topk} predictions", title_justify="left")
     table.add_column("image")
     table.add_column("rank", justify="right")

@@ -20,7 +20,7 @@ def verify(
     num_random: int = typer.Option(4, "--num-random", help="Random inputs to compare on."),
     rtol: Optional[float] = typer.Option(
         None, "--rtol", help="Max relative difference (default by dtype, fp32 1e-5; .onnx 1e-4; .pt2 1e-5)."),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
     img_size: Optional[int] = typer.Option(
         None, "--img-size", help="Input size (default: the model's data config; for .onnx/.pt2 the exported size)."),
 ) -> None:

@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import wsurgery
 from wsurgery.calibrate import (CalibrationConfig, _augment, _kl, calibrate, calibration_images, init_gn_from_teacher,
                                 reestimate_bn_stats, resolve_method)
-from wsurgery.compare import Agreement, agreement_from_logits, compare
+from wsurgery.compare import agreement_from_logits, compare
 from wsurgery.errors import ConfigError, UsageError
 
 

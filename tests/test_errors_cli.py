@@ -489,10 +489,10 @@ def test_train_empty_dataset(tmp_path, train_model):
     data = tmp_path / "data"
     data.mkdir()
     out = tmp_path / "run"
-    error_line(train_cli(train_model, data, out), 1, "data", "no")
+    error_line(train_cli(train_model, data, out), 1, f"{data} holds no images", "<class>/<images>")
     (data / "circle").mkdir()
     (data / "square").mkdir()
-    error_line(train_cli(train_model, data, out), 1, "data")
+    error_line(train_cli(train_model, data, out), 1, f"{data} holds no images")
     only_entries(tmp_path, "data")
 
 

@@ -190,9 +190,22 @@ def test_parametrize_cached_gives_the_same_outputs(mode):
 
 def test_compile_standardization_toggles_every_conv():
     model = _conv_model("aws")
-    n = compile_standardization(model, enabled=False)
-    assert n == 2
+    x = torch.randn(2, 3, 10, 10)
+    reference = model(x)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):  # dynamo hands every captured graph to its backend
+        graphs.append(gm)
+        return gm.forward  # run it as captured: no code generation, cheap on CPU
+
+    assert compile_standardization(model, backend=counting_backend) == 2
+    kernels = [p._kernel for _, _, p in ws_parametrizations(model)]
+    assert kernels[0] is not None and all(k is kernels[0] for k in kernels)  # one compiled function, shared
+    assert_close(model(x), reference, rtol=1e-6, atol=1e-6)
+    assert graphs  # the forward went through the compiled function
+    assert compile_standardization(model, enabled=False) == 2
     assert all(p._kernel is None for _, _, p in ws_parametrizations(model))
+    assert_close(model(x), reference, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not CUDA, reason="torch.compile path is tested on CUDA only")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import timm
 import torch
@@ -10,7 +12,6 @@ from typer.testing import CliRunner
 import wsurgery
 from _data import CLASSES, make_folder
 from wsurgery.cli.main import app
-from wsurgery.data import load_images
 from wsurgery.errors import InputNotFoundError, UsageError
 from wsurgery.train import set_num_classes
 
@@ -28,10 +29,20 @@ def exported(tmp_path_factory):
     return model, tmp / "export", images
 
 
+def _inputs(model, paths):
+    """The model's inputs built here: timm's data config and eval transform on PIL images."""
+    from PIL import Image
+    from timm.data import create_transform, resolve_data_config
+
+    transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
+    return torch.stack([transform(Image.open(p).convert("RGB")) for p in paths])
+
+
 def test_predict_matches_softmax_of_the_model(exported):
     model, export_dir, images = exported
     preds = wsurgery.predict(export_dir, images, topk=2)
-    x, paths = load_images(images, model)
+    paths = sorted(images.rglob("*.png"))
+    x = _inputs(model, paths)
     with torch.no_grad():
         probs = model.eval()(x).softmax(-1)
     assert [p.path for p in preds] == paths
@@ -67,8 +78,18 @@ def test_model_without_label_names_uses_indices(tmp_path):
 
 def test_cli_predict(exported):
     _, export_dir, images = exported
+    res = CliRunner().invoke(app, ["predict", str(export_dir), str(images / "circle"), "--topk", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    printed = json.loads(res.output)
+    expected = wsurgery.predict(export_dir, images / "circle", topk=2)
+    assert [p["path"] for p in printed] == [str(p.path) for p in expected] and len(printed) == 2
+    for p, e in zip(printed, expected):
+        assert p["labels"] == e.labels and p["indices"] == e.indices
+        assert p["probs"] == pytest.approx(e.probs, rel=1e-6)
     res = CliRunner().invoke(app, ["predict", str(export_dir), str(images / "circle"), "--topk", "2"])
     assert res.exit_code == 0, res.output
-    assert any(c in res.output for c in CLASSES) and "%" in res.output
+    rank1 = [line.split("│") for line in res.output.splitlines() if "│" in line]
+    rank1 = [[c.strip() for c in row] for row in rank1 if len(row) > 3 and row[2].strip() == "1"]
+    assert [(row[3], row[4]) for row in rank1] == [(e.labels[0], f"{e.probs[0]:.1%}") for e in expected]
     res = CliRunner().invoke(app, ["predict", str(export_dir), "/nonexistent/x.png"])
     assert res.exit_code == 1 and "does not exist" in res.output and "Traceback" not in res.output

@@ -118,7 +118,7 @@ def test_keyboard_interrupt_writes_checkpoint_then_resume_completes(data, tmp_pa
     with pytest.raises(TrainingInterrupted):
         train(tiny(), data, tmp_path / "r", "cpu-quick", overrides=FAST, callback=ctrl_c)
     assert read_json(tmp_path / "r" / "last" / "train_state.json")["state"]["step"] == 3
-    full = train(tiny(), data, tmp_path / "full", "cpu-quick", overrides=FAST)
+    train(tiny(), data, tmp_path / "full", "cpu-quick", overrides=FAST)
     train(None, None, None, resume=tmp_path / "r")
     a, b = _weights(tmp_path / "full" / "last"), _weights(tmp_path / "r" / "last")
     assert all(torch.equal(a[k], b[k]) for k in a)
