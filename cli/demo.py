@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from wsurgery.demo import DemoConfig, DemoStep, run_demo
+from wsurgery.errors import UsageError
 
 from ._common import console, fail, handle_errors
 from .train import ProgressView
@@ -27,12 +28,16 @@ def demo(
 ) -> None:
     """EfficientNet-Lite0 (real ImageNet weights) -> adaptive WS + GN -> calibrate -> micro-batch fine-tune on
     Fashion-MNIST -> export -> verify -> predict, with timings."""
-    if threads:
+    for flag, value, lowest in (("--threads", threads, 1), ("--img-size", img_size, 16),
+                                ("--train-per-class", train_per_class, 1)):
+        if value is not None and value < lowest:
+            raise UsageError(f"{flag} must be at least {lowest}, got {value}")
+    if threads is not None:
         torch.set_num_threads(threads)
     cfg = DemoConfig.quick() if quick else DemoConfig()
-    if img_size:
+    if img_size is not None:
         cfg.img_size = img_size
-    if train_per_class:
+    if train_per_class is not None:
         cfg.train_per_class = train_per_class
     view = ProgressView()
 

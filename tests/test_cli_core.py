@@ -68,6 +68,7 @@ def one_error(result, code: int, *fragments: str) -> str:
 @pytest.fixture(scope="module")
 def flow(tmp_path_factory):
     """``wsurgery convert resnet50 --no-pretrained --norm gn -o X``, then export, once."""
+    torch.manual_seed(0)  # module-scoped: the same random weights whichever tests ran before
     root = tmp_path_factory.mktemp("flow")
     runs, export = root / "runs" / "r50-ws", root / "export" / "r50"
     convert = runner.invoke(app, ["convert", "resnet50", "--no-pretrained", "--norm", "gn", "-o", str(runs)])
@@ -155,6 +156,7 @@ def test_readme_flow_loads_in_stock_timm_without_wsurgery(flow):
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
+    torch.manual_seed(0)
     root = tmp_path_factory.mktemp("small")
     runs = root / "lite0"
     result = runner.invoke(app, ["convert", "tf_efficientnet_lite0", "--no-pretrained", "--mode", "aws",

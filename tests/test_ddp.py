@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -16,15 +15,12 @@ from _data import CLASSES, make_folder
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, data: str, out: str, tmp: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank),
-                      LOCAL_RANK=str(rank))
+def _worker(rank: int, world: int, data: str, out: str, tmp: str) -> None:
+    # what torchrun sets; the process group itself meets in a file (a free TCP port picked here
+    # could be taken by another test process before the ranks bind it), so train() finds it ready
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'pg_store')}", rank=rank,
+                            world_size=world)
     torch.set_num_threads(1)
     import timm
 
@@ -48,7 +44,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     data = make_folder(tmp_path / "data", per_class=8, split="train")
     make_folder(tmp_path / "data", per_class=4, split="val", seed=1)
     out = tmp_path / "run"
-    mp.spawn(_worker, args=(2, _free_port(), str(data), str(out), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(data), str(out), str(tmp_path)), nprocs=2, join=True)
     from wsurgery.io import load_safetensors
 
     a, b = load_safetensors(tmp_path / "rank0.safetensors"), load_safetensors(tmp_path / "rank1.safetensors")

@@ -103,3 +103,32 @@ def test_quick_demo_end_to_end(tmp_path):
     # a second run refuses to overwrite without --force
     res = CliRunner().invoke(app, ["demo", "--quick", "-o", str(tmp_path / "demo")])
     assert res.exit_code == 1 and "--force" in res.output
+
+
+@pytest.mark.parametrize("args,flag", [(["--img-size", "0"], "--img-size"), (["--train-per-class", "-1"],
+                                        "--train-per-class"), (["--threads", "-1"], "--threads")])
+def test_bad_demo_settings_leave_an_existing_workdir_alone(tmp_path, args, flag):
+    from wsurgery.cli.main import app
+
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "file.txt").write_text("precious")
+    res = CliRunner().invoke(app, ["demo", "--quick", "-o", str(keep), "--force", *args])
+    assert res.exit_code == 2 and f"{flag} must be at least" in res.output, res.output
+    assert (keep / "file.txt").read_text() == "precious"
+
+
+def test_missing_data_is_found_before_the_workdir_is_replaced(tmp_path, monkeypatch):
+    import wsurgery.demo
+    from wsurgery.demo import DemoConfig, run_demo
+    from wsurgery.errors import ConfigError, InputNotFoundError, MissingDependencyError
+
+    keep = tmp_path / "keep"
+    keep.mkdir()
+    (keep / "file.txt").write_text("precious")
+    monkeypatch.setattr(wsurgery.demo, "FASHION_MNIST_DIR", tmp_path / "nowhere")
+    with pytest.raises((InputNotFoundError, MissingDependencyError), match="nowhere|pip install"):
+        run_demo(keep, quick=True, force=True)
+    assert (keep / "file.txt").read_text() == "precious"
+    with pytest.raises(ConfigError, match="`test_per_class` must be an integer between 1 and 1000"):
+        DemoConfig(test_per_class=1001)

@@ -60,6 +60,7 @@ def _onnx_run(path: Path, x: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def small_model() -> torch.nn.Module:
     """resnet10t, adaptive WS (exact at conversion), BN kept with non-trivial statistics."""
+    torch.manual_seed(0)  # module-scoped: the same weights whichever tests ran before in this worker
     model = timm.create_model("resnet10t", pretrained=False, num_classes=10)
     randomize_norms(model)
     model, _ = wsurgery.convert(model, mode="aws")

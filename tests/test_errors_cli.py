@@ -75,6 +75,7 @@ def state_dict_file(tmp_path: Path, name: str, arch: str = "test_resnet", **kwar
 @pytest.fixture(scope="module")
 def saved_dir(tmp_path_factory) -> Path:
     """A converted (ws + gn) test_resnet saved by wsurgery."""
+    torch.manual_seed(0)  # module-scoped: the same random weights whichever tests ran before
     root = tmp_path_factory.mktemp("saved")
     model, report = wsurgery.convert(timm.create_model("test_resnet", pretrained=False), mode="aws", norm="gn")
     return wsurgery.save(model, root / "ws", report=report)

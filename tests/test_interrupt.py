@@ -1,9 +1,10 @@
 """Issue 6, part 3: nothing is lost when a run is killed part-way.
 
-Each test starts the real ``wsurgery`` CLI in a subprocess, SIGKILLs it while it is writing
-(no test hooks in the library: we watch the destination's folder for the temporary name the
-atomic writers use), then checks that the destination is either absent or complete and valid,
-and that a run started afterwards succeeds.
+Each test starts the real ``wsurgery`` CLI in a subprocess, SIGKILLs it while it is writing,
+then checks that the destination is either absent or complete and valid, and that a run started
+afterwards succeeds. No test hooks in the library: the child process gets a ``sitecustomize``
+(on its PYTHONPATH only) that lets safetensors write the weights file and then holds the process
+there, so the kill lands mid-output every time, whatever the machine's speed.
 """
 
 from __future__ import annotations
@@ -43,24 +44,47 @@ def _partial_write_in(folder: Path, name: str) -> Path | None:
     return None
 
 
+_HOLD_AFTER_WRITE = """
+import os, time
+import safetensors.torch as _st
+_save_file = _st.save_file
+def save_file(*args, **kwargs):  # write the weights file for real, then stop before anything else
+    _save_file(*args, **kwargs)
+    open(os.environ["WSURGERY_TEST_WRITTEN"], "w").close()
+    time.sleep(3600)
+_st.save_file = save_file
+"""
+
+
 def kill_while_writing(args: list[str], folder: Path, name: str, timeout: float = 240.0) -> Path:
-    """Run the CLI, SIGKILL it as soon as its output to ``folder/name`` is half-written."""
+    """Run the CLI, SIGKILL it once its output to ``folder/name`` is half-written (weights, no config)."""
+    import tempfile
+
+    shim = Path(tempfile.mkdtemp(prefix="wsurgery-shim-"))
+    (shim / "sitecustomize.py").write_text(_HOLD_AFTER_WRITE)
+    written = shim / "written"
+    path = os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH", "")) if p)
     proc = subprocess.Popen([*WSURGERY, *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": path,
+                                 "WSURGERY_TEST_WRITTEN": str(written)})
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
-            tmp = _partial_write_in(folder, name)
-            if tmp is not None:
+            if written.exists():
+                tmp = _partial_write_in(folder, name)
+                assert tmp is not None, f"the weights were written, but not to a temporary .{name}.*.tmp in {folder}"
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait(30)
                 return tmp
             if proc.poll() is not None:
                 pytest.fail(f"the run ended (rc {proc.returncode}) before it was caught writing: "
                             f"{proc.stderr.read().decode()[-2000:]}")
-            time.sleep(0.002)
+            time.sleep(0.05)
         pytest.fail("the run was never seen writing")
     finally:
+        for f in shim.iterdir():
+            f.unlink()
+        shim.rmdir()
         if proc.poll() is None:
             proc.kill()
             proc.wait(30)

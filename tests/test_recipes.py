@@ -124,9 +124,16 @@ def test_wheel_ships_recipes_and_the_cli_inside_the_package(tmp_path):
     import zipfile
     from pathlib import Path
 
+    import shutil
+
     root = Path(__file__).resolve().parent.parent
+    # built from a copy: building in the checkout writes build/ and *.egg-info there, shared by
+    # concurrent runs, and a stale build/lib could end up in the wheel
+    src = tmp_path / "src"
+    shutil.copytree(root, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "*.egg-info", "__pycache__", "runs", "photos", "results", ".pytest_cache"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "dist"), str(root)], check=True, capture_output=True)
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
     (wheel,) = (tmp_path / "dist").glob("wsurgery-*.whl")
     with zipfile.ZipFile(wheel) as zf:
         names = zf.namelist()

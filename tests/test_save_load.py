@@ -49,6 +49,7 @@ SIZE = 48
 
 
 def _timm(name: str, **kw) -> nn.Module:
+    torch.manual_seed(0)  # also builds module-scoped fixtures: the same weights whatever ran before
     model = timm.create_model(name, pretrained=False, **kw)
     randomize_norms(model)
     return model.eval()

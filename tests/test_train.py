@@ -246,3 +246,31 @@ def test_worker_processes_do_not_change_the_result(data):
     b = train(tiny(), data, None, "cpu-quick", overrides=common + ["workers=0"])
     for (k, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(x, y), k
+
+
+def test_a_failing_setup_leaves_an_existing_run_alone(data, tmp_path):
+    # everything (model, data, optimizer, scheduler) is built before --force replaces the old run
+    out = tmp_path / "run"
+    train(tiny(), data, out, "cpu-quick", overrides=FAST + ["epochs=1"])
+    before = {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    with pytest.raises(wsurgery.errors.RecipeError, match="adamw2"):
+        train(tiny(), data, out, "cpu-quick", overrides=FAST + ["optimizer=adamw2"], force=True)
+    assert {p.relative_to(out): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    fresh = tmp_path / "fresh"  # and without an old run, the failure leaves no empty folder behind
+    with pytest.raises(wsurgery.errors.RecipeError, match="adamw2"):
+        train(tiny(), data, fresh, "cpu-quick", overrides=FAST + ["optimizer=adamw2"])
+    assert not fresh.exists()
+
+
+def test_scientific_notation_in_recipes(tmp_path):
+    from wsurgery.recipes import Recipe, load_recipe
+
+    recipe = load_recipe("cpu-quick", ["lr=1e-4", "weight_decay=5E-5"])
+    assert recipe.lr == 1e-4 and isinstance(recipe.lr, float) and recipe.weight_decay == 5e-5
+    path = tmp_path / "r.yaml"
+    path.write_text("lr: 3e-4\nmomentum: 0.9\n")  # PyYAML reads 3e-4 as the string '3e-4'
+    assert load_recipe(path).lr == 3e-4
+    with pytest.raises(wsurgery.errors.RecipeError, match="`lr` must be float, got 'fast'"):
+        load_recipe("cpu-quick", ["lr=fast"])
+    with pytest.raises(wsurgery.errors.RecipeError, match="unknown key `learning_rate`; did you mean `lr`"):
+        Recipe.from_dict({"learning_rate": 0.1})

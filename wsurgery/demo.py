@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import InputNotFoundError, OutputExistsError
+from .errors import ConfigError, InputNotFoundError, OutputExistsError
 from .io import atomic_dir, atomic_file, write_json
 
 __all__ = [
@@ -85,6 +85,22 @@ def _pick(labels: np.ndarray, per_class: int, rng: np.random.Generator, exclude:
     return chosen
 
 
+def fashion_mnist_source(source: str | os.PathLike | None = None) -> Path:
+    """The folder holding the four Fashion-MNIST IDX files (default :data:`FASHION_MNIST_DIR`).
+
+    Raises:
+        InputNotFoundError: a file is missing, with what to install.
+    """
+    src = Path(source) if source is not None else FASHION_MNIST_DIR
+    missing = [name for pair in _FILES.values() for name in pair if not (src / name).is_file()]
+    if missing:
+        raise InputNotFoundError(
+            f"Fashion-MNIST not found in {src} (missing {missing[0]}); install it with "
+            "`apt install dataset-fashion-mnist` or set WSURGERY_FASHION_MNIST to a folder with the IDX files"
+        )
+    return src
+
+
 def fashion_mnist_folder(
     out: str | os.PathLike,
     *,
@@ -102,13 +118,7 @@ def fashion_mnist_folder(
     Raises:
         InputNotFoundError: the IDX files are not installed (``apt install dataset-fashion-mnist``).
     """
-    src = Path(source) if source is not None else FASHION_MNIST_DIR
-    missing = [name for pair in _FILES.values() for name in pair if not (src / name).is_file()]
-    if missing:
-        raise InputNotFoundError(
-            f"Fashion-MNIST not found in {src} (missing {missing[0]}); install it with "
-            "`apt install dataset-fashion-mnist` or set WSURGERY_FASHION_MNIST to a folder with the IDX files"
-        )
+    src = fashion_mnist_source(source)
     rng = np.random.default_rng(seed)
     train_x, train_y = read_idx(src / _FILES["train"][0]), read_idx(src / _FILES["train"][1])
     test_x, test_y = read_idx(src / _FILES["test"][0]), read_idx(src / _FILES["test"][1])
@@ -143,6 +153,20 @@ class DemoConfig:
     overrides: list[str] = field(default_factory=lambda: ["epochs=2", "warmup_steps=5"])
     seed: int = 0
     predict_images: int = 5
+
+    def __post_init__(self) -> None:
+        # Fashion-MNIST has 6,000 training and 1,000 test images per class; train and val share the first
+        limits = {"img_size": (16, None), "train_per_class": (1, 5999), "val_per_class": (1, 5999),
+                  "test_per_class": (1, 1000), "calib_images": (1, None), "calib_steps": (0, None),
+                  "predict_images": (0, None)}
+        for name, (lo, hi) in limits.items():
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
+                span = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+                raise ConfigError(f"`{name}` must be an integer {span}, got {value!r}")
+        if self.train_per_class + self.val_per_class > 6000:
+            raise ConfigError(f"`train_per_class` + `val_per_class` must be at most 6000 (Fashion-MNIST's training "
+                              f"images per class), got {self.train_per_class + self.val_per_class}")
 
     @classmethod
     def quick(cls) -> "DemoConfig":
@@ -247,16 +271,19 @@ def run_demo(
     from .train import evaluate, set_num_classes, train
 
     cfg = config or (DemoConfig.quick() if quick else DemoConfig())
+    cfg.__post_init__()  # a config edited after it was made (the CLI sets img_size) is checked again
     work = Path(workdir)
+    if work.exists() and not force:
+        raise OutputExistsError(f"{work} already exists; pass --force to redo the demo")
+    # everything the demo needs is checked before an old work directory is deleted
+    ckpt = _lite0_checkpoint()
+    fashion_mnist_source()
     if work.exists():
-        if not force:
-            raise OutputExistsError(f"{work} already exists; pass --force to redo the demo")
         shutil.rmtree(work)
     work.mkdir(parents=True)
     result = DemoResult(workdir=work, config=asdict(cfg))
     timer = _Timer(result, callback or (lambda name, step: None))
     t_all = time.perf_counter()
-    ckpt = _lite0_checkpoint()
     data = work / "data"
     timer("data", lambda: (fashion_mnist_folder(data, train_per_class=cfg.train_per_class,
                                                 val_per_class=cfg.val_per_class, test_per_class=cfg.test_per_class,

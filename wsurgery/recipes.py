@@ -164,7 +164,8 @@ class Recipe:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in names:
-                close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.4)
+                close = [_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(str(key), names, n=1,
+                                                                                          cutoff=0.4)
                 hint = f"did you mean `{close[0]}`?" if close else "`wsurgery train --help-recipe` lists the keys"
                 raise RecipeError(f"{source}: unknown key `{key}`; {hint}")
         return cls(**data)
@@ -217,11 +218,32 @@ def _accepts_float_not_int(tp: Any) -> bool:
     return float in args and int not in args
 
 
+#: names other tools use for a recipe key (timm's train.py, Keras, PyTorch Lightning), for the hint
+_ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "num_epochs": "epochs",
+            "opt": "optimizer", "scheduler": "sched", "lr_scheduler": "sched", "smoothing": "label_smoothing",
+            "mixup": "mixup_alpha", "cutmix": "cutmix_alpha", "warmup_epochs": "warmup_steps",
+            "grad_accum": "accum_steps", "gradient_accumulation_steps": "accum_steps"}
+
+
+def _accepts_float(tp: Any) -> bool:
+    args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    return float in args
+
+
 def _check_types(recipe: Recipe) -> None:
     hints = typing.get_type_hints(Recipe)
     for f in dataclasses.fields(recipe):
         value = getattr(recipe, f.name)
         tp = hints[f.name]
+        if isinstance(value, str) and _accepts_float(tp):
+            # YAML 1.1 (PyYAML's safe_load) reads 1e-4 and 5E-5 as strings: a dot is needed for a
+            # float, but everyone writes learning rates that way
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+            else:
+                setattr(recipe, f.name, value)
         if not _matches(value, tp):
             raise RecipeError(f"`{f.name}` must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
         if isinstance(value, int) and not isinstance(value, bool) and _accepts_float_not_int(tp):

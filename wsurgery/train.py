@@ -903,13 +903,14 @@ def train(
             net = _load_model(model, load_kwargs)  # type: ignore[arg-type]
             set_num_classes(net, bundle.class_names, resolved.head_init)
             _set_input_size(net, resolved.img_size if isinstance(resolved.img_size, int) else None)
-        # only now, with the model loaded, is the run directory created (or replaced with --force):
-        # a failed load leaves nothing behind
-        _prepare_output(out, resume_dir, force, is_main)
         if not is_converted(net):
             notes.append("the model has no WS layers (a plain/BatchNorm baseline)")
         run = _Run(net, bundle, resolved, out, dev, callback, notes, data_record)
         run.setup()
+        # only now, with the model loaded and the optimizer, scheduler and data built, is the run
+        # directory created (or an old one replaced with --force): a failure before this point
+        # leaves the old run as it was and nothing new behind
+        _prepare_output(out, resume_dir, force, is_main)
         if resume_dir is not None:
             run.load_checkpoint(resume_dir / LAST_DIR)
             notes.append(f"resumed at epoch {run.state.epoch + 1}, step {run.state.step}")
