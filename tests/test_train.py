@@ -274,3 +274,18 @@ def test_scientific_notation_in_recipes(tmp_path):
         load_recipe("cpu-quick", ["lr=fast"])
     with pytest.raises(wsurgery.errors.RecipeError, match="unknown key `learning_rate`; did you mean `lr`"):
         Recipe.from_dict({"learning_rate": 0.1})
+
+
+def test_training_in_memory_returns_the_best_epoch_not_the_last(data, tmp_path):
+    # a learning rate this high keeps validation top-1 at chance, so epoch 1 stays the best of 3
+    settings = FAST + ["epochs=3", "lr=0.3"]
+    on_disk = train(tiny(), data, tmp_path / "run", "cpu-quick", overrides=settings)
+    assert on_disk.best["epoch"] == 1
+    best = load_safetensors(tmp_path / "run" / "model.safetensors")
+    last = load_safetensors(tmp_path / "run" / "last" / "model.safetensors")
+    assert any(not torch.equal(best[k], last[k]) for k in best)
+    in_memory = train(tiny(), data, None, "cpu-quick", overrides=settings)
+    assert in_memory.best == on_disk.best
+    state = in_memory.model.state_dict()
+    for k in best:
+        assert torch.equal(state[k], best[k]), k

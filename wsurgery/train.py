@@ -565,7 +565,10 @@ class _Run:
         _restore_rng(self.rng_at_boundary)
 
     def save_best(self) -> None:
-        if not self.is_main or self.output is None:
+        if self.output is None:  # training in memory: keep the best weights to hand back at the end
+            self.best_state = {k: v.detach().clone() for k, v in self._eval_model().state_dict().items()}
+            return
+        if not self.is_main:
             return
         model = self._eval_model()
         config = build_config(model, "converted", training=self._training_record("best"))
@@ -919,6 +922,8 @@ def train(
                 tmp.write_text(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
         run.run()
     best_model = run._eval_model()
+    if out is None and getattr(run, "best_state", None) is not None:
+        best_model.load_state_dict(run.best_state)  # the best epoch's weights, as a run directory holds them
     if is_main and out is not None:
         from .load import load
 
