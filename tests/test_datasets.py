@@ -152,3 +152,18 @@ def test_seeded_view_augmentation_depends_only_on_seed_epoch_index(tmp_path):
     random.seed(5)
     view[0]
     assert torch.equal(torch.get_rng_state(), before[0]) and random.getstate() == before[1]
+
+
+def test_every_image_format_the_readers_know_is_a_training_image(tmp_path):
+    # timm's folder reader alone would find only .jpg/.jpeg/.png
+    from wsurgery.data import IMAGE_SUFFIXES
+
+    gen = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i, ext in enumerate(IMAGE_SUFFIXES):
+            array = gen.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+            mode = "L" if ext == ".pgm" else "RGB"
+            Image.fromarray(array[..., 0] if mode == "L" else array).save(tmp_path / cls / f"{i}{ext.upper()}")
+    bundle = build_datasets(tmp_path, val_split=0.25)
+    assert len(bundle.train) + len(bundle.val) == 2 * len(IMAGE_SUFFIXES) and not bundle.skipped

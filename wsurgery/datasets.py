@@ -166,7 +166,10 @@ def find_split_dirs(root: Path) -> tuple[Path, Path | None]:
 
 def _folder_set(root: Path, class_map: dict[str, int] | None = None) -> ImageSet:
     try:
-        base = create_dataset("", root=str(root), split="train", search_split=False, class_map=class_map)
+        # timm's folder reader takes its extensions from `input_key` (default: jpg/jpeg/png only);
+        # every format predict and calibrate read is a training image too
+        base = create_dataset("", root=str(root), split="train", search_split=False, class_map=class_map,
+                              input_key=";".join(IMAGE_SUFFIXES))
     except RuntimeError as e:  # timm: "Found 0 images in subfolders of ..."
         raise DatasetError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}); expected {root}/<class>/<images>"
                            ) from e
