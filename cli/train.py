@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
+from rich.markup import escape
 from rich.table import Table
 
 from wsurgery.recipes import recipe_reference
@@ -21,7 +22,7 @@ def recipe_table() -> Table:
     for col in ("key", "type", "default", "meaning"):
         table.add_column(col)
     for row in recipe_reference():
-        table.add_row(*row)
+        table.add_row(*(escape(str(cell)) for cell in row))  # "[min, max]" is text, not rich markup
     return table
 
 

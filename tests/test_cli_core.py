@@ -260,6 +260,19 @@ def test_pretrained_offline_is_one_clear_line(tmp_path, model):
         wsurgery.load(model, pretrained=True)
 
 
+def test_hf_hub_id_offline_without_weights_is_one_clear_line(tmp_path, monkeypatch):
+    # an hf-hub: id needs its config.json from the hub even with --no-pretrained or a --checkpoint:
+    # offline that is one line naming the way out (the architecture's name), not a minute of retries
+    import importlib
+
+    monkeypatch.setattr(importlib.import_module("wsurgery.load"), "_hub_unreachable", lambda: True)
+    line = one_error(invoke("convert", "hf-hub:timm/resnet18.a1_in1k", "--no-pretrained", "-o", tmp_path / "out"),
+                     1, "could not fetch the model config of hf-hub:timm/resnet18.a1_in1k", "resnet18",
+                     "--checkpoint")
+    assert len(line) < 400 and "retry" not in line.lower()
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("resolves", [False, True])
 def test_unreachable_hub_makes_huggingface_hub_answer_from_its_cache(monkeypatch, resolves):
     """No DNS for the hub: huggingface_hub runs in offline mode for the load (no minute of retries)."""

@@ -5,8 +5,8 @@ convert --eps / --include / --exclude / --calib-images / --calib-train, export -
 verify --images / --rtol / --seed, predict --img-size, compare --limit / --img-size,
 inspect of a timm model name, train --help-recipe and train's missing arguments.
 
-Small models only (mobilenetv3_small_050, resnet10t, rexnet_100 with --no-pretrained or a seeded local checkpoint)
-and tiny PIL image folders; the expensive outputs are made once per module.
+Small models only (mobilenetv3_small_050 from a seeded local checkpoint; resnet10t and rexnet_100
+with --no-pretrained) and tiny PIL image folders; the expensive outputs are made once per module.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
-import re
 import shutil
 
 import pytest
@@ -102,9 +101,23 @@ def standardized_names(model: nn.Module) -> set[str]:
 # ---------------------------------------------------------------------------- shared fixtures
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread for this module (restored after): on 2 busy cores, 2 threads made each small
+    forward pass up to 50x slower (OpenMP threads waiting on each other), 1 thread does not."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    """A seeded MODEL checkpoint (3 classes), 9 small images, its WS conversion and its export."""
+    """A seeded MODEL checkpoint (3 classes), 9 small images, its adaptive-WS conversion and its export.
+
+    Adaptive WS keeps the random model's function (plain WS with BatchNorm kept does not: with random
+    weights its logits reach 1e19), so predictions, verify and compare see ordinary numbers.
+    """
     root = tmp_path_factory.mktemp("flags")
     torch.manual_seed(0)
     original = timm.create_model(MODEL, pretrained=False, num_classes=NUM_CLASSES).eval()
@@ -112,19 +125,18 @@ def base(tmp_path_factory):
     save_file(original.state_dict(), str(ckpt))
     images = make_folder(root / "images", per_class=3, size=32, seed=0)
     num_images = len(list(images.rglob("*.png")))
-    runs, export = root / "ws", root / "export"
-    ok(invoke("convert", MODEL, "--checkpoint", ckpt, "--num-classes", NUM_CLASSES, "-o", runs))
+    runs, export = root / "aws", root / "export"
+    ok(invoke("convert", MODEL, "--checkpoint", ckpt, "--num-classes", NUM_CLASSES, "--mode", "aws", "-o", runs))
     ok(invoke("export", runs, "-o", export))
-    return dict(root=root, ckpt=ckpt, state=load_file(str(ckpt)), convs=conv_names(original), images=images,
-                num_images=num_images, runs=runs, export=export)
+    return {"root": root, "ckpt": ckpt, "state": load_file(str(ckpt)), "convs": conv_names(original),
+            "images": images, "num_images": num_images, "runs": runs, "export": export}
 
 
 @pytest.fixture(scope="module")
-def eps_runs(base):
-    """The same checkpoint converted with --eps 0.5 (a model that computes something else)."""
-    out = base["root"] / "ws-eps"
-    ok(invoke("convert", MODEL, "--checkpoint", base["ckpt"], "--num-classes", NUM_CLASSES,
-              "--eps", "0.5", "-o", out))
+def gn_runs(base):
+    """The same checkpoint converted with BN -> GN (a model that computes something else)."""
+    out = base["root"] / "ws-gn"
+    ok(invoke("convert", MODEL, "--checkpoint", base["ckpt"], "--num-classes", NUM_CLASSES, "--norm", "gn", "-o", out))
     return out
 
 
@@ -137,7 +149,8 @@ def perturbed(base):
     weights = base["export"] / "model.safetensors"
     with safe_open(str(weights), framework="pt") as f:
         metadata = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        names = list(f.keys())
+        tensors = {k: f.get_tensor(k) for k in names}
     w = tensors[f"{STEM}.weight"]
     gen = torch.Generator().manual_seed(0)
     tensors[f"{STEM}.weight"] = w + 1e-2 * w.abs().max() * torch.randn(w.shape, generator=gen)
@@ -159,14 +172,13 @@ def _reference_ws(w: torch.Tensor, convention: str, eps: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("convention", ["timm", "seed"])
-def test_convert_eps_is_recorded_and_used(base, eps_runs, tmp_path, convention):
+def test_convert_eps_is_recorded_and_used(base, tmp_path, convention):
     eps = 0.5
-    if convention == "timm":  # the default convention: the shared conversion, made without --convention
-        out = eps_runs
-    else:
-        out = tmp_path / "seed"
-        ok(invoke("convert", MODEL, "--checkpoint", base["ckpt"], "--num-classes", NUM_CLASSES,
-                  "--convention", convention, "--eps", eps, "-o", out))
+    out = tmp_path / convention
+    # the default convention (timm) is used without --convention
+    flags = [] if convention == "timm" else ["--convention", convention]
+    ok(invoke("convert", MODEL, "--checkpoint", base["ckpt"], "--num-classes", NUM_CLASSES, *flags,
+              "--eps", eps, "-o", out))
     config = json.loads((out / "config.json").read_text())
     assert config["wsurgery"]["surgery"]["eps"] == eps
     assert config["wsurgery"]["surgery"]["convention"] == convention
@@ -183,7 +195,7 @@ def test_convert_eps_is_recorded_and_used(base, eps_runs, tmp_path, convention):
         assert torch.allclose(got, expected, rtol=1e-4, atol=1e-5), name
         # the eps really matters at this size: the convention's own eps gives a different weight
         assert not torch.allclose(got, _reference_ws(w, convention, default_eps), rtol=1e-2, atol=1e-3), name
-    # and the forward pass uses it: each conv computes F.conv2d with the expected weight
+    # and the forward pass uses it: the stem computes F.conv2d with the expected weight
     conv = model.get_submodule(STEM)
     x = torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -231,14 +243,14 @@ def test_convert_include_exclude_use_fnmatch_on_module_names(tmp_path, rexnet_co
 
 @pytest.fixture(scope="module")
 def calibrated(base):
-    """Two distill-only calibrations of the WS model: --calib-train affine on 8 images, all on every image."""
-    common = ["convert", MODEL, "--checkpoint", base["ckpt"], "--num-classes", NUM_CLASSES,
+    """Two distill-only calibrations of WS + GN: --calib-train affine on 8 images, all on every image."""
+    common = ["convert", MODEL, "--checkpoint", base["ckpt"], "--num-classes", NUM_CLASSES, "--norm", "gn",
               "--calibrate", "distill", "--calib-data", base["images"], "--calib-steps", "3", "--calib-batch", "4",
               "--calib-size", "64", "--calib-lr", "0.01", "--seed", "0"]
     affine, everything = base["root"] / "cal-affine", base["root"] / "cal-all"
     ok(invoke(*common, "--calib-images", "8", "--calib-train", "affine", "-o", affine))
     ok(invoke(*common, "--calib-train", "all", "-o", everything))
-    return dict(affine=affine, all=everything)
+    return {"affine": affine, "all": everything}
 
 
 def _calibration_record(directory) -> dict:
@@ -258,8 +270,10 @@ def test_convert_calib_train_is_recorded_and_respected(base, calibrated):
     state = base["state"]
     plain = timm.create_model(MODEL, pretrained=False)
     convs = conv_names(plain)
-    bn_affine = [f"{n}.{p}" for n, m in plain.named_modules() if isinstance(m, nn.BatchNorm2d) for p in ("weight", "bias")]
-    assert bn_affine and all(k in state for k in bn_affine)
+    # GN takes each BN's place and copies its affine, so the checkpoint holds the norm affines before calibration
+    norm_affine = [f"{n}.{p}" for n, m in plain.named_modules() if isinstance(m, nn.BatchNorm2d)
+                   for p in ("weight", "bias")]
+    assert norm_affine and all(k in state for k in norm_affine)
 
     for train in ("affine", "all"):
         record = _calibration_record(calibrated[train])
@@ -271,11 +285,12 @@ def test_convert_calib_train_is_recorded_and_respected(base, calibrated):
 
     affine = wsurgery.load(calibrated["affine"])
     affine_state = affine.state_dict()
-    # affine: conv weights and the classifier untouched, the BatchNorm affines trained
+    assert all(isinstance(affine.get_submodule(k.rsplit(".", 1)[0]), nn.GroupNorm) for k in norm_affine)
+    # affine: conv weights and the classifier untouched, the norm affines trained
     for name, w in original_weights(affine).items():
         assert torch.equal(w, state[f"{name}.weight"]), name
     assert torch.equal(affine_state["classifier.weight"], state["classifier.weight"])
-    assert any(not torch.equal(affine_state[k], state[k]) for k in bn_affine)
+    assert any(not torch.equal(affine_state[k], state[k]) for k in norm_affine)
 
     everything = wsurgery.load(calibrated["all"])
     all_state = everything.state_dict()
@@ -378,22 +393,22 @@ def test_predict_img_size_is_the_size_the_model_sees(base):
     assert printed == at_64
 
 
-def test_compare_limit_is_the_number_of_images(base, eps_runs):
+def test_compare_limit_is_the_number_of_images(base, gn_runs):
     assert base["num_images"] > 5
-    limited = invoke("compare", eps_runs, base["runs"], "--images", base["images"], "--limit", 5)
+    limited = invoke("compare", gn_runs, base["runs"], "--images", base["images"], "--limit", 5)
     ok(limited)
     assert kv(limited.stdout)["images"] == "5"
-    full = invoke("compare", eps_runs, base["runs"], "--images", base["images"])
+    full = invoke("compare", gn_runs, base["runs"], "--images", base["images"])
     ok(full)
     assert kv(full.stdout)["images"] == str(base["num_images"])
 
 
-def test_compare_img_size_is_the_size_both_models_see(base, eps_runs):
-    result = invoke("compare", eps_runs, base["runs"], "--images", base["images"], "--img-size", 64)
+def test_compare_img_size_is_the_size_both_models_see(base, gn_runs):
+    result = invoke("compare", gn_runs, base["runs"], "--images", base["images"], "--img-size", 64)
     ok(result)
     printed = kv(result.stdout)
-    at_64 = wsurgery.compare(eps_runs, base["runs"], [str(base["images"])], img_size=64)
-    default = wsurgery.compare(eps_runs, base["runs"], [str(base["images"])])
+    at_64 = wsurgery.compare(gn_runs, base["runs"], [str(base["images"])], img_size=64)
+    default = wsurgery.compare(gn_runs, base["runs"], [str(base["images"])])
     assert f"{at_64.kl:.4f}" != f"{default.kl:.4f}"
     assert printed["KL(B || A)"] == f"{at_64.kl:.4f} nats"
     assert printed["top-5 overlap"] == f"{at_64.top5_overlap:.1%}"
@@ -424,6 +439,12 @@ def test_train_help_recipe_lists_every_recipe_key():
     ok(result)
     keys = [cells[0] for cells in table_rows(result.stdout) if cells[0]]
     assert keys == [f.name for f in dataclasses.fields(Recipe)]
+    # each help text printed whole: "[min, max]" in aug_scale's is text, not rich markup to drop
+    wide = CliRunner().invoke(app, ["train", "--help-recipe"], env={"COLUMNS": "400"})
+    printed = " ".join(" ".join(c for c in cells if c) for cells in table_rows(wide.stdout))
+    printed = " ".join(printed.split())
+    for f in dataclasses.fields(Recipe):
+        assert " ".join(f.metadata["help"].split()) in printed, f.name
 
 
 @pytest.mark.parametrize("args", [[], ["resnet10t"], ["-o", "OUT"]])

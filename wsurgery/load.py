@@ -184,27 +184,35 @@ def _offline_when_unreachable(pretrained: bool) -> Iterator[None]:
 
 
 def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
+    # an hf-hub: id needs the hub for its config.json even when no weights are wanted
+    needs_hub = pretrained or name.startswith("hf-hub:")
     try:
-        with _offline_when_unreachable(pretrained):
+        with _offline_when_unreachable(needs_hub):
             return timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise _unknown_model(name) from None
-        if pretrained:
-            raise _network_error(name, e) from None
+        if needs_hub:
+            raise _network_error(name, e, pretrained) from None
         raise
     except (OSError, ConnectionError, ImportError, ValueError) as e:
-        if pretrained:
-            raise _network_error(name, e) from None
+        if needs_hub:
+            raise _network_error(name, e, pretrained) from None
         raise
 
 
-def _network_error(name: str, exc: Exception) -> NetworkUnavailableError:
+def _network_error(name: str, exc: Exception, pretrained: bool = True) -> NetworkUnavailableError:
     # the hub client's messages run to several sentences; keep the first, whole or cut at a word
     first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0].strip()
     if len(first) > 100:
         first = first[:100].rsplit(" ", 1)[0] + "..."
     detail = f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    if not pretrained:  # an hf-hub: id whose config.json could not be fetched
+        arch = name.removeprefix("hf-hub:").split("/")[-1].split(".")[0]
+        return NetworkUnavailableError(
+            f"could not fetch the model config of {name} ({detail}); without a network name the timm "
+            f"architecture instead (e.g. {arch}) with a local --checkpoint PATH"
+        )
     return NetworkUnavailableError(
         f"could not fetch pretrained weights for {name} ({detail}); "
         "without a network pass a local --checkpoint PATH or --no-pretrained"
