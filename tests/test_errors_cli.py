@@ -306,8 +306,24 @@ def test_checkpoint_that_is_a_directory_or_not_a_checkpoint(tmp_path):
     text = tmp_path / "notes.pth"
     text.write_text("not a checkpoint\n")
     error_line(invoke("convert", "test_resnet", "--checkpoint", text, "-o", out), 1,
-               "notes.pth is not a readable checkpoint")
-    only_entries(tmp_path, "ckpt.pth", "notes.pth")
+               "notes.pth is not a readable checkpoint", ".safetensors")
+    # torch.load raises KeyError on some non-checkpoints; it is the same one line, never a raw KeyError
+    odd = tmp_path / "notes.txt"
+    odd.write_text("hello world this is text\n")
+    line = error_line(invoke("convert", "test_resnet", "--checkpoint", odd, "-o", out), 1,
+                      "notes.txt is not a readable checkpoint")
+    assert "KeyError" not in line and "weights_only" not in line
+    only_entries(tmp_path, "ckpt.pth", "notes.pth", "notes.txt")
+
+
+def test_safetensors_checkpoint_under_another_name_is_read(tmp_path):
+    ckpt = state_dict_file(tmp_path, "w.safetensors", "test_resnet")
+    renamed = ckpt.rename(tmp_path / "w.weights")
+    res = invoke("convert", "test_resnet", "--checkpoint", renamed, "--mode", "aws", "-o", tmp_path / "out")
+    assert res.exit_code == 0, res.output
+    expected = load_file(renamed)
+    loaded = wsurgery.load(tmp_path / "out").state_dict()
+    assert torch.equal(loaded["fc.weight"], expected["fc.weight"])
 
 
 @pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root reads files whatever their mode")

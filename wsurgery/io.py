@@ -293,21 +293,35 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
                                  "(a saved wsurgery directory goes in the MODEL argument)")
     if not path.is_file():
         raise InputNotFoundError(f"checkpoint {path} not found; check the path")
-    if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors" or _is_safetensors(path):  # by name, or by content under any name
         return load_safetensors(path)
+    unreadable = (f"{path} is not a readable checkpoint; expected a .safetensors file or a PyTorch "
+                  ".pth/.bin/.pt state dict (it may be truncated or corrupt)")
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": noise around a one-line error
             warnings.simplefilter("ignore", UserWarning)
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).splitlines()[0] if str(e) else ""
         if _looks_unsafe(path, str(e)):
             raise UnsafeCheckpointError(
                 f"{path} holds pickled objects beyond plain tensors, which could run code; refused. "
                 "Convert it to .safetensors in a trusted environment"
             ) from None
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first}); it may be truncated or corrupt") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable checkpoint ({first}); it may be truncated or corrupt") from None
+        # torch's own message suggests weights_only=False: never the advice for a file we cannot read
+        raise CheckpointError(unreadable) from None
+    except Exception:  # noqa: BLE001 - torch.load raises KeyError, RuntimeError, ... on files that are not checkpoints
+        raise CheckpointError(unreadable) from None
     return _unwrap(obj, path)
+
+
+def _is_safetensors(path: Path) -> bool:
+    """True when ``path`` starts like a safetensors file: an 8-byte header length, then ``{``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    size = int.from_bytes(head[:8], "little")
+    return 2 <= size <= path.stat().st_size - 8
