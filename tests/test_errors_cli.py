@@ -620,3 +620,13 @@ def test_train_bad_model_writes_no_run_directory(tmp_path):
     error_line(train_cli(tmp_path / "no-such-model", data, out), 1, "no-such-model")
     error_line(train_cli("resnt18", data, out), 1, "unknown model 'resnt18'", "did you mean")
     only_entries(tmp_path, "data")
+
+
+def test_a_weights_file_as_the_model_says_what_to_pass(tmp_path):
+    ckpt = state_dict_file(tmp_path, "w.safetensors", "test_resnet")
+    for args in (["inspect", ckpt], ["convert", ckpt, "-o", tmp_path / "out"]):
+        error_line(invoke(*args), 2, "w.safetensors is a weights file, not a model", f"--checkpoint {ckpt}")
+    graph = tmp_path / "model.onnx"
+    graph.write_bytes(b"\0")
+    error_line(invoke("inspect", graph), 2, "model.onnx is an ONNX/torch.export graph", "export directory")
+    only_entries(tmp_path, "w.safetensors", "model.onnx")

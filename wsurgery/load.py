@@ -378,6 +378,12 @@ def load(
         if source_str.startswith(("local-dir:",)):
             return load(source_str[len("local-dir:"):], device=device)
         looks_like_path = os.sep in source_str or source_str.endswith((".safetensors", ".pth", ".bin", ".pt"))
+        if path.is_file():  # a weights or graph file on its own says nothing of the architecture
+            if path.suffix in (".onnx", ".pt2"):
+                raise UsageError(f"{source_str} is an ONNX/torch.export graph, which only `wsurgery verify` runs; "
+                                 "pass the export directory it was written to")
+            raise UsageError(f"{source_str} is a weights file, not a model; pass its directory (a wsurgery export "
+                             f"or surgery directory) or a timm model name with --checkpoint {source_str}")
         if looks_like_path and not source_str.startswith("hf-hub:"):
             raise InputNotFoundError(f"{source_str} does not exist; pass a timm model name or an existing directory")
         if not source_str.startswith("hf-hub:") and not timm.is_model(source_str):
