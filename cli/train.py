@@ -106,6 +106,8 @@ def train(
         overrides.append(f"img_size={img_size}")
     load_kwargs = {"pretrained": pretrained, "checkpoint": checkpoint, "remap_by_order": remap_by_order}
     if model is not None and Path(model).is_dir():
+        if checkpoint is not None:  # the directory's own weights would be trained, the checkpoint never read
+            raise fail(f"{model} is a saved directory and already holds its weights; drop --checkpoint", 2)
         load_kwargs = {}
     view = ProgressView()
     try:

@@ -630,3 +630,11 @@ def test_a_weights_file_as_the_model_says_what_to_pass(tmp_path):
     graph.write_bytes(b"\0")
     error_line(invoke("inspect", graph), 2, "model.onnx is an ONNX/torch.export graph", "export directory")
     only_entries(tmp_path, "w.safetensors", "model.onnx")
+
+
+def test_train_a_saved_directory_with_a_checkpoint_is_refused(tmp_path, train_model):
+    ckpt = state_dict_file(tmp_path, "w.safetensors", "test_resnet")
+    data = images(tmp_path / "data", per_class=2)
+    error_line(train_cli(train_model, data, tmp_path / "run", "--checkpoint", str(ckpt)), 2,
+               "already holds its weights; drop --checkpoint")
+    only_entries(tmp_path, "w.safetensors", "data")
