@@ -638,3 +638,15 @@ def test_train_a_saved_directory_with_a_checkpoint_is_refused(tmp_path, train_mo
     error_line(train_cli(train_model, data, tmp_path / "run", "--checkpoint", str(ckpt)), 2,
                "already holds its weights; drop --checkpoint")
     only_entries(tmp_path, "w.safetensors", "data")
+
+
+def test_verify_against_a_model_with_other_classes_or_a_name(tmp_path, saved_dir):
+    export = tmp_path / "e"
+    wsurgery.export(wsurgery.load(saved_dir), export)
+    other = tmp_path / "five"
+    wsurgery.save(wsurgery.convert(timm.create_model("test_resnet", num_classes=5), mode="aws")[0], other)
+    error_line(invoke("verify", export, "--against", other, "--num-random", "1"), 2,
+               "outputs of shape", "(5,)", "against the model it was exported from")
+    error_line(invoke("verify", export, "--against", "test_resnet"), 1,
+               "(the reference, --against) does not exist")
+    only_entries(tmp_path, "e", "five")

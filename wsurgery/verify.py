@@ -83,11 +83,14 @@ def _module_runner(model: nn.Module) -> Runner:
     return run
 
 
-def _resolve(obj: nn.Module | str | os.PathLike) -> tuple[Runner, nn.Module | None, str]:
+def _resolve(obj: nn.Module | str | os.PathLike, role: str = "candidate") -> tuple[Runner, nn.Module | None, str]:
     if isinstance(obj, nn.Module):
         return _module_runner(obj), obj, type(obj).__name__
     path = Path(obj)
     if not path.exists():
+        if role == "reference":
+            raise InputNotFoundError(f"{path} (the reference, --against) does not exist; pass the surgery or run "
+                                     "directory the export was made from")
         raise InputNotFoundError(f"{path} does not exist; pass an export directory or model file")
     if path.is_file():
         factory = RUNNERS.get(path.suffix)
@@ -170,7 +173,7 @@ def verify(
     if num_random < 0:
         raise UsageError(f"--num-random must be 0 or more, got {num_random}")
     cand_run, cand_model, cand_name = _resolve(candidate)
-    ref_run, ref_model, ref_name = _resolve(reference)
+    ref_run, ref_model, ref_name = _resolve(reference, "reference")
     data_model = ref_model if ref_model is not None else cand_model
     if data_model is None:
         raise InputNotFoundError("verify needs the reference as a model or directory (for its data config)")
@@ -180,7 +183,11 @@ def verify(
         x = imgs if x is None else torch.cat([x, imgs])
     if x is None:
         raise InputNotFoundError("no inputs: give num_random > 0 or images")
-    max_abs, max_rel, agree = compare_outputs(cand_run(x), ref_run(x))
+    out, ref = cand_run(x), ref_run(x)
+    if out.shape != ref.shape:
+        raise UsageError(f"{cand_name} gives outputs of shape {tuple(out.shape[1:])} per input and {ref_name} "
+                         f"{tuple(ref.shape[1:])}; verify an export against the model it was exported from")
+    max_abs, max_rel, agree = compare_outputs(out, ref)
     if rtol is None:
         rtol = DEFAULT_RTOL[_dtype_of(candidate, cand_model)] if cand_model is not None else 1e-4
     return VerifyResult(max_abs, max_rel, agree, int(x.shape[0]), rtol, max_rel <= rtol, cand_name, ref_name)
