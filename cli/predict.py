@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from wsurgery.errors import DatasetError
+from wsurgery.errors import DatasetError, NetworkUnavailableError
 from wsurgery.predict import predict as predict_images
 
 from ._common import console, err_console, handle_errors
@@ -25,7 +25,13 @@ def predict(
     as_json: bool = typer.Option(False, "--json", help="Print the predictions as JSON (one object per image)."),
 ) -> None:
     """Print the top-k class names and probabilities for each image."""
-    results = predict_images(model, images, topk, img_size=img_size, device=device)
+    try:
+        results = predict_images(model, images, topk, img_size=img_size, device=device)
+    except NetworkUnavailableError:  # load's advice names convert's flags, which predict does not have
+        raise NetworkUnavailableError(
+            f"could not fetch pretrained weights for {model}; without a network predict with a directory: "
+            f"`wsurgery convert {model} --checkpoint PATH -o DIR` (or an export), then `wsurgery predict DIR ...`"
+        ) from None
     if all(r.error for r in results):
         raise DatasetError(f"none of the {len(results)} files could be read as an image ({results[0].error}); "
                            "pass image files (JPEG, PNG, ...), folders of them, or glob patterns")

@@ -93,3 +93,22 @@ def test_cli_predict(exported):
     assert [(row[3], row[4]) for row in rank1] == [(e.labels[0], f"{e.probs[0]:.1%}") for e in expected]
     res = CliRunner().invoke(app, ["predict", str(export_dir), "/nonexistent/x.png"])
     assert res.exit_code == 1 and "does not exist" in res.output and "Traceback" not in res.output
+
+
+def test_device_and_offline_errors_are_one_line(exported, monkeypatch):
+    import importlib
+
+    _, export_dir, images = exported
+    for device, fragment in (("tpu", "--device tpu is not a device torch knows"),
+                             ("mps" if not torch.backends.mps.is_available() else "cuda:99", "--device")):
+        res = CliRunner().invoke(app, ["predict", str(export_dir), str(images), "--device", device])
+        assert res.exit_code == 2 and fragment in res.output and "Traceback" not in res.output, res.output
+    load_module = importlib.import_module("wsurgery.load")
+
+    def offline(*args, **kwargs):
+        raise wsurgery.errors.NetworkUnavailableError("could not fetch pretrained weights for resnet10t")
+
+    monkeypatch.setattr(load_module, "_create_timm", offline)
+    res = CliRunner().invoke(app, ["predict", "resnet10t", str(images)])
+    assert res.exit_code == 1 and "wsurgery convert resnet10t --checkpoint PATH -o DIR" in res.output, res.output
+    assert "--no-pretrained" not in res.output

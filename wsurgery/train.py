@@ -145,9 +145,15 @@ class TrainResult:
 def pick_device(spec: str | torch.device | None = None) -> torch.device:
     """``spec`` or the best available: CUDA, then MPS, then CPU. Under torchrun, CUDA is ``cuda:LOCAL_RANK``."""
     if spec is not None and str(spec) != "auto":
-        device = torch.device(spec)
+        try:
+            device = torch.device(spec)
+        except RuntimeError:
+            raise UsageError(f"--device {spec} is not a device torch knows; use cpu, cuda, cuda:N or mps") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise UsageError("--device cuda was asked for but CUDA is not available; use --device cpu")
+        mps = getattr(torch.backends, "mps", None)
+        if device.type == "mps" and not (mps is not None and mps.is_available()):
+            raise UsageError("--device mps was asked for but MPS (Apple GPU) is not available; use --device cpu")
         if device.type == "cuda" and device.index is None and _dist_env()[0] > 1:
             device = torch.device("cuda", _dist_env()[2])
         return device
