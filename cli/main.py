@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import typer
 
 from . import convert as _convert
@@ -41,9 +43,18 @@ app.command("demo")(_demo.demo)
 app.command("compare")(_compare.compare)
 
 
-def main() -> None:
-    """Console-script entry point."""
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point.
+
+    ``--debug`` is an option of the app, so click accepts it only before the command name; every
+    error line tells users to pass it, and appending it is what they do, so it is moved to the
+    front wherever it stands (up to a ``--`` separator).
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    end = args.index("--") if "--" in args else len(args)
+    if "--debug" in args[:end]:
+        args = ["--debug"] + [a for i, a in enumerate(args) if not (a == "--debug" and i < end)]
+    app(args=args, prog_name="wsurgery")
 
 
 if __name__ == "__main__":

@@ -359,3 +359,17 @@ def test_help_texts():
                 continue
             assert param.help, f"{name} {param.opts[0]} has no help text"
             assert param.opts[0] in out, f"{name} --help does not list {param.opts[0]}"
+
+
+def test_debug_after_the_command_name_shows_the_traceback(capfd):
+    from wsurgery.cli.main import main
+
+    for argv in (["inspect", "resnet10tt", "--debug"], ["--debug", "inspect", "resnet10tt"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 1
+        err = capfd.readouterr().err
+        assert "Traceback" in err and "resnet10tt" in err, err
+    with pytest.raises(SystemExit) as exc:
+        main(["inspect", "resnet10tt"])
+    assert exc.value.code == 1 and "Traceback" not in capfd.readouterr().err
