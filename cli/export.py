@@ -74,6 +74,7 @@ def export(
     extra = parse_formats(formats)
     if "onnx" in extra:
         wsurgery.deploy.require_onnx()  # fail before loading or writing anything
+        wsurgery.deploy.check_opset(opset)
     if img_size is not None and img_size < 1:
         raise UsageError(f"--img-size must be a positive number of pixels, got {img_size}")
     wsurgery.io.check_output(output, force)

@@ -7,6 +7,7 @@ and that no output was created.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -307,6 +308,9 @@ def test_unreachable_hub_makes_huggingface_hub_answer_from_its_cache(monkeypatch
 def test_export_and_verify_errors(tmp_path, small):
     one_error(invoke("export", tmp_path / "nope", "-o", tmp_path / "e"), 1, "nope")
     one_error(invoke("export", small["runs"], "-o", tmp_path / "e", "--dtype", "fp8"), 2, "dtype")
+    if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxruntime"):
+        one_error(invoke("export", small["runs"], "-o", tmp_path / "e", "--format", "onnx", "--opset", "3"), 2,
+                  "--opset 3 is not supported", "default 17")
     one_error(invoke("verify", tmp_path / "nope", "--against", small["runs"]), 1, "does not exist")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     # a different model fails verification with exit 1

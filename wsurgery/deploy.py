@@ -45,7 +45,7 @@ from .convert import all_finite, clone_model
 from .data import data_config_for
 from .errors import (
     CheckpointError, ConversionError, InputNotFoundError, MissingDependencyError, NonFiniteWeightsError,
-    UnsafeCheckpointError,
+    UnsafeCheckpointError, UsageError,
 )
 from .fold import FOLD_ATTR, fold, is_folded
 from .io import atomic_file, check_output
@@ -82,6 +82,23 @@ FILE_NAMES: dict[str, str] = {"onnx": "model.onnx", "torch-export": "model.pt2"}
 #: every onnxruntime since 1.11, and has everything a CNN needs (GroupNorm exports as
 #: InstanceNormalization + affine; the GroupNormalization op of opset 18/21 is not needed).
 DEFAULT_OPSET = 17
+
+
+def supported_opsets() -> range:
+    """The opsets torch's TorchScript-based ONNX exporter writes (7 to 20 in torch 2.x)."""
+    from torch.onnx import _constants
+
+    low = getattr(_constants, "ONNX_MIN_OPSET", 7)
+    high = getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", getattr(_constants, "ONNX_MAX_OPSET", 20))
+    return range(low, high + 1)
+
+
+def check_opset(opset: int) -> None:
+    """Raise :class:`UsageError` for an opset the exporter cannot write (before anything is written)."""
+    ok = supported_opsets()
+    if opset not in ok:
+        raise UsageError(f"--opset {opset} is not supported by torch's ONNX exporter; use {ok.start} to {ok.stop - 1} "
+                         f"(default {DEFAULT_OPSET})")
 
 #: default pass threshold on ``max_rel`` by file suffix. onnxruntime is not bit-identical to
 #: PyTorch: it fuses Conv+Add/Relu, uses its own MLAS conv kernels and sums in another order,
@@ -220,6 +237,7 @@ def export_onnx(
         OutputExistsError: ``path`` exists and ``force`` is False.
     """
     onnx, _ = require_onnx()
+    check_opset(opset)
     check_output(path, force)  # before the (slow) fold and trace
     folded, size, pairs = _prepare(model, fold_bn, img_size)
     config = _record(model, "onnx", fold_bn=pairs, opset=opset, input_size=list(size), exporter="torchscript",
