@@ -142,6 +142,9 @@ def convert(
         raise UsageError(f"--calibrate {method} needs unlabeled images: pass --calib-data PATH (folder, files or glob)")
     if not 0 <= calib_held_out < 1:
         raise UsageError(f"--calib-held-out must be a fraction in [0, 1), got {calib_held_out}")
+    for flag, value in (("--calib-images", calib_images), ("--calib-crops", calib_crops)):
+        if value < 1:
+            raise UsageError(f"{flag} must be at least 1, got {value}")
     wsurgery.io.check_output(output, force)  # fail before the (slow) load
     with console.status(f"loading {escape(model)}"):
         net = wsurgery.load(model, pretrained=pretrained, checkpoint=checkpoint,

@@ -650,3 +650,18 @@ def test_verify_against_a_model_with_other_classes_or_a_name(tmp_path, saved_dir
     error_line(invoke("verify", export, "--against", "test_resnet"), 1,
                "(the reference, --against) does not exist")
     only_entries(tmp_path, "e", "five")
+
+
+@pytest.mark.parametrize("args,flag", [
+    (["convert", "test_resnet", "--no-pretrained", "--calib-data", "PHOTOS", "--calib-images", "0"], "--calib-images"),
+    (["convert", "test_resnet", "--no-pretrained", "--calib-data", "PHOTOS", "--calib-crops", "0"], "--calib-crops"),
+    (["compare", "test_resnet", "test_resnet", "--images", "PHOTOS", "--limit", "0"], "--limit"),
+    (["compare", "test_resnet", "test_resnet", "--images", "PHOTOS", "--crops-per-image", "0"], "--crops-per-image"),
+])
+def test_image_counts_name_their_flag(tmp_path, args, flag):
+    photos = images(tmp_path / "photos", per_class=1)
+    args = [str(photos) if a == "PHOTOS" else a for a in args]
+    if args[0] == "convert":
+        args += ["-o", str(tmp_path / "out")]
+    error_line(invoke(*args), 2, f"{flag} must be at least 1, got 0")
+    only_entries(tmp_path, "photos")
