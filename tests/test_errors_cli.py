@@ -665,3 +665,11 @@ def test_image_counts_name_their_flag(tmp_path, args, flag):
         args += ["-o", str(tmp_path / "out")]
     error_line(invoke(*args), 2, f"{flag} must be at least 1, got 0")
     only_entries(tmp_path, "photos")
+
+
+def test_recipe_directory_and_missing_resume_are_named(tmp_path, train_model):
+    data = images(tmp_path / "data", per_class=2)
+    error_line(train_cli(train_model, data, tmp_path / "run", "--recipe", str(data)), 1,
+               "is a directory; pass a recipe YAML file", "micro-batch")
+    error_line(invoke("train", "--resume", tmp_path / "nope"), 1, "nope does not exist", "--resume takes")
+    only_entries(tmp_path, "data")

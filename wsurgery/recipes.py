@@ -311,6 +311,9 @@ def _recipe_path(spec: str | os.PathLike) -> Path:
     path = Path(spec)
     if path.is_file():
         return path
+    if path.is_dir():
+        raise InputNotFoundError(f"recipe {spec} is a directory; pass a recipe YAML file or a shipped recipe name "
+                                 f"({', '.join(builtin_recipes())})")
     builtin = builtin_recipes()
     name = path.stem if path.suffix in (".yaml", ".yml") else str(spec)
     if name in builtin and (path.parent == Path(".") or path.parent.name == "recipes"):

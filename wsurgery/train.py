@@ -872,6 +872,9 @@ def train(
     state_plain: dict[str, Any] | None = None
     if resume_dir is not None:
         last = resume_dir / LAST_DIR
+        if not resume_dir.is_dir():
+            raise InputNotFoundError(f"{resume_dir} does not exist; --resume takes the output directory of an "
+                                     "earlier `wsurgery train` run")
         if not (last / STATE_JSON).is_file():
             raise InputNotFoundError(f"{resume_dir} has no checkpoint ({LAST_DIR}/{STATE_JSON}); "
                                      "resume takes the output directory of an earlier `wsurgery train` run")
