@@ -30,7 +30,7 @@ def predict(
     except NetworkUnavailableError:  # load's advice names convert's flags, which predict does not have
         raise NetworkUnavailableError(
             f"could not fetch pretrained weights for {model}; without a network predict with a directory: "
-            f"`wsurgery convert {model} --checkpoint PATH -o DIR` (or an export), then `wsurgery predict DIR ...`"
+            f"`wsurgery export {model} --checkpoint PATH -o DIR`, then `wsurgery predict DIR ...`"
         ) from None
     if all(r.error for r in results):
         raise DatasetError(f"none of the {len(results)} files could be read as an image ({results[0].error}); "

@@ -625,7 +625,7 @@ def test_train_bad_model_writes_no_run_directory(tmp_path):
 def test_a_weights_file_as_the_model_says_what_to_pass(tmp_path):
     ckpt = state_dict_file(tmp_path, "w.safetensors", "test_resnet")
     for args in (["inspect", ckpt], ["convert", ckpt, "-o", tmp_path / "out"]):
-        error_line(invoke(*args), 2, "w.safetensors is a weights file, not a model", f"--checkpoint {ckpt}")
+        error_line(invoke(*args), 2, "w.safetensors is a file, not a model", "as its checkpoint (--checkpoint)")
     graph = tmp_path / "model.onnx"
     graph.write_bytes(b"\0")
     error_line(invoke("inspect", graph), 2, "model.onnx is an ONNX/torch.export graph", "export directory")

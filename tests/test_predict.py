@@ -110,5 +110,5 @@ def test_device_and_offline_errors_are_one_line(exported, monkeypatch):
 
     monkeypatch.setattr(load_module, "_create_timm", offline)
     res = CliRunner().invoke(app, ["predict", "resnet10t", str(images)])
-    assert res.exit_code == 1 and "wsurgery convert resnet10t --checkpoint PATH -o DIR" in res.output, res.output
+    assert res.exit_code == 1 and "wsurgery export resnet10t --checkpoint PATH -o DIR" in res.output, res.output
     assert "--no-pretrained" not in res.output

@@ -163,3 +163,27 @@ def test_verify_leaves_the_reference_in_its_mode(tmp_path):
     source.train()
     assert wsurgery.verify(tmp_path / "e", source, num_random=2).passed
     assert source.training and all(m.training for m in source.modules())
+
+
+def test_converting_again_is_refused_before_any_groupnorm_advice():
+    converted = _aws_resnet(norm="gn")
+    with pytest.raises(ConversionError, match="already converted"):
+        wsurgery.convert(converted, mode="ws", norm="gn", gn_groups=4)
+
+
+def test_a_folded_bit_model_is_refused_and_a_calibration_record_is_not_inherited(tmp_path):
+    # BiT's own StdConv2d become plain convs when folded; rebuilding would make them StdConv2d again
+    bit = timm.create_model("resnetv2_50x1_bit", num_classes=5)
+    folded = fold(bit)
+    with pytest.raises(ConversionError, match="StdConv2d/ScaledStdConv2d layers.*folded"):
+        wsurgery.convert(folded, mode="aws")
+    # an export carries its calibration record; converting it again is a new surgery without one
+    model = _aws_resnet(norm="gn")
+    model.wsurgery_calibration = {"method": "gn-init"}
+    wsurgery.export(model, tmp_path / "e")
+    exported = wsurgery.load(tmp_path / "e")
+    assert exported.wsurgery_calibration == {"method": "gn-init"}
+    again, _ = wsurgery.convert(exported, mode="aws")
+    assert not hasattr(again, "wsurgery_calibration")
+    wsurgery.save(again, tmp_path / "again")
+    assert "calibration" not in json.loads((tmp_path / "again" / "config.json").read_text())["wsurgery"]

@@ -50,6 +50,8 @@ TIMM_WS_TYPES = (StdConv2d, StdConv2dSame, ScaledStdConv2d, ScaledStdConv2dSame)
 _CONFIG_ATTR = "wsurgery_config"
 #: attribute holding the list of (conv, bn) names folded by ``fold_bn`` (set by fold and load)
 FOLD_ATTR = "wsurgery_folded_bn"
+#: attribute holding the names of timm's own WS convs (StdConv2d ...) that fold made plain convs
+FOLDED_STD_ATTR = "wsurgery_folded_std_convs"
 
 
 @dataclass
@@ -395,6 +397,8 @@ def convert(
         model = clone_model(model)
         plan = plan_surgery(model, config, pooled)
     report = apply_surgery(model, config, plan)
+    if hasattr(model, "wsurgery_calibration"):  # an earlier surgery's calibration (a loaded export) is not this one's
+        del model.wsurgery_calibration
     report.convs_without_norm = unnormalized
     report.convs_not_traced = unseen
     return model, report
@@ -413,6 +417,13 @@ def _keep_earlier_structure(model: nn.Module, config: SurgeryConfig) -> tuple[Su
         ConversionError: its BatchNorms were folded into the convs (``fold_bn``), or new
             GroupNorm settings contradict the ones it already has.
     """
+    if is_converted(model):  # checked first: no advice about GroupNorm settings can make converting twice work
+        raise ConversionError("this model is already converted; load the original model to convert it again")
+    if getattr(model, FOLDED_STD_ATTR, None):
+        raise ConversionError(
+            "this model's own StdConv2d/ScaledStdConv2d layers (BiT, NFNet) were folded into plain convs at export, "
+            "which a new surgery record cannot describe; convert the original timm model instead (its own WS "
+            "convs are kept as they are)")
     if getattr(model, FOLD_ATTR, None):
         raise ConversionError(
             "this model's BatchNorms were folded into its convs (an export made with --fold-bn), so its convs "

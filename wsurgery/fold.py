@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .convert import FOLD_ATTR, TIMM_WS_TYPES, all_finite, clone_model, own_class, ws_parametrizations
+from .convert import FOLD_ATTR, FOLDED_STD_ATTR, TIMM_WS_TYPES, all_finite, clone_model, own_class, ws_parametrizations
 from .errors import ConversionError, NonFiniteWeightsError
 from .graph import module_successors
 from .norm import carries_activation, is_batchnorm
@@ -233,4 +233,6 @@ def fold(
     # export written from this model has to rebuild them too
     earlier = [list(p) for p in getattr(model, FOLD_ATTR, None) or []]
     setattr(model, FOLD_ATTR, earlier + [list(p) for p in pairs if list(p) not in earlier])
+    if new_convs:  # timm's own WS convs are plain now; a later convert must know (see convert)
+        setattr(model, FOLDED_STD_ATTR, list(getattr(model, FOLDED_STD_ATTR, None) or []) + [n for n, _ in new_convs])
     return model

@@ -192,11 +192,13 @@ def _create_timm(name: str, pretrained: bool, **kwargs: Any) -> nn.Module:
     except RuntimeError as e:
         if "Unknown model" in str(e):
             raise _unknown_model(name) from None
-        if needs_hub:
+        if pretrained or (needs_hub and _hub_unreachable()):
             raise _network_error(name, e, pretrained) from None
         raise
     except (OSError, ConnectionError, ImportError, ValueError) as e:
-        if needs_hub:
+        # weights are fetched with pretrained; an hf-hub: config alone is a network problem only offline
+        # (online, a wrong or private repo id should say so itself)
+        if pretrained or (needs_hub and _hub_unreachable()):
             raise _network_error(name, e, pretrained) from None
         raise
 
@@ -378,12 +380,12 @@ def load(
         if source_str.startswith(("local-dir:",)):
             return load(source_str[len("local-dir:"):], device=device)
         looks_like_path = os.sep in source_str or source_str.endswith((".safetensors", ".pth", ".bin", ".pt"))
-        if path.is_file():  # a weights or graph file on its own says nothing of the architecture
-            if path.suffix in (".onnx", ".pt2"):
+        if path.is_file() and not timm.is_model(source_str):  # a file says nothing of the architecture
+            if path.suffix.lower() in (".onnx", ".pt2"):
                 raise UsageError(f"{source_str} is an ONNX/torch.export graph, which only `wsurgery verify` runs; "
                                  "pass the export directory it was written to")
-            raise UsageError(f"{source_str} is a weights file, not a model; pass its directory (a wsurgery export "
-                             f"or surgery directory) or a timm model name with --checkpoint {source_str}")
+            raise UsageError(f"{source_str} is a file, not a model; pass a wsurgery export or surgery directory, "
+                             "or a timm model name with this file as its checkpoint (--checkpoint)")
         if looks_like_path and not source_str.startswith("hf-hub:"):
             raise InputNotFoundError(f"{source_str} does not exist; pass a timm model name or an existing directory")
         if not source_str.startswith("hf-hub:") and not timm.is_model(source_str):

@@ -221,7 +221,7 @@ def _accepts_float_not_int(tp: Any) -> bool:
 #: names other tools use for a recipe key (timm's train.py, Keras, PyTorch Lightning), for the hint
 _ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "num_epochs": "epochs",
             "opt": "optimizer", "scheduler": "sched", "lr_scheduler": "sched", "smoothing": "label_smoothing",
-            "mixup": "mixup_alpha", "cutmix": "cutmix_alpha", "warmup_epochs": "warmup_steps",
+            "mixup": "mixup_alpha", "cutmix": "cutmix_alpha",
             "grad_accum": "accum_steps", "gradient_accumulation_steps": "accum_steps"}
 
 

@@ -572,7 +572,10 @@ class _Run:
 
     def save_best(self) -> None:
         if self.output is None:  # training in memory: keep the best weights to hand back at the end
-            self.best_state = {k: v.detach().clone() for k, v in self._eval_model().state_dict().items()}
+            if self.bundle.val is not None:  # without validation the best epoch is the last: nothing to keep
+                self.best_state = None  # the old copy goes before the new one is made
+                self.best_state = {k: v.detach().to("cpu", copy=True)
+                                   for k, v in self._eval_model().state_dict().items()}
             return
         if not self.is_main:
             return

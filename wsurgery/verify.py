@@ -133,8 +133,8 @@ def _stored_dtype(directory: Path) -> str | None:
 def _dtype_of(candidate: nn.Module | str | os.PathLike, model: nn.Module | None) -> str:
     """The precision the candidate's weights were stored in.
 
-    An export directory records it (``wsurgery.dtype`` in its config.json): fp16/bf16
-    weights are loaded into an fp32 model, so the parameters' dtype would say fp32.
+    For an export directory, the dtype of the tensors in its weights file (fp16/bf16 weights are
+    loaded into an fp32 model, so the parameters' dtype would say fp32); else the parameters'.
     """
     if not isinstance(candidate, nn.Module) and Path(candidate).is_dir():
         stored = _stored_dtype(Path(candidate))
