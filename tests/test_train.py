@@ -267,6 +267,7 @@ def test_scientific_notation_in_recipes(tmp_path):
 
     recipe = load_recipe("cpu-quick", ["lr=1e-4", "weight_decay=5E-5"])
     assert recipe.lr == 1e-4 and isinstance(recipe.lr, float) and recipe.weight_decay == 5e-5
+    assert load_recipe("cpu-quick", ["aug_scale=[5e-1, 1]"]).aug_scale == [0.5, 1]  # inside lists too
     path = tmp_path / "r.yaml"
     path.write_text("lr: 3e-4\nmomentum: 0.9\n")  # PyYAML reads 3e-4 as the string '3e-4'
     assert load_recipe(path).lr == 3e-4

@@ -225,6 +225,18 @@ _ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "nu
             "grad_accum": "accum_steps", "gradient_accumulation_steps": "accum_steps"}
 
 
+def _union_args(tp: Any) -> tuple[Any, ...]:
+    return typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+
+
+def _number(text: str) -> float | str:
+    """``text`` as a float when it is one ("1e-4"), else unchanged (the type check then names it)."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
 def _accepts_float(tp: Any) -> bool:
     args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
     return float in args
@@ -235,15 +247,15 @@ def _check_types(recipe: Recipe) -> None:
     for f in dataclasses.fields(recipe):
         value = getattr(recipe, f.name)
         tp = hints[f.name]
+        # YAML 1.1 (PyYAML's safe_load) reads 1e-4 and 5E-5 as strings: a dot is needed for a
+        # float, but everyone writes learning rates that way
         if isinstance(value, str) and _accepts_float(tp):
-            # YAML 1.1 (PyYAML's safe_load) reads 1e-4 and 5E-5 as strings: a dot is needed for a
-            # float, but everyone writes learning rates that way
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-            else:
-                setattr(recipe, f.name, value)
+            value = _number(value)
+            setattr(recipe, f.name, value)
+        elif isinstance(value, (list, tuple)) and any(_accepts_float(typing.get_args(a)[0]) for a in
+                                                      _union_args(tp) if typing.get_origin(a) is list):
+            value = [_number(v) if isinstance(v, str) else v for v in value]
+            setattr(recipe, f.name, value)
         if not _matches(value, tp):
             raise RecipeError(f"`{f.name}` must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
         if isinstance(value, int) and not isinstance(value, bool) and _accepts_float_not_int(tp):
