@@ -290,3 +290,18 @@ def test_training_in_memory_returns_the_best_epoch_not_the_last(data, tmp_path):
     state = in_memory.model.state_dict()
     for k in best:
         assert torch.equal(state[k], best[k]), k
+
+
+def test_resume_into_the_same_directory_spelled_differently_with_force(data, tmp_path):
+    def ctrl_c(event):
+        if event.kind == "step" and event.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        train(tiny(), data, tmp_path / "r", "cpu-quick", overrides=FAST, callback=ctrl_c)
+    (tmp_path / "x").mkdir()
+    # the same directory by another spelling: --force must not delete the checkpoint it resumes from
+    train(None, None, tmp_path / "x" / ".." / "r", resume=tmp_path / "r", force=True)
+    train(tiny(), data, tmp_path / "full", "cpu-quick", overrides=FAST)
+    a, b = _weights(tmp_path / "full" / "last"), _weights(tmp_path / "r" / "last")
+    assert all(torch.equal(a[k], b[k]) for k in a)

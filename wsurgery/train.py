@@ -814,10 +814,15 @@ def _init_distributed(device: torch.device) -> None:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
+def _same_path(a: Path | None, b: Path | None) -> bool:
+    """Whether two paths name the same directory (``runs/a`` and ``./runs/a/`` and its absolute path do)."""
+    return a is not None and b is not None and a.resolve() == b.resolve()
+
+
 def _prepare_output(output: Path | None, resume: Path | None, force: bool, is_main: bool) -> None:
     if output is None or not is_main:
         return
-    if resume is not None and resume == output:
+    if resume is not None and _same_path(resume, output):
         return
     if output.exists():
         if not force:
@@ -902,7 +907,7 @@ def train(
     resolved, notes = resolve_recipe(recipe_obj, len(bundle.train), bundle.original_size)
     if bundle.skipped:
         notes.append(f"skipped {len(bundle.skipped)} unreadable file(s), e.g. {bundle.skipped[0]}")
-    if out is not None and is_main and out.exists() and not force and resume_dir != out:
+    if out is not None and is_main and out.exists() and not force and not _same_path(resume_dir, out):
         raise OutputExistsError(f"{out} already exists; pass --force to start over, or --resume {out}")
     # absolute paths: a resumed run may start from another working directory
     data_record = {"data": str(Path(data).resolve()),
