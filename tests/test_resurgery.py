@@ -187,3 +187,46 @@ def test_a_folded_bit_model_is_refused_and_a_calibration_record_is_not_inherited
     assert not hasattr(again, "wsurgery_calibration")
     wsurgery.save(again, tmp_path / "again")
     assert "calibration" not in json.loads((tmp_path / "again" / "config.json").read_text())["wsurgery"]
+
+
+def test_python_api_misuse_is_caught_before_anything_changes(tmp_path, x):
+    from wsurgery.errors import UsageError
+
+    original = timm.create_model("resnet10t", num_classes=5).eval()
+    # one pattern as a string is one pattern (not its characters)
+    _, report = wsurgery.convert(original, inplace=False, include="layer1.*", trace=False)
+    assert sorted(c.name for c in report.changes) == ["layer1.0.conv1", "layer1.0.conv2"]
+    # calibrate with the arguments swapped, or against another head: refused, nothing trained
+    student, _ = wsurgery.convert(original, inplace=False, norm="gn", gn_groups=8)
+    before = {k: v.clone() for k, v in original.state_dict().items()}
+    images = torch.randn(8, 3, 32, 32)
+    with pytest.raises(UsageError, match="arguments are swapped"):
+        wsurgery.calibrate(original, student, images, steps=1)
+    assert all(torch.equal(v, before[k]) for k, v in original.state_dict().items())
+    student_before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(UsageError, match=r"student gives \(5,\) outputs per image and the teacher \(3,\)"):
+        wsurgery.calibrate(student, timm.create_model("resnet10t", num_classes=3), images, held_out=None, steps=1)
+    assert all(torch.equal(v, student_before[k]) for k, v in student.state_dict().items())
+    # fold with pairs that do not fold: refused, the model still converted
+    converted = _aws_resnet()
+    for bad in ([("conv1.0", "nope")], [("conv1.0", "conv1.2")], "yes"):
+        with pytest.raises(UsageError, match="fold_bn"):
+            fold(converted, fold_bn=bad, inplace=True)
+        assert wsurgery.is_converted(converted)
+
+
+def test_wrapped_models_are_saved_exported_and_calibrated_as_the_model_inside(tmp_path, x):
+    converted = _aws_resnet()
+    reference = _outputs(converted, x)
+    compiled = torch.compile(converted)  # lazy: nothing is compiled until it runs
+    wsurgery.save(compiled, tmp_path / "s")
+    wsurgery.export(compiled, tmp_path / "e")
+    assert_close(_outputs(wsurgery.load(tmp_path / "s"), x), reference, rtol=0, atol=0)
+    assert_close(_outputs(wsurgery.load(tmp_path / "e"), x), reference, rtol=1e-5, atol=1e-5)
+    # DataParallel (on CPU it just calls the module): gn-init must find the norms behind `module.`
+    torch.manual_seed(0)
+    original = randomize_norms(timm.create_model("resnet10t", num_classes=5).eval())
+    student, _ = wsurgery.convert(original, inplace=False, mode="aws", norm="gn", gn_groups=8)
+    result = wsurgery.calibrate(nn.DataParallel(student), original, torch.randn(8, 3, 32, 32), steps=1,
+                                batch_size=4)
+    assert result.phases == ["gn-init", "distill"]

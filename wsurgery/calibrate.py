@@ -629,6 +629,33 @@ def _check_models(student: nn.Module, teacher: nn.Module) -> None:
     if any(p.data_ptr() in teacher_ptrs for p in student.parameters()):
         raise UsageError("the student shares weights with the teacher, so calibrating would change the teacher; "
                          "convert with inplace=False")
+    from .convert import is_converted
+
+    if not is_converted(student):  # calibrating it would train a model that was never converted
+        if is_converted(teacher):
+            raise UsageError("the teacher is the converted model and the student is not: the arguments are "
+                             "swapped; call calibrate(converted, original, images)")
+        raise UsageError("the student has no Weight Standardization layers; calibrate the model "
+                         "wsurgery.convert returned, with the original as teacher")
+
+
+def _check_outputs(student: nn.Module, teacher: nn.Module, batch: torch.Tensor) -> None:
+    """Both models take these images and give outputs of one shape (one image each), before anything changes."""
+    outputs = []
+    for model in (student, teacher):
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                outputs.append(model(batch[:1]))
+        except RuntimeError as e:
+            raise UsageError(f"a calibration image of shape {tuple(batch.shape[1:])} does not fit the model "
+                             f"({str(e).splitlines()[0][:160]}); pass RGB images the model's size") from None
+        finally:
+            model.train(was_training)
+    if outputs[0].shape != outputs[1].shape:
+        raise UsageError(f"the student gives {tuple(outputs[0].shape[1:])} outputs per image and the teacher "
+                         f"{tuple(outputs[1].shape[1:])}; calibrate a converted model against its own original")
 
 
 def calibrate(
@@ -674,6 +701,10 @@ def calibrate(
     if steps is not None:
         base["steps"] = steps
     cfg = CalibrationConfig(**base)
+    if isinstance(student, nn.Module) and isinstance(teacher, nn.Module):
+        from .convert import unwrap
+
+        student, teacher = unwrap(student), unwrap(teacher)
     _check_models(student, teacher)
     start = time.perf_counter()
     teacher_training = teacher.training
@@ -690,6 +721,7 @@ def calibrate(
 def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> CalibrationResult:
     phases = resolve_method(student, teacher, cfg.method)
     batch = _as_batch(images, teacher, seed)
+    _check_outputs(student, teacher, batch)
     calib, held = _split_held_out(batch, held_out, teacher, seed)
     teacher_held = predict_logits(teacher, held) if held is not None else None
 

@@ -63,8 +63,9 @@ class SurgeryConfig:
             raise ConfigError(f"`gn_group_rule` must be gcd, divisor or error, got {self.gn_group_rule!r}")
         if not (self.gn_eps > 0 and math.isfinite(self.gn_eps)):
             raise ConfigError(f"`gn_eps` must be positive, got {self.gn_eps}")
-        self.include = list(self.include)
-        self.exclude = list(self.exclude)
+        # one pattern given as a string is one pattern, not a list of its characters
+        self.include = [self.include] if isinstance(self.include, str) else list(self.include)
+        self.exclude = [self.exclude] if isinstance(self.exclude, str) else list(self.exclude)
 
     @property
     def ws_convention(self) -> WSConvention:

@@ -42,6 +42,7 @@ __all__ = [
     "all_finite",
     "pooled_norms",
     "FOLD_ATTR",
+    "unwrap",
 ]
 
 #: timm layers that already standardize their weights: recognised, left as they are, folded.
@@ -121,6 +122,22 @@ def clone_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modu
         if parametrize.is_parametrized(module):
             own_class(module)
     return new
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside ``torch.compile`` (``_orig_mod``) and ``DataParallel``/DDP (``module``) wrappers.
+
+    The wrappers prefix every state-dict key (``_orig_mod.``, ``module.``) and hide timm's methods, so
+    what is saved, exported, calibrated or trained is the module they wrap (which they share).
+    """
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+        elif isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            model = model.module
+        else:
+            return model
 
 
 def own_class(module: nn.Module) -> None:

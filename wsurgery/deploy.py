@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .convert import all_finite, clone_model
+from .convert import all_finite, clone_model, unwrap
 from .data import data_config_for
 from .errors import (
     CheckpointError, ConversionError, InputNotFoundError, MissingDependencyError, NonFiniteWeightsError,
@@ -176,6 +176,7 @@ def require_onnx() -> tuple[Any, Any]:
 
 def _prepare(model: nn.Module, fold_bn: bool, img_size: int | None) -> tuple[nn.Module, tuple[int, int, int], list]:
     """A folded eval-mode fp32 copy of ``model`` and its input size."""
+    model = unwrap(model)
     folded = model if is_folded(model) and not fold_bn else fold(model, fold_bn=fold_bn)
     if folded is model:  # never change the caller's model (dtype, eval mode)
         folded = clone_model(model)

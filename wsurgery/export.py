@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .convert import all_finite, get_surgery_config
+from .convert import all_finite, get_surgery_config, unwrap
 from .errors import ConfigError, NonFiniteWeightsError
 from .fold import FOLD_ATTR, fold, is_folded
 from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_dir, save_safetensors, write_json
@@ -203,6 +203,7 @@ def export(
     """
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    model = unwrap(model)
     record = model_record(model)
     folded = model if is_folded(model) and not fold_bn else fold(model, fold_bn=fold_bn)
     pairs = [list(p) for p in getattr(folded, FOLD_ATTR, [])]

@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .convert import FOLD_ATTR, FOLDED_STD_ATTR, TIMM_WS_TYPES, all_finite, clone_model, own_class, ws_parametrizations
-from .errors import ConversionError, NonFiniteWeightsError
+from .errors import ConversionError, NonFiniteWeightsError, UsageError
 from .graph import module_successors
 from .norm import carries_activation, is_batchnorm
 
@@ -102,6 +102,25 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         if feeders.get(users[0]) != 1:
             continue
         pairs.append((name, users[0]))
+    return pairs
+
+
+def _checked_pairs(model: nn.Module, fold_bn: Any) -> list[tuple[str, str]]:
+    """``fold_bn`` as ``(conv, bn)`` name pairs that exist and fit, or :class:`UsageError` (nothing changed)."""
+    if isinstance(fold_bn, (str, bytes)) or not isinstance(fold_bn, (list, tuple)):
+        raise UsageError(f"fold_bn must be True/False or a list of (conv, bn) name pairs, got {fold_bn!r}")
+    modules = dict(model.named_modules())
+    pairs = []
+    for pair in fold_bn:
+        if isinstance(pair, (str, bytes)) or len(pair) != 2:
+            raise UsageError(f"fold_bn entries must be (conv, bn) name pairs, got {pair!r}")
+        conv, bn = (modules.get(name) for name in pair)
+        if not isinstance(conv, nn.Conv2d):
+            raise UsageError(f"fold_bn: {pair[0]!r} is not a conv of this model; find_conv_bn_pairs(model) lists them")
+        if bn is None or not is_batchnorm(bn) or getattr(bn, "running_mean", None) is None:
+            raise UsageError(f"fold_bn: {pair[1]!r} is not a BatchNorm with running statistics in this model; "
+                             "find_conv_bn_pairs(model) lists the pairs that fold")
+        pairs.append((str(pair[0]), str(pair[1])))
     return pairs
 
 
@@ -194,6 +213,7 @@ def fold(
         NonFiniteWeightsError: a standardized weight holds NaN or inf (nothing is changed).
     """
     # compute and check everything before changing anything
+    pairs_given = None if isinstance(fold_bn, bool) else _checked_pairs(model, fold_bn)
     standardized = []
     for name, module, _ in ws_parametrizations(model):
         weight = module.weight  # the parametrization's forward: the very value training used
@@ -227,7 +247,7 @@ def fold(
         model.set_submodule(name, conv)
     pairs: list[tuple[str, str]] = []
     if fold_bn:
-        pairs = find_conv_bn_pairs(model) if fold_bn is True else [tuple(p) for p in fold_bn]
+        pairs = find_conv_bn_pairs(model) if pairs_given is None else pairs_given
         fold_conv_bn(model, pairs)
     # pairs folded before (a model loaded from a --fold-bn export) stay on the record: the
     # export written from this model has to rebuild them too

@@ -80,6 +80,9 @@ def predict(
         from .load import load
 
         model = load(model)
+    from .convert import unwrap
+
+    model = unwrap(model)
     model.eval().to(device)
     names = label_names(model)
     k = min(topk, len(names)) if names else topk

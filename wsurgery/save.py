@@ -17,7 +17,7 @@ from typing import Any
 from torch import nn
 
 from . import __version__
-from .convert import SurgeryReport, get_surgery_config
+from .convert import SurgeryReport, get_surgery_config, unwrap
 from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_dir, save_safetensors, write_json
 from .load import SOURCE_ATTR, model_record
 
@@ -80,6 +80,7 @@ def save(
     Returns:
         The directory path.
     """
+    model = unwrap(model)
     if report is not None:
         model.wsurgery_report = report.to_dict()
     config = build_config(model, "converted")

@@ -65,7 +65,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .accumulate import standardize_once
-from .convert import clone_model, is_converted
+from .convert import clone_model, is_converted, unwrap
 from .datasets import AugmentConfig, DataBundle, SeededView, build_datasets, eval_transform_for, train_transform
 from .errors import InputNotFoundError, OutputExistsError, RecipeError, UsageError, WSurgeryError
 from .io import (CONFIG_NAME, WEIGHTS_NAME, atomic_dir, atomic_file, load_safetensors, read_json,
@@ -800,7 +800,7 @@ def _plot_metrics(history: list[dict[str, float]], path: Path) -> None:
 
 def _load_model(source: nn.Module | str | os.PathLike, load_kwargs: dict[str, Any] | None) -> nn.Module:
     if isinstance(source, nn.Module):
-        return source
+        return unwrap(source)
     from .load import load
 
     return load(source, **(load_kwargs or {}))
