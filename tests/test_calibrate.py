@@ -361,3 +361,11 @@ def test_augment_crops_flips_and_blends_within_the_batch():
     assert increasing.any() and (~increasing).any()  # some views flipped, some not (seed 2)
     with pytest.raises(ConfigError, match="mix_fraction"):
         CalibrationConfig(mix_fraction=1.5)
+
+
+@pytest.mark.parametrize("held_out,fragment", [(1.0, "hold out every image"), (1.5, "fraction below 1")])
+def test_held_out_fractions_of_one_or_more_are_refused(teacher, held_out, fragment):
+    student = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=4, inplace=False)[0]
+    with pytest.raises(UsageError, match=fragment):
+        calibrate(student, teacher, _images(8), held_out=held_out, steps=1)
+    assert calibrate(student, teacher, _images(8), held_out=2.0, steps=1, batch_size=4).num_held_out == 2

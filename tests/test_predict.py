@@ -112,3 +112,12 @@ def test_device_and_offline_errors_are_one_line(exported, monkeypatch):
     res = CliRunner().invoke(app, ["predict", "resnet10t", str(images)])
     assert res.exit_code == 1 and "wsurgery export resnet10t --checkpoint PATH -o DIR" in res.output, res.output
     assert "--no-pretrained" not in res.output
+
+
+def test_headless_models_are_refused_and_topk_is_capped_by_the_outputs(tmp_path):
+    make_folder(tmp_path, per_class=1, classes=("a",))
+    with pytest.raises(UsageError, match="no classifier"):
+        wsurgery.predict(timm.create_model("test_efficientnet", pretrained=False, num_classes=0), tmp_path)
+    four = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    (pred,) = wsurgery.predict(four, tmp_path, topk=10, img_size=32)
+    assert sorted(pred.indices) == [0, 1, 2, 3] and sum(pred.probs) == pytest.approx(1.0, abs=1e-5)

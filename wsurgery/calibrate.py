@@ -266,6 +266,10 @@ def _split_held_out(
         return images, None
     if isinstance(held_out, bool):
         raise UsageError("held_out must be a fraction, a count, a batch or image paths, not a bool")
+    if isinstance(held_out, float) and not held_out.is_integer() and held_out > 1:
+        raise UsageError(f"held_out={held_out}: give a fraction below 1 (0.25) or a whole number of images")
+    if isinstance(held_out, float) and held_out == 1.0:
+        raise UsageError("held_out=1.0 would hold out every image; give a fraction below 1 (0.25) or a count (1)")
     if isinstance(held_out, (int, float)):
         n = images.shape[0]
         k = int(round(held_out * n)) if isinstance(held_out, float) and held_out < 1 else int(held_out)

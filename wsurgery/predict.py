@@ -83,6 +83,9 @@ def predict(
     from .convert import unwrap
 
     model = unwrap(model)
+    if getattr(model, "num_classes", None) == 0:
+        raise UsageError("the model has no classifier (num_classes=0), so there are no classes to rank; "
+                         "load it with num_classes set, or predict with a fine-tuned run or export")
     model.eval().to(device)
     names = label_names(model)
     k = min(topk, len(names)) if names else topk
@@ -103,7 +106,7 @@ def predict(
             continue
         x = torch.stack(tensors).to(device=device, dtype=dtype)
         probs = model(x).float().softmax(dim=-1)
-        top_p, top_i = probs.topk(k, dim=-1)
+        top_p, top_i = probs.topk(min(k, probs.shape[-1]), dim=-1)  # capped by what the model outputs
         for p, pv, iv in zip(ok, top_p.tolist(), top_i.tolist()):
             results.append(Prediction(p, [names[i] if i < len(names) else f"class {i}" for i in iv], iv, pv))
     order = {p: i for i, p in enumerate(paths)}
