@@ -24,9 +24,9 @@ import wsurgery
 from wsurgery.cli._common import DEBUG_ENV
 from wsurgery.cli.main import app
 
+from _cli import flat, invoke, ok, one_error, runner
 from _core_helpers import assert_no_standardization, assert_rel_close
 
-runner = CliRunner()
 
 
 @pytest.fixture(autouse=True)
@@ -34,33 +34,6 @@ def _offline_no_debug(monkeypatch):
     monkeypatch.delenv(DEBUG_ENV, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def flat(text: str) -> str:
-    """Table text without box drawing and line wraps, for robust substring checks."""
-    for ch in "│┃┏┓┗┛┡┩┠┨━─┌┐└┘╇┳┻┼├┤┬┴╈╋═":
-        text = text.replace(ch, " ")
-    return " ".join(text.split())
-
-
-def ok(result) -> str:
-    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr)
-    assert "Traceback" not in result.stdout + result.stderr
-    return flat(result.stdout)
-
-
-def one_error(result, code: int, *fragments: str) -> str:
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.stdout + result.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
 
 
 # ------------------------------------------------------------------------- the README flow

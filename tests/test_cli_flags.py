@@ -29,9 +29,9 @@ import wsurgery
 from wsurgery.cli._common import DEBUG_ENV, console
 from wsurgery.cli.main import app
 
+from _cli import invoke, ok, one_error
 from _data import make_folder
 
-runner = CliRunner()
 
 NUM_CLASSES = 3
 #: the shared model: tiny (a few MFLOPs), BatchNorm after every conv but the head, SE convs with biases
@@ -40,7 +40,6 @@ STEM = "conv_stem"
 
 
 # ---------------------------------------------------------------------------- helpers
-# (the same small helpers as test_cli_core, kept here so this file stands on its own)
 
 
 @pytest.fixture(autouse=True)
@@ -50,33 +49,6 @@ def _offline_no_debug_wide(monkeypatch):
     # a wide console: one table row per line, so cells (long tmp paths included) can be read back
     monkeypatch.setattr(console, "width", 400)
 
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def flat(text: str) -> str:
-    """Table text without box drawing and line wraps, for robust substring checks."""
-    for ch in "│┃┏┓┗┛┡┩┠┨━─┌┐└┘╇┳┻┼├┤┬┴╈╋═":
-        text = text.replace(ch, " ")
-    return " ".join(text.split())
-
-
-def ok(result) -> str:
-    assert result.exit_code == 0, (result.exit_code, result.stdout, result.stderr)
-    assert "Traceback" not in result.stdout + result.stderr
-    return flat(result.stdout)
-
-
-def one_error(result, code: int, *fragments: str) -> str:
-    assert result.exit_code == code, (result.exit_code, result.stdout, result.stderr)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: ")
-    assert "Traceback" not in result.stdout + result.stderr
-    for f in fragments:
-        assert f in lines[0], (f, lines[0])
-    return lines[0]
 
 
 def table_rows(stdout: str) -> list[list[str]]:

@@ -484,12 +484,7 @@ def train_model(tmp_path_factory) -> Path:
     return wsurgery.save(model, tmp_path_factory.mktemp("train-model") / "conv")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models train fastest on one thread of a shared CPU
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def train_cli(model_dir: Path, data: Path, out: Path, *extra: str):

@@ -21,12 +21,7 @@ FAST = ["img_size=32", "batch_size=4", "epochs=2", "lr=0.01", "warmup_steps=2", 
         "aug_scale=[0.8, 1.0]"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is fastest and stable on a shared CPU
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +105,10 @@ def test_resume_after_sigterm_is_exact(data, tmp_path):
     assert [h["top1"] for h in full.history] == [h["top1"] for h in resumed.history]
 
 
-def test_keyboard_interrupt_writes_checkpoint_then_resume_completes(data, tmp_path):
+# resumed into itself; and with --force into the same directory spelled differently, which must
+# not delete the checkpoint it resumes from
+@pytest.mark.parametrize("output,force", [(None, False), ("x/../r", True)], ids=["itself", "other-spelling-force"])
+def test_keyboard_interrupt_writes_checkpoint_then_resume_completes(data, tmp_path, output, force):
     def ctrl_c(event):
         if event.kind == "step" and event.step == 3:
             raise KeyboardInterrupt
@@ -119,7 +117,8 @@ def test_keyboard_interrupt_writes_checkpoint_then_resume_completes(data, tmp_pa
         train(tiny(), data, tmp_path / "r", "cpu-quick", overrides=FAST, callback=ctrl_c)
     assert read_json(tmp_path / "r" / "last" / "train_state.json")["state"]["step"] == 3
     train(tiny(), data, tmp_path / "full", "cpu-quick", overrides=FAST)
-    train(None, None, None, resume=tmp_path / "r")
+    (tmp_path / "x").mkdir()
+    train(None, None, tmp_path / output if output else None, resume=tmp_path / "r", force=force)
     a, b = _weights(tmp_path / "full" / "last"), _weights(tmp_path / "r" / "last")
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -290,18 +289,3 @@ def test_training_in_memory_returns_the_best_epoch_not_the_last(data, tmp_path):
     state = in_memory.model.state_dict()
     for k in best:
         assert torch.equal(state[k], best[k]), k
-
-
-def test_resume_into_the_same_directory_spelled_differently_with_force(data, tmp_path):
-    def ctrl_c(event):
-        if event.kind == "step" and event.step == 3:
-            raise KeyboardInterrupt
-
-    with pytest.raises(TrainingInterrupted):
-        train(tiny(), data, tmp_path / "r", "cpu-quick", overrides=FAST, callback=ctrl_c)
-    (tmp_path / "x").mkdir()
-    # the same directory by another spelling: --force must not delete the checkpoint it resumes from
-    train(None, None, tmp_path / "x" / ".." / "r", resume=tmp_path / "r", force=True)
-    train(tiny(), data, tmp_path / "full", "cpu-quick", overrides=FAST)
-    a, b = _weights(tmp_path / "full" / "last"), _weights(tmp_path / "r" / "last")
-    assert all(torch.equal(a[k], b[k]) for k in a)
