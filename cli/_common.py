@@ -15,7 +15,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from wsurgery.compare import Agreement
-from wsurgery.errors import WSurgeryError
+from wsurgery.errors import UsageError, WSurgeryError
 
 console = Console()
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -44,6 +44,17 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     # escape: messages hold literal brackets (pip install 'wsurgery[onnx]', shapes) that rich would eat as markup
     err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
     return typer.Exit(code)
+
+
+def check_at_least(*checks: tuple[str, int | None, int]) -> None:
+    """``UsageError`` naming the first ``(flag, value, lowest)`` whose value (when given) is below ``lowest``.
+
+    For flags checked before a slow step (a model load, deleting an old output), so the error
+    names the flag the user typed rather than the library argument it becomes.
+    """
+    for flag, value, lowest in checks:
+        if value is not None and value < lowest:
+            raise UsageError(f"{flag} must be at least {lowest}, got {value}")
 
 
 def handle_errors(fn: F) -> F:

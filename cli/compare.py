@@ -12,9 +12,9 @@ import wsurgery
 from wsurgery.compare import CONFIDENT
 from wsurgery.calibrate import calibration_images
 from wsurgery.data import find_images
-from wsurgery.errors import NetworkUnavailableError, UsageError
+from wsurgery.errors import NetworkUnavailableError
 
-from ._common import confident_cell, console, handle_errors, kv_table
+from ._common import check_at_least, confident_cell, console, handle_errors, kv_table
 
 
 def _load(source: str, checkpoint: Optional[Path], remap_by_order: bool, which: str):
@@ -42,9 +42,7 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="Print the agreement as JSON."),
 ) -> None:
     """Print top-1 agreement, top-5 overlap and KL(B || A) of model A against reference B."""
-    for flag, value in (("--limit", limit), ("--crops-per-image", crops_per_image)):
-        if value is not None and value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
+    check_at_least(("--limit", limit, 1), ("--crops-per-image", crops_per_image, 1))
     paths = find_images([str(i) for i in images])  # a wrong path fails before minutes of model loading
     with console.status("loading models"):
         model_a = _load(a, a_checkpoint, remap_by_order, "a")

@@ -16,7 +16,7 @@ from wsurgery.calibrate import METHODS, CalibrationConfig, CalibrationProgress, 
 from wsurgery.config import SurgeryConfig
 from wsurgery.errors import ConfigError, UsageError
 
-from ._common import confident_cell, console, handle_errors, kv_table
+from ._common import check_at_least, confident_cell, console, handle_errors, kv_table
 
 #: config fields -> the flags that set them, so a bad value is reported by the name the user typed
 FLAGS = {"steps": "--calib-steps", "batch_size": "--calib-batch", "train": "--calib-train", "lr": "--calib-lr",
@@ -142,9 +142,7 @@ def convert(
         raise UsageError(f"--calibrate {method} needs unlabeled images: pass --calib-data PATH (folder, files or glob)")
     if not 0 <= calib_held_out < 1:
         raise UsageError(f"--calib-held-out must be a fraction in [0, 1), got {calib_held_out}")
-    for flag, value in (("--calib-images", calib_images), ("--calib-crops", calib_crops)):
-        if value < 1:
-            raise UsageError(f"{flag} must be at least 1, got {value}")
+    check_at_least(("--calib-images", calib_images, 1), ("--calib-crops", calib_crops, 1))
     wsurgery.io.check_output(output, force)  # fail before the (slow) load
     with console.status(f"loading {escape(model)}"):
         net = wsurgery.load(model, pretrained=pretrained, checkpoint=checkpoint,

@@ -10,9 +10,8 @@ import typer
 from rich.table import Table
 
 from wsurgery.demo import DemoConfig, DemoStep, run_demo
-from wsurgery.errors import UsageError
 
-from ._common import console, fail, handle_errors
+from ._common import check_at_least, console, fail, handle_errors
 from .train import ProgressView
 
 
@@ -28,10 +27,7 @@ def demo(
 ) -> None:
     """EfficientNet-Lite0 (real ImageNet weights) -> adaptive WS + GN -> calibrate -> micro-batch fine-tune on
     Fashion-MNIST -> export -> verify -> predict, with timings."""
-    for flag, value, lowest in (("--threads", threads, 1), ("--img-size", img_size, 16),
-                                ("--train-per-class", train_per_class, 1)):
-        if value is not None and value < lowest:
-            raise UsageError(f"{flag} must be at least {lowest}, got {value}")
+    check_at_least(("--threads", threads, 1), ("--img-size", img_size, 16), ("--train-per-class", train_per_class, 1))
     if threads is not None:
         torch.set_num_threads(threads)
     cfg = DemoConfig.quick() if quick else DemoConfig()

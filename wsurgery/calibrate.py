@@ -56,7 +56,7 @@ from timm.data import create_transform
 from torch import nn
 
 from .compare import Agreement, agreement_from_logits, predict_logits
-from .convert import get_surgery_config, ws_parametrizations
+from .convert import get_surgery_config, is_converted, unwrap, ws_parametrizations
 from .data import data_config_for, eval_transform, find_images, open_rgb
 from .errors import ConfigError, DatasetError, UsageError
 from .norm import is_batchnorm
@@ -633,8 +633,6 @@ def _check_models(student: nn.Module, teacher: nn.Module) -> None:
     if any(p.data_ptr() in teacher_ptrs for p in student.parameters()):
         raise UsageError("the student shares weights with the teacher, so calibrating would change the teacher; "
                          "convert with inplace=False")
-    from .convert import is_converted
-
     if not is_converted(student):  # calibrating it would train a model that was never converted
         if is_converted(teacher):
             raise UsageError("the teacher is the converted model and the student is not: the arguments are "
@@ -706,8 +704,6 @@ def calibrate(
         base["steps"] = steps
     cfg = CalibrationConfig(**base)
     if isinstance(student, nn.Module) and isinstance(teacher, nn.Module):
-        from .convert import unwrap
-
         student, teacher = unwrap(student), unwrap(teacher)
     _check_models(student, teacher)
     start = time.perf_counter()

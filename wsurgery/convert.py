@@ -160,6 +160,11 @@ def is_converted(model: nn.Module) -> bool:
     return next(iter(ws_parametrizations(model)), None) is not None
 
 
+def _refuse_converted(model: nn.Module) -> None:
+    if is_converted(model):
+        raise ConversionError("this model is already converted; load the original model to convert it again")
+
+
 def get_surgery_config(model: nn.Module) -> SurgeryConfig | None:
     """The config a model was converted with, or None."""
     return getattr(model, _CONFIG_ATTR, None)
@@ -217,8 +222,7 @@ def plan_surgery(model: nn.Module, config: SurgeryConfig, pooled: frozenset[str]
     """
     if not isinstance(model, nn.Module):
         raise ConversionError(f"convert needs a torch.nn.Module, got {type(model).__name__}")
-    if is_converted(model):
-        raise ConversionError("this model is already converted; load the original model to convert it again")
+    _refuse_converted(model)
     convs, already, skipped = [], [], []
     for name, module in model.named_modules():
         if isinstance(module, TIMM_WS_TYPES):
@@ -434,8 +438,7 @@ def _keep_earlier_structure(model: nn.Module, config: SurgeryConfig) -> tuple[Su
         ConversionError: its BatchNorms were folded into the convs (``fold_bn``), or new
             GroupNorm settings contradict the ones it already has.
     """
-    if is_converted(model):  # checked first: no advice about GroupNorm settings can make converting twice work
-        raise ConversionError("this model is already converted; load the original model to convert it again")
+    _refuse_converted(model)  # first: no advice about GroupNorm settings can make converting twice work
     if getattr(model, FOLDED_STD_ATTR, None):
         raise ConversionError(
             "this model's own StdConv2d/ScaledStdConv2d layers (BiT, NFNet) were folded into plain convs at export, "

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .convert import unwrap
 from .data import eval_transform, find_images, open_rgb
 from .errors import DatasetError, UsageError
 
@@ -80,8 +81,6 @@ def predict(
         from .load import load
 
         model = load(model)
-    from .convert import unwrap
-
     model = unwrap(model)
     if getattr(model, "num_classes", None) == 0:
         raise UsageError("the model has no classifier (num_classes=0), so there are no classes to rank; "

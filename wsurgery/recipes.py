@@ -213,8 +213,12 @@ def _matches(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+def _union_args(tp: Any) -> tuple[Any, ...]:
+    return typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+
+
 def _accepts_float_not_int(tp: Any) -> bool:
-    args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    args = _union_args(tp)
     return float in args and int not in args
 
 
@@ -223,10 +227,6 @@ _ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "nu
             "opt": "optimizer", "scheduler": "sched", "lr_scheduler": "sched", "smoothing": "label_smoothing",
             "mixup": "mixup_alpha", "cutmix": "cutmix_alpha",
             "grad_accum": "accum_steps", "gradient_accumulation_steps": "accum_steps"}
-
-
-def _union_args(tp: Any) -> tuple[Any, ...]:
-    return typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
 
 
 def _number(text: str) -> float | str:
@@ -238,8 +238,7 @@ def _number(text: str) -> float | str:
 
 
 def _accepts_float(tp: Any) -> bool:
-    args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
-    return float in args
+    return float in _union_args(tp)
 
 
 def _check_types(recipe: Recipe) -> None:

@@ -396,6 +396,7 @@ class _Run:
                  data_record: dict[str, Any]):
         self.recipe, self.bundle, self.output, self.device = recipe, bundle, output, device
         self.callback = callback or (lambda e: None)
+        self.best_state: dict[str, torch.Tensor] | None = None  # the best epoch's weights when output is None
         self.notes = notes
         self.data_record = data_record
         self.world, self.rank, _ = _dist_env()
@@ -939,7 +940,7 @@ def train(
                 tmp.write_text(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
         run.run()
     best_model = run._eval_model()
-    if out is None and getattr(run, "best_state", None) is not None:
+    if out is None and run.best_state is not None:
         best_model.load_state_dict(run.best_state)  # the best epoch's weights, as a run directory holds them
     if is_main and out is not None:
         from .load import load
