@@ -49,7 +49,6 @@ import argparse
 import copy
 import gzip
 import itertools
-import json
 import platform
 import re
 import time
@@ -63,7 +62,7 @@ import wsurgery
 from wsurgery.calibrate import (_channel_moments, _init_subset, _norm_pairs, calibrate, calibration_images,
                                 init_gn_from_teacher)
 from wsurgery.compare import agreement_from_logits, predict_logits
-from wsurgery.data import eval_transform, find_images, open_rgb
+from wsurgery.data import find_images, load_images
 from wsurgery.io import atomic_file, write_json
 from wsurgery.weights import load_efficientnet_lite, sample_photos
 
@@ -94,9 +93,7 @@ def _crops(names: list[str], photos: dict[str, Path], teacher, n: int, res: int,
 
 def _whole_photos(spec: str, teacher, img_size: int | None) -> tuple[torch.Tensor, torch.Tensor | None, list[str]]:
     """Every photo of ``spec`` whole (eval transform) and flipped; ImageNet labels from ``..._<index>.ext`` names."""
-    paths = find_images(spec)
-    tf = eval_transform(teacher, img_size)
-    x = torch.stack([tf(open_rgb(p)) for p in paths])
+    x, paths = load_images(spec, teacher, img_size=img_size)  # timm's eval transform, unreadable files left out
     # labels only from names of the form imagenet_<n>_<class index> (foolbox's samples), never from any "_123"
     found = [re.fullmatch(r"imagenet_\d+_(\d+)", p.stem) for p in paths]
     labels = torch.tensor([int(m.group(1)) for m in found]) if all(found) else None
