@@ -1,6 +1,6 @@
 """What Weight Standardization costs, side by side in one process, as ratios.
 
-Sections (``--sections``, all by default):
+Sections (``--sections``, all but ``compiled`` by default):
 
 * ``kernels``: the standardization alone over every conv weight of resnet50 (forward, and
   forward + backward): the shipped kernels next to the alternatives we tried;
@@ -8,6 +8,8 @@ Sections (``--sections``, all by default):
   model vs the same architecture with plain convs and the same GroupNorm, at batch 8, and at
   micro-batch 1 with 8 accumulation steps (naive: standardize every micro-batch;
   ``standardize_once``: once per optimizer step), for resnet50-GN and tf_efficientnet_lite0-GN;
+* ``compiled`` (opt-in): the batch-8 training step of resnet50-GN with each whole model under
+  ``torch.compile`` (what a GPU user runs; compiling takes minutes on a CPU);
 * ``infer``: the folded export (written with ``wsurgery.export`` and loaded back) vs the
   unfolded WS model (plain, and with the standardization cached by ``standardize_once``) vs
   the original timm model, batch 1 and 32 (adaptive WS, BatchNorm kept: same architecture);
@@ -26,6 +28,7 @@ Usage::
     python benchmarks/perf.py --threads 1     # on a SHARED machine: see below
     python benchmarks/perf.py --quick         # smoke run: resnet18, 64 px, 3 rounds
     python benchmarks/perf.py --device cuda   # bf16 autocast + channels_last
+    python benchmarks/perf.py --device cuda --sections compiled   # whole models under torch.compile
     python benchmarks/perf.py --sections train,infer --rounds 7
 
 On a machine whose cores other processes are using, multi-threaded timings are dominated by
@@ -71,7 +74,9 @@ from wsurgery.standardize import (
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "perf.json"
-SECTIONS = ("kernels", "surgery", "train", "infer", "bit", "fold_bn")
+SECTIONS = ("kernels", "surgery", "train", "compiled", "infer", "bit", "fold_bn")
+#: run by default; ``compiled`` (minutes of compilation) only when asked for
+DEFAULT_SECTIONS = tuple(s for s in SECTIONS if s != "compiled")
 
 #: targets from the issue: (section, row, column, comparison, bound)
 TARGETS = [
@@ -363,6 +368,33 @@ def bench_train(args, timer: Timer) -> list[dict]:
     return rows
 
 
+def bench_compiled(args, timer: Timer) -> list[dict]:
+    """The batch-8 training step of ``train``, with each whole model under ``torch.compile``.
+
+    Eager WS adds two small kernels per conv, which on a GPU at small batches costs launch time
+    rather than arithmetic; compiled, the standardization joins the model's graph (fused, and
+    launched with it), which is how a GPU user would run it.
+    """
+    rows = []
+    arch = args.train_archs[0]
+    for mode in args.modes:
+        ws, plain = _gn_pair(arch, mode, args)
+        opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in (("ws", ws), ("plain", plain))}
+        x8 = _input(args.batch, args.img_size, args)
+        y8 = torch.randint(0, 1000, (args.batch,), device=args.device)
+        compiled = {k: torch.compile(m) for k, m in (("ws", ws), ("plain", plain))}
+        fns = {k: _train_step(compiled[k], opts[k], [(x8, y8)], args, False) for k in ("plain", "ws")}
+        t0 = time.perf_counter()
+        for fn in fns.values():  # compile outside the timed rounds
+            fn()
+        compile_s = time.perf_counter() - t0
+        s = timer.interleaved(fns, args.rounds, warmup=2)
+        rows.append(_ratio_row(f"{arch} {mode} b{args.batch} compiled", s, "ws", "plain", arch=arch, mode=mode,
+                               batch=args.batch, img_size=args.img_size, compile_s=compile_s))
+        del ws, plain, opts, compiled
+    return rows
+
+
 def _load_export(model: nn.Module, directory: Path, fold_bn: bool, args) -> tuple[nn.Module, bool]:
     result = wsurgery.export(model, directory, fold_bn=fold_bn, force=True)
     if result.timm_compatible:  # stock timm rebuilds it: exactly what a deployment would run
@@ -577,7 +609,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds for training (default 5; quick 3)")
     p.add_argument("--infer-rounds", type=int, default=None, help="rounds for inference (default 7; quick 3)")
     p.add_argument("--modes", default="ws", help="WS modes to train: ws, aws or ws,aws (default ws)")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    p.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                   help=f"comma-separated subset of {','.join(SECTIONS)} (default: all but compiled)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--out", type=Path, default=RESULTS, help="JSON output (overwritten)")
     args = p.parse_args(argv)
@@ -616,6 +649,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "kernels": lambda: bench_kernels(args, timer),
             "surgery": lambda: bench_surgery(args, timer, tmp),  # first: peak memory of a fresh process
             "train": lambda: bench_train(args, timer),
+            "compiled": lambda: bench_compiled(args, timer),
             "infer": lambda: bench_infer(args, timer, tmp),
             "bit": lambda: bench_bit(args, timer),
             "fold_bn": lambda: bench_fold_bn(args, timer, tmp),

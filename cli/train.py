@@ -83,7 +83,7 @@ def train(
     val_split: Optional[float] = typer.Option(None, "--val-split", help="Hold out this fraction of each class "
                                               "when there is no validation set (recipe key val_split)."),
     img_size: Optional[int] = typer.Option(None, "--img-size", help="Resolution (recipe key img_size)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda, mps or cpu (default: the best available)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cuda, mps or cpu (default: $WSURGERY_DEVICE, else the best available)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run exactly."),
     export: Optional[Path] = typer.Option(None, "--export", help="After training, fold, export and verify here."),
     pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained",

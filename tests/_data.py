@@ -25,6 +25,13 @@ def _image(kind: str, rng: np.random.Generator, size: int) -> np.ndarray:
     return img.astype(np.uint8)
 
 
+def make_train_val(root: Path, train_per_class: int = 8, val_per_class: int = 4) -> Path:
+    """``root/train/<class>/`` and ``root/val/<class>/`` (different seeds): a dataset to fine-tune on."""
+    make_folder(root, per_class=train_per_class, split="train")
+    make_folder(root, per_class=val_per_class, split="val", seed=1)
+    return root
+
+
 def make_folder(root: Path, per_class: int = 8, size: int = 24, classes=CLASSES, seed: int = 0,
                 split: str | None = None) -> Path:
     """``root/<class>/<i>.png`` (or ``root/<split>/<class>/...``) with easy-to-learn synthetic images."""

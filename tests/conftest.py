@@ -8,6 +8,10 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+# Where a test does not name a device, train on the CPU even on a GPU machine: the suite checks
+# exact, seeded results (CUDA kernels may sum in another order run to run). The GPU paths are
+# tested in test_cuda.py, which names its device.
+os.environ.setdefault("WSURGERY_DEVICE", "cpu")
 
 # pytest-xdist: share the cores between the workers. Each torch process otherwise starts one thread
 # per core, and N workers x N threads on N cores oversubscribe: a 7 s test took 160 s that way.

@@ -66,7 +66,10 @@ def _assert_same_grads(a: nn.Module, b: nn.Module) -> None:
     for name in ga:
         assert (ga[name] is None) == (gb[name] is None), name
         if ga[name] is not None:
-            assert_close(gb[name], ga[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+            # float32 rounding, which the WS backward's centring and projection amplify where entries
+            # cancel: scaled to the largest entry (seen: 6e-5 on a conv_stem gradient of max 51, 2 threads)
+            atol = max(1e-6, 1e-5 * ga[name].abs().max().item())
+            assert_close(gb[name], ga[name], rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("mode", ["ws", "aws"])

@@ -45,6 +45,11 @@ def _images(n: int, size: int = 24, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def teacher() -> nn.Module:
+    return make_teacher()
+
+
+def make_teacher() -> nn.Module:
+    """TinyNet with realistic BatchNorm statistics and affines (test_cuda.py uses it too)."""
     torch.manual_seed(0)
     model = TinyNet()
     with torch.no_grad():  # realistic BN statistics and affines: a few train-mode passes
@@ -369,3 +374,17 @@ def test_held_out_fractions_of_one_or_more_are_refused(teacher, held_out, fragme
     with pytest.raises(UsageError, match=fragment):
         calibrate(student, teacher, _images(8), held_out=held_out, steps=1)
     assert calibrate(student, teacher, _images(8), held_out=2.0, steps=1, batch_size=4).num_held_out == 2
+
+
+def test_images_follow_the_models_dtype_and_mixed_placements_are_refused(teacher):
+    # calibration images are float32 on the CPU; the models may run elsewhere or in another dtype
+    # (test_cuda.py checks a GPU): the batch is moved to them, and models in two places are refused
+    t64 = TinyNet().double()
+    t64.load_state_dict(teacher.state_dict())
+    student = wsurgery.convert(t64, mode="aws", norm="gn", gn_groups=4, inplace=False)[0]
+    result = calibrate(student, t64.eval(), _images(48, seed=5), held_out=_images(16, seed=6), steps=5, batch_size=16)
+    assert result.after.kl < result.before.kl
+    assert all(p.dtype == torch.float64 for p in student.parameters())
+    other = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=4, inplace=False)[0].double()
+    with pytest.raises(UsageError, match="student runs on cpu in torch.float64 and the teacher on cpu in torch.float32"):
+        calibrate(other, teacher, _images(8), held_out=None)

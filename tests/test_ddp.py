@@ -10,16 +10,23 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from _data import CLASSES, make_folder
+from _data import CLASSES, make_train_val
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def _worker(rank: int, world: int, data: str, out: str, tmp: str) -> None:
+def _worker(rank: int, world: int, data: str, out: str, tmp: str, backend: str = "gloo") -> None:
+    """One rank: train a converted model under DDP, then write its weights and history to ``tmp``.
+
+    ``gloo`` trains on the CPU; ``nccl`` (tests/test_cuda.py) on GPU ``rank``, with bf16 autocast.
+    """
     # what torchrun sets; the process group itself meets in a file (a free TCP port picked here
     # could be taken by another test process before the ranks bind it), so train() finds it ready
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'pg_store')}", rank=rank,
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, init_method=f"file://{os.path.join(tmp, 'pg_store')}", rank=rank,
                             world_size=world)
     torch.set_num_threads(1)
     import timm
@@ -31,20 +38,24 @@ def _worker(rank: int, world: int, data: str, out: str, tmp: str) -> None:
     torch.manual_seed(rank)  # different on purpose: DDP must broadcast rank 0's weights
     model = timm.create_model("test_efficientnet", pretrained=False, num_classes=len(CLASSES))
     model, _ = wsurgery.convert(model, mode="aws", norm="gn")
-    result = train(model, data, out, "cpu-quick", device="cpu",
+    result = train(model, data, out, "cpu-quick", device=device,
                    overrides=["img_size=32", "batch_size=2", "accum_steps=2", "epochs=4", "lr=0.01", "warmup_steps=2",
-                              "label_smoothing=0", "aug_scale=[0.8, 1.0]"])
-    save_safetensors(model.state_dict(), os.path.join(tmp, f"rank{rank}.safetensors"))
+                              "label_smoothing=0", "aug_scale=[0.8, 1.0]"] + (["amp=bf16"] if backend == "nccl" else []))
+    save_safetensors({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(tmp, f"rank{rank}.safetensors"))
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
-        json.dump({"history": result.history, "steps": result.steps}, f)
+        json.dump({"history": result.history, "steps": result.steps, "backend": dist.get_backend()}, f)
     dist.destroy_process_group()
 
 
 def test_ddp_two_processes_gloo(tmp_path):
-    data = make_folder(tmp_path / "data", per_class=8, split="train")
-    make_folder(tmp_path / "data", per_class=4, split="val", seed=1)
+    check_two_ranks(tmp_path, "gloo")
+
+
+def check_two_ranks(tmp_path, backend: str) -> None:
+    """Train with 2 ranks; the ranks end with identical weights, the loss falls, only rank 0 writes."""
+    data = make_train_val(tmp_path / "data")
     out = tmp_path / "run"
-    mp.spawn(_worker, args=(2, str(data), str(out), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(data), str(out), str(tmp_path), backend), nprocs=2, join=True)
     from wsurgery.io import load_safetensors
 
     a, b = load_safetensors(tmp_path / "rank0.safetensors"), load_safetensors(tmp_path / "rank1.safetensors")
@@ -59,6 +70,7 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert losses[-1] < losses[0]
     # the loss is averaged over the ranks, so both report the same numbers
     assert losses == [h["train_loss"] for h in h1["history"]]
+    assert h0["backend"] == h1["backend"] == backend
     # only rank 0 evaluated and wrote the run
     assert "top1" in h0["history"][-1] and "top1" not in h1["history"][-1]
     assert (out / "model.safetensors").is_file() and (out / "last" / "train_state.json").is_file()

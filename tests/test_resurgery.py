@@ -227,6 +227,7 @@ def test_wrapped_models_are_saved_exported_and_calibrated_as_the_model_inside(tm
     torch.manual_seed(0)
     original = randomize_norms(timm.create_model("resnet10t", num_classes=5).eval())
     student, _ = wsurgery.convert(original, inplace=False, mode="aws", norm="gn", gn_groups=8)
-    result = wsurgery.calibrate(nn.DataParallel(student), original, torch.randn(8, 3, 32, 32), steps=1,
-                                batch_size=4)
+    wrapped = nn.DataParallel(student)  # with a GPU, DataParallel moves the student there: the teacher follows
+    original.to(next(student.parameters()).device)
+    result = wsurgery.calibrate(wrapped, original, torch.randn(8, 3, 32, 32), steps=1, batch_size=4)
     assert result.phases == ["gn-init", "distill"]

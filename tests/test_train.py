@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import wsurgery
-from _data import CLASSES, make_folder
+from _data import CLASSES, make_train_val
 from wsurgery.cli.main import app
 from wsurgery.io import load_safetensors, read_json
 from wsurgery.train import TrainingDivergedError, TrainingInterrupted, train
@@ -26,10 +26,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    make_folder(root, per_class=8, split="train")
-    make_folder(root, per_class=4, split="val", seed=1)
-    return root
+    return make_train_val(tmp_path_factory.mktemp("data"))
 
 
 def tiny(mode: str | None = "aws"):

@@ -15,7 +15,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from _data import CLASSES, make_folder
+from _data import CLASSES, make_folder, make_train_val
 from PIL import Image
 from timm.data import create_transform, resolve_data_config
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
@@ -34,10 +34,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """12 training images (4 per class), 6 validation images."""
-    root = tmp_path_factory.mktemp("data")
-    make_folder(root, per_class=4, split="train")
-    make_folder(root, per_class=2, split="val", seed=1)
-    return root
+    return make_train_val(tmp_path_factory.mktemp("data"), 4, 2)
 
 
 def tiny(mode: str | None = "aws", num_classes: int = len(CLASSES)):
@@ -369,3 +366,29 @@ def test_reported_top1_top5_and_loss_match_a_hand_computation(data7):
         for key in ("top1", "top5"):
             torch.testing.assert_close(torch.tensor(row[key]), h[key], rtol=1e-5, atol=1e-4, msg=key)
         torch.testing.assert_close(torch.tensor(row["val_loss"]), h["val_loss"], rtol=1e-5, atol=1e-5)
+
+
+def test_default_device_comes_from_wsurgery_device(monkeypatch, tmp_path):
+    from wsurgery.errors import UsageError
+    from wsurgery.train import pick_device
+
+    monkeypatch.setenv("WSURGERY_DEVICE", "cpu")
+    assert pick_device() == torch.device("cpu") and pick_device("auto") == torch.device("cpu")
+    monkeypatch.setenv("WSURGERY_DEVICE", "tpu")
+    with pytest.raises(UsageError, match=r"^WSURGERY_DEVICE=tpu is not a device torch knows"):
+        pick_device()
+    assert pick_device("cpu") == torch.device("cpu")  # a device passed in wins over the variable
+    monkeypatch.delenv("WSURGERY_DEVICE")
+    best = pick_device()
+    assert best.type == ("cuda" if torch.cuda.is_available() else best.type)
+    monkeypatch.setenv("WSURGERY_DEVICE", "auto")
+    assert pick_device() == best
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("WSURGERY_DEVICE", "cuda")
+        with pytest.raises(UsageError, match=r"WSURGERY_DEVICE=cuda was asked for .* use WSURGERY_DEVICE=cpu$"):
+            pick_device()
+        # and through the CLI: one line naming the variable
+        from _cli import invoke, one_error
+
+        one_error(invoke("train", "resnet10t", "--data", tmp_path, "-o", tmp_path / "run"), 2, "WSURGERY_DEVICE=cuda")
+        assert not (tmp_path / "run").exists()

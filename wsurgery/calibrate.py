@@ -56,7 +56,7 @@ from timm.data import create_transform
 from torch import nn
 
 from .compare import Agreement, agreement_from_logits, predict_logits
-from .convert import get_surgery_config, is_converted, unwrap, ws_parametrizations
+from .convert import get_surgery_config, is_converted, placement, unwrap, ws_parametrizations
 from .data import data_config_for, eval_transform, find_images, open_rgb
 from .errors import ConfigError, DatasetError, UsageError
 from .norm import is_batchnorm
@@ -585,12 +585,13 @@ def _augment(x: torch.Tensor, size: int | None, mix_fraction: float, gen: torch.
         crop = x[i:i + 1, :, top:top + ch, left:left + cw]
         views.append(F.interpolate(crop, size=out_size, mode="bilinear", antialias=True, align_corners=False))
     out = torch.cat(views)
-    flip = torch.rand(n, generator=gen) < 0.5
+    # drawn on the CPU from the seeded generator (the same views on every device), then moved
+    flip = (torch.rand(n, generator=gen) < 0.5).to(out.device)
     out[flip] = out[flip].flip(-1)
     k = int(round(mix_fraction * n))
     if k and n > 1:
-        partner = torch.randperm(n, generator=gen)[:k]
-        lam = torch.rand(k, 1, 1, 1, generator=gen, dtype=out.dtype)
+        partner = torch.randperm(n, generator=gen)[:k].to(out.device)
+        lam = torch.rand(k, 1, 1, 1, generator=gen).to(device=out.device, dtype=out.dtype)
         out[:k] = lam * out[:k] + (1 - lam) * out[partner]
     return out
 
@@ -718,9 +719,18 @@ def calibrate(
     return result
 
 
+def _on_models(batch: torch.Tensor, student: nn.Module, teacher: nn.Module) -> torch.Tensor:
+    """``batch`` on the device and in the dtype both models run in (one of them: refused if they differ)."""
+    (device, dtype), (t_device, t_dtype) = placement(student), placement(teacher)
+    if (device, dtype) != (t_device, t_dtype):
+        raise UsageError(f"the student runs on {device} in {dtype} and the teacher on {t_device} in {t_dtype}; "
+                         f"move both to one device and dtype first (teacher.to(device, dtype))")
+    return batch.to(device=device, dtype=dtype)
+
+
 def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> CalibrationResult:
     phases = resolve_method(student, teacher, cfg.method)
-    batch = _as_batch(images, teacher, seed)
+    batch = _on_models(_as_batch(images, teacher, seed), student, teacher)
     _check_outputs(student, teacher, batch)
     calib, held = _split_held_out(batch, held_out, teacher, seed)
     teacher_held = predict_logits(teacher, held) if held is not None else None

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .convert import placement
 from .errors import UsageError
 
 __all__ = ["CONFIDENT", "Agreement", "agreement_from_logits", "predict_logits", "compare"]
@@ -79,9 +80,7 @@ def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 32)
     """``model``'s logits for ``images`` in eval mode, in batches; the mode is restored after."""
     was_training = model.training
     model.eval()
-    param = next(model.parameters(), None)
-    device = param.device if param is not None else images.device
-    dtype = param.dtype if param is not None and param.is_floating_point() else images.dtype
+    device, dtype = placement(model)
     try:
         outs = [model(images[i:i + batch_size].to(device=device, dtype=dtype)).float().cpu()
                 for i in range(0, images.shape[0], batch_size)]

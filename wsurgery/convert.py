@@ -304,6 +304,18 @@ def apply_surgery(model: nn.Module, config: SurgeryConfig, plan: _Plan) -> Surge
     return report
 
 
+def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where ``model`` runs: the device and dtype of its first floating parameter (CPU, fp32 if none).
+
+    Inputs made by wsurgery (probe batches, calibration images, example inputs) are moved here,
+    so a model on a GPU, or in half precision, gets inputs it can take.
+    """
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    if param is None:
+        return torch.device("cpu"), torch.float32
+    return param.device, param.dtype
+
+
 def _probe_input(model: nn.Module) -> torch.Tensor | None:
     """One zero image of the model's default input size (timm's ``pretrained_cfg``, else 224 px)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}

@@ -180,7 +180,7 @@ def _prepare(model: nn.Module, fold_bn: bool, img_size: int | None) -> tuple[nn.
     folded = model if is_folded(model) and not fold_bn else fold(model, fold_bn=fold_bn)
     if folded is model:  # never change the caller's model (dtype, eval mode)
         folded = clone_model(model)
-    folded = folded.float().eval()
+    folded = folded.float().eval().cpu()  # our own copy: deployment files are traced on the CPU
     for key, value in folded.state_dict().items():  # fold checks the convs it folds; check the rest too
         if value.is_floating_point() and not all_finite(value):
             raise NonFiniteWeightsError(

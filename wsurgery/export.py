@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .convert import all_finite, get_surgery_config, unwrap
+from .convert import all_finite, get_surgery_config, placement, unwrap
 from .errors import ConfigError, NonFiniteWeightsError
 from .fold import FOLD_ATTR, fold, is_folded
 from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_dir, save_safetensors, write_json
@@ -111,14 +111,14 @@ def _materialize(stock: nn.Module, folded: nn.Module, state: dict[str, torch.Ten
 
 def _same_outputs(stock: nn.Module, folded: nn.Module, input_size: tuple[int, ...]) -> bool:
     """Equal outputs on a seeded batch: first at 32 px (cheap), at the model's own size if that fails."""
-    dtype = next(folded.parameters()).dtype
+    device, dtype = placement(folded)
     was_training = folded.training
     folded.eval()
     stock.eval()
     try:
         for size in ((input_size[0], 32, 32), tuple(input_size)):
             # batch 2: GroupNorm with one channel per group on a 1x1 map (split-attention FCs) refuses batch 1
-            x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(dtype)
+            x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
             try:
                 a, b = stock(x), folded(x)
                 # NaN == NaN here: an uncalibrated plain-WS model may overflow, identically in both

@@ -142,18 +142,32 @@ class TrainResult:
 # --- small pieces ------------------------------------------------------------------------
 
 
+#: environment variable naming the default device (``cpu``, ``cuda``, ``cuda:1``, ``mps``) where
+#: none is passed; unset or ``auto``: the best available
+DEVICE_ENV = "WSURGERY_DEVICE"
+
+
 def pick_device(spec: str | torch.device | None = None) -> torch.device:
-    """``spec`` or the best available: CUDA, then MPS, then CPU. Under torchrun, CUDA is ``cuda:LOCAL_RANK``."""
+    """``spec``, else ``$WSURGERY_DEVICE``, else the best available: CUDA, then MPS, then CPU.
+
+    Under torchrun, CUDA is ``cuda:LOCAL_RANK``.
+    """
+    flag = "--device"
+    if spec is None or str(spec) == "auto":
+        env = os.environ.get(DEVICE_ENV, "").strip()
+        if env and env != "auto":
+            spec, flag = env, f"{DEVICE_ENV}="
     if spec is not None and str(spec) != "auto":
+        asked, fix = (f"{flag}{spec}", f"{flag}cpu") if flag.endswith("=") else (f"{flag} {spec}", f"{flag} cpu")
         try:
             device = torch.device(spec)
         except RuntimeError:
-            raise UsageError(f"--device {spec} is not a device torch knows; use cpu, cuda, cuda:N or mps") from None
+            raise UsageError(f"{asked} is not a device torch knows; use cpu, cuda, cuda:N or mps") from None
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda was asked for but CUDA is not available; use --device cpu")
+            raise UsageError(f"{asked} was asked for but CUDA is not available; use {fix}")
         mps = getattr(torch.backends, "mps", None)
         if device.type == "mps" and not (mps is not None and mps.is_available()):
-            raise UsageError("--device mps was asked for but MPS (Apple GPU) is not available; use --device cpu")
+            raise UsageError(f"{asked} was asked for but MPS (Apple GPU) is not available; use {fix}")
         if device.type == "cuda" and device.index is None and _dist_env()[0] > 1:
             device = torch.device("cuda", _dist_env()[2])
         return device

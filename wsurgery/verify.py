@@ -16,9 +16,10 @@ Besides directories and modules, other deployment formats register a runner in
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .convert import placement
 from .data import load_images, random_inputs
 from .errors import InputNotFoundError, UsageError
 
@@ -66,17 +68,32 @@ def compare_outputs(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float,
     return max_abs, max_rel, agree
 
 
+@contextlib.contextmanager
+def allow_tf32(enabled: bool) -> Iterator[None]:
+    """PyTorch's TF32 switches for CUDA convolutions and matrix products, restored after.
+
+    PyTorch lets cuDNN run fp32 convolutions in TF32 (10 mantissa bits) by default, which moves
+    a model's logits by ~1e-3 relative: more than an fp32 export may differ from its reference.
+    Verification compares the arithmetic, so the reference runs with ``allow_tf32(False)``.
+    """
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def _module_runner(model: nn.Module) -> Runner:
-    param = next(model.parameters(), None)
-    dtype = param.dtype if param is not None else torch.float32
-    device = param.device if param is not None else torch.device("cpu")
+    device, dtype = placement(model)
 
     @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:
         was_training = model.training
         model.eval()  # and back afterwards: the caller's model is left in the mode it was in
         try:
-            return model(x.to(device=device, dtype=dtype)).float().cpu()
+            with allow_tf32(False):
+                return model(x.to(device=device, dtype=dtype)).float().cpu()
         finally:
             model.train(was_training)
 
