@@ -175,7 +175,7 @@ def run_calibration(args) -> dict:
         # held-out = a quarter of the calibration crops (it may select keep_best); judged on xev below
         result = calibrate(student, teacher, xcal, method=method, held_out=0.25, steps=args.steps, seed=seed,
                            batch_size=args.batch, distill_size=args.distill_size, lr=args.distill_lr,
-                           augment=args.augment, max_seconds=args.distill_seconds,
+                           augment=args.augment, max_seconds=args.distill_seconds, precondition=args.precondition,
                            **({"temperature": temperature} if temperature else {}), **cal_kw)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         after = agreement_from_logits(predict_logits(student, xev), reference)
@@ -429,6 +429,8 @@ def main() -> None:
     parser.add_argument("--distill-seconds", type=float, default=None,
                         help="cap the distillation (calibrate's max_seconds)")
     parser.add_argument("--augment", action="store_true", help="distill on fresh crops/flips/blends (calibrate's augment)")
+    parser.add_argument("--precondition", action="store_true",
+                        help="gn-init standardizes the GN inputs with the BN statistics first (calibrate's precondition)")
     parser.add_argument("--sgd-lrs", type=float, nargs="+", default=[0.01, 0.003], help="SGD learning rates (part sgd)")
     parser.add_argument("--seed", type=int, nargs="+", default=[0],
                         help="calibrate's seed(s) (held-out split, batch order); several run each row once per seed")

@@ -120,6 +120,10 @@ def convert(
     calib_augment: bool = typer.Option(
         False, "--calib-augment/--no-calib-augment",
         help="Distill on fresh random crops, flips and blends of the images each step instead of the fixed images."),
+    calib_precondition: bool = typer.Option(
+        False, "--calib-precondition/--no-calib-precondition",
+        help="gn-init: first standardize each adaptive-WS conv output with the replaced BatchNorm's running statistics "
+             "(adds a bias to those convs; closer to the original, but fine-tunes worse: see the README)."),
     seed: int = typer.Option(0, "--seed", help="Seeds the image choice, crops, held-out split and batch order."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
 ) -> None:
@@ -131,6 +135,7 @@ def convert(
         )
         calib_overrides = dict(steps=calib_steps, batch_size=calib_batch, train=calib_train, lr=calib_lr,
                                distill_size=calib_size, max_seconds=calib_seconds, augment=calib_augment,
+                               precondition=calib_precondition,
                                **({"temperature": calib_temperature} if calib_temperature is not None else {}))
         CalibrationConfig(**calib_overrides)  # bad values fail here, before the (slow) load
     except ConfigError as e:

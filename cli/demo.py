@@ -23,6 +23,9 @@ def demo(
     train_per_class: Optional[int] = typer.Option(None, "--train-per-class", help="Training images per class."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice; "
                                           "1 is faster on a busy machine)."),
+    calib_precondition: bool = typer.Option(
+        False, "--calib-precondition", help="Calibrate with gn-init's preconditioning (see convert; the README "
+        "measures what it does to this demo)."),
     force: bool = typer.Option(False, "--force", help="Delete and redo an existing work directory."),
 ) -> None:
     """EfficientNet-Lite0 (real ImageNet weights) -> adaptive WS + GN -> calibrate -> micro-batch fine-tune on
@@ -35,6 +38,7 @@ def demo(
         cfg.img_size = img_size
     if train_per_class is not None:
         cfg.train_per_class = train_per_class
+    cfg.calib_precondition = calib_precondition
     view = ProgressView()
 
     def on_step(name: str, step: DemoStep | None) -> None:

@@ -153,6 +153,8 @@ class DemoConfig:
     overrides: list[str] = field(default_factory=lambda: ["epochs=2", "warmup_steps=5"])
     seed: int = 0
     predict_images: int = 5
+    #: gn-init's preconditioning (``calibrate(precondition=True)``): closer to the original, fine-tunes worse
+    calib_precondition: bool = False
 
     def __post_init__(self) -> None:
         # Fashion-MNIST has 6,000 training and 1,000 test images per class; train and val share the first
@@ -229,7 +231,8 @@ def _calibrate(student: torch.nn.Module, teacher: torch.nn.Module, images: torch
                ) -> tuple[dict[str, Any], str]:
     from .calibrate import calibrate
 
-    result = calibrate(student, teacher, images, method="auto", steps=cfg.calib_steps, held_out=0.25, seed=cfg.seed)
+    result = calibrate(student, teacher, images, method="auto", steps=cfg.calib_steps, held_out=0.25, seed=cfg.seed,
+                       precondition=cfg.calib_precondition)
     info = result.to_dict()
     before, after = result.before, result.after
     if before is not None and after is not None:

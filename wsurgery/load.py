@@ -29,6 +29,7 @@ from timm.models import remap_state_dict
 from torch import nn
 
 from .config import SurgeryConfig
+from .calibrate import add_precondition_biases
 from .convert import apply_surgery, plan_surgery, pooled_norms
 from .errors import (
     CheckpointError,
@@ -260,6 +261,8 @@ def rebuild(config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None =
         pooled = frozenset(ws["pooled_norms"]) if "pooled_norms" in ws else (
             (pooled_norms(model) or frozenset()) if cfg.norm == "gn" else frozenset())
         apply_surgery(model, cfg, plan_surgery(model, cfg, pooled))
+    if ws.get("preconditioned"):  # the biases calibration gave some convs (calibrate.precondition_gn_inputs)
+        add_precondition_biases(model, list(ws["preconditioned"]))
     if ws.get("stage") == "folded":
         model = fold(model, inplace=True)
         fold_conv_bn(model, [tuple(p) for p in ws.get("fold_bn", [])], structure_only=True)
@@ -311,7 +314,7 @@ def _load_dir(path: Path) -> nn.Module:
 
 #: fields of the wsurgery record that decide the module structure; save/export also store the
 #: record in the weights' metadata, so an edited or corrupt config.json cannot silently change them
-_STRUCTURE_FIELDS = ("stage", "surgery", "fold_bn", "pooled_norms")
+_STRUCTURE_FIELDS = ("stage", "surgery", "fold_bn", "pooled_norms", "preconditioned")
 
 
 def _check_record(config: dict[str, Any], metadata: dict[str, str], config_path: Path) -> None:
