@@ -475,6 +475,10 @@ def test_preconditioned_models_save_load_export_and_verify(tmp_path):
     exported = wsurgery.load(tmp_path / "e").eval()
     assert not wsurgery.is_converted(exported)
     torch.testing.assert_close(exported(x), reference, rtol=1e-5, atol=1e-5)
+    # converting the export again (to fine-tune a deployed model) keeps the biases through save and load
+    again = wsurgery.convert(exported, mode="aws", norm="gn", gn_groups=1)[0]
+    wsurgery.save(again, tmp_path / "again")
+    torch.testing.assert_close(wsurgery.load(tmp_path / "again").eval()(x), reference, rtol=1e-5, atol=1e-5)
     # by default: no bias is added and the record stays empty
     other = wsurgery.convert(original, mode="aws", norm="gn", gn_groups=1, inplace=False)[0]
     calibrate(other, original, torch.randn(16, 3, 64, 64), method="gn-init", held_out=None)
