@@ -602,3 +602,18 @@ def test_timm_ws_convs_recognised_left_alone_and_folded():
                      rtol=1e-5, atol=1e-6)
     with torch.no_grad():
         assert_rel_close(folded(x), ref, 1e-5, "timm WS fold")
+
+
+def test_load_of_a_directory_refuses_arguments_it_would_ignore(tmp_path):
+    from wsurgery.errors import UsageError
+
+    model, _ = wsurgery.convert(timm.create_model("test_efficientnet", num_classes=3), mode="aws")
+    wsurgery.save(model, tmp_path / "s")
+    for kwargs, said in (({"model_args": {"drop_rate": 0.5}}, "model_args does"), ({"pretrained": True}, "pretrained does"),
+                         ({"remap_by_order": True, "pretrained": True}, "pretrained and remap_by_order do")):
+        with pytest.raises(UsageError, match=f"saved directory.*; {said} not apply"):
+            wsurgery.load(tmp_path / "s", **kwargs)
+    # what changes nothing is accepted: the same model comes back
+    loaded = wsurgery.load(tmp_path / "s", pretrained=False, model_args={})
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)

@@ -376,6 +376,12 @@ def load(
     if path.is_dir():
         if checkpoint is not None:
             raise ConversionError("a saved directory already holds its weights; drop --checkpoint")
+        ignored = [name for name, value in (("pretrained", pretrained), ("remap_by_order", remap_by_order),
+                                            ("model_args", model_args)) if value]
+        if ignored:  # they would be ignored silently: the directory's own config.json decides
+            raise UsageError(f"{path} is a saved directory, rebuilt from its own config.json and weights; "
+                             + (f"{' and '.join(ignored)} do not apply to it (drop them)" if len(ignored) > 1
+                                else f"{ignored[0]} does not apply to it (drop it)"))
         model = _load_dir(path)
         if num_classes is not None and num_classes != getattr(model, "num_classes", num_classes):
             model.reset_classifier(num_classes)
