@@ -882,7 +882,10 @@ def train(
         load_kwargs: passed to :func:`wsurgery.load` when ``model`` is a name or path.
 
     Returns:
-        A :class:`TrainResult`; ``model`` is the best model (EMA weights when ``ema``).
+        A :class:`TrainResult`; ``model`` is the best model (EMA weights when ``ema``). With an
+        ``output`` directory it is a fresh copy loaded from there (on the CPU); with
+        ``output=None`` a module passed in is trained in place and comes back itself, on the
+        training device, holding the best epoch's weights (pass ``clone_model(m)`` to keep ``m``).
 
     Raises:
         DatasetError, RecipeError, InputNotFoundError, OutputExistsError: bad inputs, before training.
