@@ -884,8 +884,9 @@ def train(
     Returns:
         A :class:`TrainResult`; ``model`` is the best model (EMA weights when ``ema``). With an
         ``output`` directory it is a fresh copy loaded from there (on the CPU); with
-        ``output=None`` a module passed in is trained in place and comes back itself, on the
-        training device, holding the best epoch's weights (pass ``clone_model(m)`` to keep ``m``).
+        ``output=None`` a module passed in is trained in place and comes back itself (with
+        ``ema``, the EMA copy comes back), on the training device, holding the best epoch's
+        weights (pass ``wsurgery.convert.clone_model(m)`` to keep ``m`` as it was).
 
     Raises:
         DatasetError, RecipeError, InputNotFoundError, OutputExistsError: bad inputs, before training.
