@@ -338,14 +338,19 @@ def _train_step(model: nn.Module, opt: torch.optim.Optimizer, batches: list, arg
     return step
 
 
+def _step_setup(ws: nn.Module, plain: nn.Module, args) -> tuple[dict[str, torch.optim.Optimizer], torch.Tensor,
+                                                                  torch.Tensor]:
+    """SGD-momentum optimizers for the pair, and one seeded batch of ``args.batch`` images and labels."""
+    opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in (("ws", ws), ("plain", plain))}
+    return opts, _input(args.batch, args.img_size, args), torch.randint(0, 1000, (args.batch,), device=args.device)
+
+
 def bench_train(args, timer: Timer) -> list[dict]:
     rows = []
     for arch in args.train_archs:
         for mode in args.modes:
             ws, plain = _gn_pair(arch, mode, args)
-            opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in (("ws", ws), ("plain", plain))}
-            x8 = _input(args.batch, args.img_size, args)
-            y8 = torch.randint(0, 1000, (args.batch,), device=args.device)
+            opts, x8, y8 = _step_setup(ws, plain, args)
             micro = [(_input(1, args.img_size, args, seed=i), y8[i % args.batch: i % args.batch + 1])
                      for i in range(args.accum)]
             fns = {
@@ -379,9 +384,7 @@ def bench_compiled(args, timer: Timer) -> list[dict]:
     arch = args.train_archs[0]
     for mode in args.modes:
         ws, plain = _gn_pair(arch, mode, args)
-        opts = {k: torch.optim.SGD(m.parameters(), lr=1e-4, momentum=0.9) for k, m in (("ws", ws), ("plain", plain))}
-        x8 = _input(args.batch, args.img_size, args)
-        y8 = torch.randint(0, 1000, (args.batch,), device=args.device)
+        opts, x8, y8 = _step_setup(ws, plain, args)
         compiled = {k: torch.compile(m) for k, m in (("ws", ws), ("plain", plain))}
         fns = {k: _train_step(compiled[k], opts[k], [(x8, y8)], args, False) for k in ("plain", "ws")}
         t0 = time.perf_counter()

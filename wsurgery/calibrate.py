@@ -498,8 +498,8 @@ def add_precondition_biases(model: nn.Module, names: Sequence[str]) -> None:
         if not isinstance(conv, nn.Conv2d):
             raise ConversionError(f"{name} is not a conv; the saved record does not fit this model")
         if conv.bias is None:
-            param = next(conv.parameters())
-            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=param.device, dtype=param.dtype))
+            device, dtype = placement(conv)
+            conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=device, dtype=dtype))
     setattr(model, PRECONDITIONED_ATTR, sorted(names))
 
 

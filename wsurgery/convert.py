@@ -325,10 +325,10 @@ def _probe_input(model: nn.Module) -> torch.Tensor | None:
         if first is None:
             return None
         size = (first.in_channels, 224, 224)
-    param = next(model.parameters(), None)
-    if param is None:
+    if next(model.parameters(), None) is None:
         return None
-    return torch.zeros(1, *size, device=param.device, dtype=param.dtype)
+    device, dtype = placement(model)
+    return torch.zeros(1, *size, device=device, dtype=dtype)
 
 
 def pooled_norms(model: nn.Module) -> frozenset[str] | None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .convert import unwrap
+from .convert import placement, unwrap
 from .data import eval_transform, find_images, open_rgb
 from .errors import DatasetError, UsageError
 
@@ -90,7 +90,7 @@ def predict(
     k = min(topk, len(names)) if names else topk
     transform = eval_transform(model, img_size)
     paths = find_images(images)
-    dtype = next(model.parameters()).dtype
+    _, dtype = placement(model)
     results: list[Prediction] = []
     for start in range(0, len(paths), batch_size):
         chunk = paths[start:start + batch_size]

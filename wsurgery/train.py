@@ -152,13 +152,12 @@ def pick_device(spec: str | torch.device | None = None) -> torch.device:
 
     Under torchrun, CUDA is ``cuda:LOCAL_RANK``.
     """
-    flag = "--device"
+    asked, fix = f"--device {spec}", "--device cpu"  # how the errors name where the device came from
     if spec is None or str(spec) == "auto":
         env = os.environ.get(DEVICE_ENV, "").strip()
         if env and env != "auto":
-            spec, flag = env, f"{DEVICE_ENV}="
+            spec, asked, fix = env, f"{DEVICE_ENV}={env}", f"{DEVICE_ENV}=cpu"
     if spec is not None and str(spec) != "auto":
-        asked, fix = (f"{flag}{spec}", f"{flag}cpu") if flag.endswith("=") else (f"{flag} {spec}", f"{flag} cpu")
         try:
             device = torch.device(spec)
         except RuntimeError:

@@ -157,8 +157,8 @@ def _dtype_of(candidate: nn.Module | str | os.PathLike, model: nn.Module | None)
         stored = _stored_dtype(Path(candidate))
         if stored is not None:
             return stored
-    param = next(model.parameters(), None) if model is not None else None
-    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(param.dtype if param is not None else None, "fp32")
+    dtype = placement(model)[1] if model is not None else None
+    return {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(dtype, "fp32")
 
 
 def verify(
