@@ -93,7 +93,7 @@ def closed_form_lr(t: int, *, sched: str, peak: float, warmup: int, warmup_lr: f
 
 
 # 12 training images. Each case: recipe overrides, the closed form's arguments, and the updates whose
-# lr is not checked (see the multistep case).
+# lr is not checked (none at present).
 LR_CASES = {
     # batch 2: 6 updates per epoch, 12 steps = 2 epochs; weight_decay > 0 makes two param groups
     "cosine": (["sched=cosine", "batch_size=2", "steps=12", "lr=0.1", "warmup_steps=3", "warmup_lr=0.01",
@@ -107,11 +107,9 @@ LR_CASES = {
          "warmup_steps=2", "warmup_lr=0.0", "decay_milestones=[0.5, 0.75]", "decay_rate=0.5"],
         {"sched": "multistep", "peak": 0.1, "warmup": 2, "warmup_lr": 0.0, "total": 12, "rate": 0.5,
          "milestones": (6, 9)},
-        # KNOWN BUG (reported, not asserted): timm's MultiStepLRScheduler compares milestones with t + 1,
-        # so the library already applies each milestone to the update *before* it (lr 0.05 at t=5,
-        # 0.025 at t=8), one update earlier than `sched=step` applies the same milestone and two
-        # earlier than big_transfer's BiT-HyperRule. Those two updates are left out here.
-        {5, 8}),
+        # timm's MultiStepLRScheduler alone would lower the lr one update early (at t = 5 and 8); train
+        # shifts its milestones so they apply after 6 and 9 updates, as sched=step and BiT-HyperRule do
+        set()),
     # step: lr x decay_rate every decay_milestones[0] x total updates (0.25 x 12 = every 3 updates)
     "step": (["sched=step", "batch_size=4", "steps=12", "lr=0.1", "warmup_steps=2", "warmup_lr=0.02",
               "decay_milestones=[0.25]", "decay_rate=0.5"],
