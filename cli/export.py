@@ -28,21 +28,28 @@ def parse_formats(values: list[str]) -> list[str]:
     return [f for f in wsurgery.deploy.FORMATS if f in names]
 
 
-def _verify_rows(label: str, check: wsurgery.VerifyResult) -> list[tuple[str, Any]]:
+def _add_check(rows: list[tuple[str, Any]], failures: list[str], label: str, name: str,
+               check: Optional[wsurgery.VerifyResult]) -> None:
+    """The report rows of one export's verification (``label`` prefixes them); a failure is named in ``failures``."""
+    if check is None:  # --no-verify
+        return
     prefix = f"{label} " if label else ""
-    return [(f"{prefix}max |diff|", f"{check.max_abs:.3g}"),
-            (f"{prefix}max rel diff", f"{check.max_rel:.3g} (tolerance {check.rtol:g})"),
-            (f"{prefix}top-1 agreement", f"{check.top1_agreement:.0%}"),
-            (f"{prefix}verified", "pass" if check.passed else "FAIL")]
+    rows += [(f"{prefix}max |diff|", f"{check.max_abs:.3g}"),
+             (f"{prefix}max rel diff", f"{check.max_rel:.3g} (tolerance {check.rtol:g})"),
+             (f"{prefix}top-1 agreement", f"{check.top1_agreement:.0%}"),
+             (f"{prefix}verified", "pass" if check.passed else "FAIL")]
+    if not check.passed:
+        failures.append(f"{name} export: max rel diff {check.max_rel:.3g} > {check.rtol:g}")
 
 
 def _write_deployment(fmt: str, model: Any, output: Path, fold_bn: bool, img_size: Optional[int],
-                      opset: int) -> wsurgery.deploy.DeployResult:
+                      opset: int, verify: bool) -> wsurgery.deploy.DeployResult:
     path = output / wsurgery.deploy.FILE_NAMES[fmt]
     # the export directory was just written whole, so these files are new: force only matters for them
+    kw = dict(fold_bn=fold_bn, img_size=img_size, force=True, verify=verify)
     if fmt == "onnx":
-        return wsurgery.deploy.export_onnx(model, path, fold_bn=fold_bn, img_size=img_size, opset=opset, force=True)
-    return wsurgery.deploy.export_program(model, path, fold_bn=fold_bn, img_size=img_size, force=True)
+        return wsurgery.deploy.export_onnx(model, path, opset=opset, **kw)
+    return wsurgery.deploy.export_program(model, path, **kw)
 
 
 @handle_errors
@@ -84,7 +91,7 @@ def export(
     with console.status(f"loading {escape(source)}"):
         model = wsurgery.load(source, checkpoint=checkpoint, remap_by_order=remap_by_order, pretrained=pretrained)
     with console.status("folding and writing"):
-        result = wsurgery.export(model, output, fold_bn=fold_bn, dtype=dtype, force=force)
+        result = wsurgery.export(model, output, fold_bn=fold_bn, dtype=dtype, force=force, verify=verify)
     rows: list[tuple[str, Any]] = [
         ("written", result.directory),
         ("dtype", result.dtype),
@@ -92,26 +99,18 @@ def export(
         ("loads with", "stock timm: timm.create_model('local-dir:DIR', pretrained=True)"
          if result.timm_compatible else "wsurgery.load(DIR) (timm's constructor args cannot express it)"),
     ]
-    failures = []
-    if verify:
-        check = wsurgery.verify(output, model)
-        rows += _verify_rows("safetensors" if extra else "", check)
-        if not check.passed:
-            failures.append(f"safetensors export: max rel diff {check.max_rel:.3g} > {check.rtol:g}")
+    failures: list[str] = []
+    _add_check(rows, failures, "safetensors" if extra else "", "safetensors", result.verification)
     for fmt in extra:
         with console.status(f"writing {fmt}"):
             try:
-                deployed = _write_deployment(fmt, model, output, fold_bn, img_size, opset)
+                deployed = _write_deployment(fmt, model, output, fold_bn, img_size, opset, verify)
             except wsurgery.WSurgeryError as e:
                 raise type(e)(f"{e} (the safetensors export in {output} is complete)") from None
         size = "x".join(map(str, deployed.input_size))
         detail = f"opset {deployed.opset}, " if deployed.opset else ""
         rows.append((fmt, f"{deployed.path} ({detail}input {'N' if deployed.dynamic_batch else 'fixed batch'}x{size})"))
-        if verify:
-            check = wsurgery.deploy.verify_export(deployed.path, model, img_size=deployed.input_size[1])
-            rows += _verify_rows(fmt, check)
-            if not check.passed:
-                failures.append(f"{fmt} export: max rel diff {check.max_rel:.3g} > {check.rtol:g}")
+        _add_check(rows, failures, fmt, fmt, deployed.verification)
     console.print(kv_table("export", rows))
     if failures:
         raise fail(f"export differs from its source: {'; '.join(failures)}")

@@ -378,3 +378,37 @@ def test_real_lite0_onnx_and_program_agree_on_photos(tmp_path):
     program = deploy.export_program(model, tmp_path / "model.pt2", fold_bn=True)
     check = wsurgery.verify(program.path, model, images=photos, rtol=deploy.DEFAULT_RTOL[".pt2"])
     assert check.passed and check.top1_agreement == 1.0
+
+
+# --- verify=True: every writer checks what it wrote, in Python as in the CLI ---------------------------------------------
+
+
+def _broken_fold(real_fold):
+    """``fold`` that returns a folded copy with one conv weight changed: an export the check must catch."""
+    def fold(model, **kwargs):
+        folded = real_fold(model, **kwargs)
+        with torch.no_grad():
+            folded.conv1[0].weight.mul_(1.5)
+        return folded
+    return fold
+
+
+def test_writers_verify_what_they_wrote(tmp_path, small_model, monkeypatch):
+    writers = {
+        "safetensors": lambda out, **kw: wsurgery.export(small_model, out, **kw),
+        "onnx": lambda out, **kw: deploy.export_onnx(small_model, out.with_suffix(".onnx"), img_size=SIZE, **kw),
+        "torch-export": lambda out, **kw: deploy.export_program(small_model, out.with_suffix(".pt2"), img_size=SIZE,
+                                                                **kw),
+    }
+    for name, write in writers.items():
+        assert write(tmp_path / f"{name}-unchecked").verification is None  # off unless asked for
+        result = write(tmp_path / f"{name}-good", verify=True)
+        check = result.verification
+        assert check.passed and check.top1_agreement == 1.0 and check.max_rel <= check.rtol, name
+        assert result.to_dict()["verification"]["passed"] is True  # what a script logs
+    export_module = sys.modules["wsurgery.export"]  # `wsurgery.export` is the function
+    monkeypatch.setattr(export_module, "fold", _broken_fold(export_module.fold))
+    monkeypatch.setattr(deploy, "fold", _broken_fold(deploy.fold))
+    for name, write in writers.items():
+        result = write(tmp_path / f"{name}-bad", verify=True)
+        assert not result.verification.passed and result.verification.max_rel > 1e-2, name

@@ -134,6 +134,8 @@ class DeployResult:
     fold_bn: list[list[str]] = field(default_factory=list)
     opset: int | None = None
     exporter: str = ""
+    #: the check of the written file against the model (``verify=True``); see ``passed``
+    verification: VerifyResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -215,6 +217,7 @@ def export_onnx(
     img_size: int | None = None,
     opset: int = DEFAULT_OPSET,
     force: bool = False,
+    verify: bool = False,
 ) -> DeployResult:
     """Fold ``model`` and write it as ONNX with a dynamic batch axis, atomically.
 
@@ -227,6 +230,9 @@ def export_onnx(
         img_size: input height and width (default: the model's data config).
         opset: ONNX opset version.
         force: replace an existing file.
+        verify: run the written file and compare its outputs with ``model``'s
+            (:func:`verify_export`); the result is in ``verification`` (check
+            ``verification.passed``; a failed check does not raise).
 
     Returns:
         A :class:`DeployResult`.
@@ -264,7 +270,8 @@ def export_onnx(
         proto.doc_string = f"folded by wsurgery {__version__}: plain convs, no weight standardization"
         onnx.checker.check_model(proto)
         onnx.save(proto, str(tmp))
-    return DeployResult(Path(path), "onnx", size, True, pairs, opset, "torch.onnx.export(dynamo=False)")
+    result = DeployResult(Path(path), "onnx", size, True, pairs, opset, "torch.onnx.export(dynamo=False)")
+    return _verified(result, model) if verify else result
 
 
 def export_program(
@@ -275,6 +282,7 @@ def export_program(
     img_size: int | None = None,
     dynamic_batch: bool = True,
     force: bool = False,
+    verify: bool = False,
 ) -> DeployResult:
     """Fold ``model`` and write it as a ``torch.export`` program (``.pt2``), atomically.
 
@@ -288,6 +296,9 @@ def export_program(
         img_size: input height and width (default: the model's data config).
         dynamic_batch: export the batch dimension as dynamic.
         force: replace an existing file.
+        verify: run the written file and compare its outputs with ``model``'s
+            (:func:`verify_export`); the result is in ``verification`` (check
+            ``verification.passed``; a failed check does not raise).
 
     Returns:
         A :class:`DeployResult`; ``dynamic_batch`` says whether the batch is dynamic.
@@ -320,7 +331,13 @@ def export_program(
         with open(tmp, "wb") as f:
             record = json.dumps(config, sort_keys=True, default=str)
             torch.export.save(program, f, extra_files={PROGRAM_EXTRA_FILE: record})
-    return DeployResult(Path(path), "torch-export", size, dynamic, pairs, None, "torch.export.export")
+    result = DeployResult(Path(path), "torch-export", size, dynamic, pairs, None, "torch.export.export")
+    return _verified(result, model) if verify else result
+
+
+def _verified(result: DeployResult, model: nn.Module) -> DeployResult:
+    result.verification = verify_export(result.path, model, img_size=result.input_size[1])
+    return result
 
 
 def verify_export(

@@ -31,6 +31,8 @@ from .fold import FOLD_ATTR, fold, is_folded
 from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_dir, save_safetensors, write_json
 from .load import model_record
 from .save import build_config
+from .verify import VerifyResult
+from .verify import verify as verify_export
 
 __all__ = ["DTYPES", "ExportResult", "export", "stock_timm_args"]
 
@@ -48,6 +50,8 @@ class ExportResult:
     fold_bn: list[list[str]] = field(default_factory=list)
     dtype: str = "fp32"
     files: list[Path] = field(default_factory=list)
+    #: the check of the written directory against the model (``export(..., verify=True)``); see ``passed``
+    verification: VerifyResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -180,6 +184,7 @@ def export(
     fold_bn: bool = False,
     dtype: Dtype = "fp32",
     force: bool = False,
+    verify: bool = False,
 ) -> ExportResult:
     """Fold ``model`` and write it for deployment, atomically.
 
@@ -193,6 +198,9 @@ def export(
         fold_bn: also fold each BatchNorm that directly follows a conv (eval statistics).
         dtype: ``fp32``, ``fp16`` or ``bf16`` for the stored floating tensors.
         force: replace an existing output.
+        verify: reload the written directory and compare its outputs with ``model``'s
+            (:func:`wsurgery.verify`, the tolerance of ``dtype``); the result is in
+            ``verification`` (check ``verification.passed``; a failed check does not raise).
 
     Returns:
         An :class:`ExportResult`; ``timm_compatible`` says whether stock timm loads it.
@@ -226,4 +234,5 @@ def export(
         fold_bn=pairs,
         dtype=dtype,
         files=[directory / CONFIG_NAME, directory / WEIGHTS_NAME],
+        verification=verify_export(directory, model) if verify else None,
     )
