@@ -666,5 +666,5 @@ def test_recipe_directory_and_missing_resume_are_named(tmp_path, train_model):
     data = images(tmp_path / "data", per_class=2)
     error_line(train_cli(train_model, data, tmp_path / "run", "--recipe", str(data)), 1,
                "is a directory; pass a recipe YAML file", "micro-batch")
-    error_line(invoke("train", "--resume", tmp_path / "nope"), 1, "nope does not exist", "--resume takes")
+    error_line(invoke("train", "--resume", tmp_path / "nope"), 1, "nope does not exist", "(--resume) takes")
     only_entries(tmp_path, "data")

@@ -334,7 +334,7 @@ def resolve_method(student: nn.Module, teacher: nn.Module, method: str = "auto")
             return []  # adaptive WS with BN kept computes exactly what the teacher does
         return (["bn-stats"] if has_bn else []) + ["distill"]
     if method == "gn-init" and not has_gn:
-        raise UsageError("gn-init needs a student whose BatchNorms were replaced by GroupNorm (convert --norm gn)")
+        raise UsageError("gn-init needs a student whose BatchNorms were replaced by GroupNorm (convert with norm='gn'; CLI: --norm gn)")
     if method == "bn-stats" and not has_bn:
         raise UsageError("bn-stats needs a student that kept its BatchNorm layers; use gn-init or distill")
     if method not in METHODS:
@@ -641,7 +641,7 @@ def distill(
             if progress is not None:
                 progress(CalibrationProgress("distill", step + 1, config.steps, losses[-1]))
             if not math.isfinite(losses[-1]):
-                raise UsageError(f"distillation diverged at step {step + 1} (loss {losses[-1]}); lower --calib-lr")
+                raise UsageError(f"distillation diverged at step {step + 1} (loss {losses[-1]}); lower `lr` (CLI: --calib-lr)")
             if config.max_seconds is not None and time.perf_counter() - start > config.max_seconds:
                 break
     finally:

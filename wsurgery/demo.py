@@ -277,7 +277,7 @@ def run_demo(
     cfg.__post_init__()  # a config edited after it was made (the CLI sets img_size) is checked again
     work = Path(workdir)
     if work.exists() and not force:
-        raise OutputExistsError(f"{work} already exists; pass --force to redo the demo")
+        raise OutputExistsError(f"{work} already exists; pass force=True (CLI: --force) to redo the demo")
     # everything the demo needs is checked before an old work directory is deleted
     ckpt = _lite0_checkpoint()
     fashion_mnist_source()

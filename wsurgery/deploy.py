@@ -97,7 +97,7 @@ def check_opset(opset: int) -> None:
     """Raise :class:`UsageError` for an opset the exporter cannot write (before anything is written)."""
     ok = supported_opsets()
     if opset not in ok:
-        raise UsageError(f"--opset {opset} is not supported by torch's ONNX exporter; use {ok.start} to {ok.stop - 1} "
+        raise UsageError(f"opset {opset} (--opset) is not supported by torch's ONNX exporter; use {ok.start} to {ok.stop - 1} "
                          f"(default {DEFAULT_OPSET})")
 
 #: default pass threshold on ``max_rel`` by file suffix. onnxruntime is not bit-identical to

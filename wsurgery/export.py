@@ -210,7 +210,7 @@ def export(
         OutputExistsError: ``directory`` exists and ``force`` is False.
     """
     if dtype not in DTYPES:
-        raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        raise ConfigError(f"`dtype` (--dtype) must be one of {', '.join(DTYPES)}, got {dtype!r}")
     model = unwrap(model)
     record = model_record(model)
     folded = model if is_folded(model) and not fold_bn else fold(model, fold_bn=fold_bn)

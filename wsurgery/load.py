@@ -370,12 +370,12 @@ def load(
         NetworkUnavailableError.
     """
     if num_classes is not None and num_classes < 0:
-        raise UsageError(f"--num-classes must be 0 (no classifier) or more, got {num_classes}")
+        raise UsageError(f"`num_classes` (--num-classes) must be 0 (no classifier) or more, got {num_classes}")
     source_str = os.fspath(source)
     path = Path(source_str)
     if path.is_dir():
         if checkpoint is not None:
-            raise ConversionError("a saved directory already holds its weights; drop --checkpoint")
+            raise ConversionError("a saved directory already holds its weights; drop `checkpoint` (--checkpoint)")
         ignored = [name for name, value in (("pretrained", pretrained), ("remap_by_order", remap_by_order),
                                             ("model_args", model_args)) if value]
         if ignored:  # they would be ignored silently: the directory's own config.json decides

@@ -73,7 +73,7 @@ def predict(
         UsageError: ``topk`` below 1.
     """
     if topk < 1:
-        raise UsageError(f"--topk must be at least 1, got {topk}")
+        raise UsageError(f"`topk` (--topk) must be at least 1, got {topk}")
     from .train import pick_device
 
     device = pick_device(device)  # an unknown or absent device is one clear line

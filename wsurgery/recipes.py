@@ -339,7 +339,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise RecipeError(f"--set expects key=value, got {item!r}")
+        raise RecipeError(f"an override (--set) expects key=value, got {item!r}")
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError:

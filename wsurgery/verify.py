@@ -186,9 +186,9 @@ def verify(
         A :class:`VerifyResult`; check ``passed``.
     """
     if rtol is not None and not (rtol > 0 and math.isfinite(rtol)):
-        raise UsageError(f"--rtol must be a positive number, got {rtol}")
+        raise UsageError(f"`rtol` (--rtol) must be a positive number, got {rtol}")
     if num_random < 0:
-        raise UsageError(f"--num-random must be 0 or more, got {num_random}")
+        raise UsageError(f"`num_random` (--num-random) must be 0 or more, got {num_random}")
     cand_run, cand_model, cand_name = _resolve(candidate)
     ref_run, ref_model, ref_name = _resolve(reference, "reference")
     data_model = ref_model if ref_model is not None else cand_model
@@ -199,7 +199,7 @@ def verify(
         imgs, _ = load_images(images, data_model, img_size=img_size)
         x = imgs if x is None else torch.cat([x, imgs])
     if x is None:
-        raise InputNotFoundError("no inputs: give --num-random above 0 or --images PATH")
+        raise InputNotFoundError("no inputs: give `num_random` (--num-random) above 0 or `images` (--images PATH)")
     out, ref = cand_run(x), ref_run(x)
     if out.shape != ref.shape:
         raise UsageError(f"{cand_name} gives outputs of shape {tuple(out.shape[1:])} per input and {ref_name} "
