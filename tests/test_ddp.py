@@ -42,6 +42,8 @@ def _worker(rank: int, world: int, data: str, out: str, tmp: str, backend: str =
                    overrides=["img_size=32", "batch_size=2", "accum_steps=2", "epochs=4", "lr=0.01", "warmup_steps=2",
                               "label_smoothing=0", "aug_scale=[0.8, 1.0]"] + (["amp=bf16"] if backend == "nccl" else []))
     save_safetensors({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(tmp, f"rank{rank}.safetensors"))
+    save_safetensors({k: v.cpu() for k, v in result.model.state_dict().items()},
+                     os.path.join(tmp, f"rank{rank}_best.safetensors"))
     with open(os.path.join(tmp, f"rank{rank}.json"), "w") as f:
         json.dump({"history": result.history, "steps": result.steps, "backend": dist.get_backend()}, f)
     dist.destroy_process_group()
@@ -71,6 +73,12 @@ def check_two_ranks(tmp_path, backend: str) -> None:
     # the loss is averaged over the ranks, so both report the same numbers
     assert losses == [h["train_loss"] for h in h1["history"]]
     assert h0["backend"] == h1["backend"] == backend
-    # only rank 0 evaluated and wrote the run
-    assert "top1" in h0["history"][-1] and "top1" not in h1["history"][-1]
+    # rank 0 evaluated and wrote the run; every rank has its numbers and returns the best epoch's model
+    assert "top1" in h0["history"][-1] and h1["history"] == h0["history"]
     assert (out / "model.safetensors").is_file() and (out / "last" / "train_state.json").is_file()
+    best = load_safetensors(out / "model.safetensors")
+    for rank in (0, 1):
+        returned = load_safetensors(tmp_path / f"rank{rank}_best.safetensors")
+        assert returned.keys() == best.keys()
+        for k in best:
+            assert torch.equal(returned[k], best[k]), (rank, k)

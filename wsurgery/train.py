@@ -771,6 +771,12 @@ class _Run:
             metrics.update({k: v for k, v in evaluate(
                 self._eval_model(), self.bundle.val, batch_size=r.eval_batch_size or max(r.batch_size, 32),
                 device=self.device, workers=r.workers, autocast=self._autocast()).items() if k != "n"})
+        if self.distributed and self.bundle.val is not None:
+            # rank 0 evaluated; every rank takes its numbers, so all of them keep the same best epoch
+            # (the weights are the same on every rank) and return the same model and history
+            shared = [metrics]
+            dist.broadcast_object_list(shared, src=0, device=self.device if self.device.type == "cuda" else None)
+            metrics = shared[0]
         self.state.history.append(metrics)
         self.state.epoch = epoch + 1
         self.state.batch = 0
@@ -963,11 +969,12 @@ def train(
     best_model = run._eval_model()
     if out is None and run.best_state is not None:
         best_model.load_state_dict(run.best_state)  # the best epoch's weights, as a run directory holds them
-    if is_main and out is not None:
+    if out is not None:
         from .load import load
 
-        best_model = load(out)
-        _write_summary(out, run, bundle, notes, time.perf_counter() - t_start)
+        best_model = load(out)  # every rank: rank 0 wrote it before the last barrier
+        if is_main:
+            _write_summary(out, run, bundle, notes, time.perf_counter() - t_start)
     result = TrainResult(
         output=out, model=best_model, history=run.state.history,
         best={"epoch": run.state.best_epoch, "top1": run.state.best_top1} if run.state.history else None,
