@@ -617,3 +617,29 @@ def test_load_of_a_directory_refuses_arguments_it_would_ignore(tmp_path):
     loaded = wsurgery.load(tmp_path / "s", pretrained=False, model_args={})
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(loaded(x), model.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda: wsurgery.convert(torch.zeros(3)), "model must be a torch.nn.Module"),
+    (lambda: wsurgery.fold(None), "got NoneType"),
+    (lambda: wsurgery.export("resnet18", "unused"), "got str; load it first: wsurgery.load"),
+    (lambda: wsurgery.save({}, "unused"), "got dict"),
+    (lambda: wsurgery.SurgeryConfig(gn_groups="8"), "`gn_groups` must be an integer, got '8' (str)"),
+    (lambda: wsurgery.SurgeryConfig(gn_eps="1e-5"), "`gn_eps` must be a number"),
+    (lambda: wsurgery.load("resnet18", pretrained=False, num_classes="3"), "`num_classes` must be an integer"),
+    (lambda: wsurgery.load(timm.create_model("resnet18")), "load takes a timm name"),
+    (lambda: wsurgery.data.find_images([torch.zeros(3, 8, 8)]), "images are named by file paths"),
+])
+def test_wrong_argument_types_are_one_line_type_errors(call, fragment, tmp_path, monkeypatch):
+    """A wrong type is an ArgumentTypeError (a WSurgeryError and a TypeError) that says what to pass."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(wsurgery.errors.ArgumentTypeError) as caught:
+        call()
+    assert isinstance(caught.value, TypeError) and isinstance(caught.value, wsurgery.WSurgeryError)
+    assert fragment in str(caught.value) and "\n" not in str(caught.value)
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_an_unknown_device_is_refused_before_loading():
+    with pytest.raises(wsurgery.errors.UsageError, match="`device` 'gpu' is not a device torch knows"):
+        wsurgery.load("resnet18", pretrained=False, device="gpu")

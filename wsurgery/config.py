@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .errors import ConfigError
+from .errors import ArgumentTypeError, ConfigError
 from .standardize import CONVENTIONS, WSConvention, get_convention
 
 __all__ = ["SurgeryConfig", "GroupRule"]
@@ -50,6 +50,12 @@ class SurgeryConfig:
     gn_eps: float = field(default=1e-5, metadata={"help": "GroupNorm eps (timm's GroupNorm default)"})
 
     def __post_init__(self) -> None:
+        # types first: "8" for gn_groups would otherwise fail deep inside the surgery as a TypeError
+        for name, kinds, text in (("gn_groups", int, "an integer"), ("gn_group_size", (int, type(None)), "an integer"),
+                                  ("eps", (int, float, type(None)), "a number"), ("gn_eps", (int, float), "a number")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise ArgumentTypeError(f"`{name}` must be {text}, got {value!r} ({type(value).__name__})")
         if self.mode not in ("ws", "aws"):
             raise ConfigError(f"`mode` must be 'ws' or 'aws', got {self.mode!r}")
         if self.norm not in ("keep", "gn"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,7 +24,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .config import SurgeryConfig
-from .errors import ConversionError, NonFiniteWeightsError
+from .errors import ArgumentTypeError, ConversionError, NonFiniteWeightsError
 from .graph import module_successors
 from .norm import batchnorm_to_groupnorm, gn_num_groups, is_batchnorm
 from .standardize import AdaptiveWeightStandardization, WeightStandardization
@@ -124,12 +125,22 @@ def clone_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modu
     return new
 
 
+def require_module(obj: Any, role: str = "model") -> nn.Module:
+    """``obj`` if it is a torch module, else a one-line :class:`ArgumentTypeError` saying what to pass."""
+    if isinstance(obj, nn.Module):
+        return obj
+    hint = "; load it first: wsurgery.load(...)" if isinstance(obj, (str, os.PathLike)) else ""
+    raise ArgumentTypeError(f"the {role} must be a torch.nn.Module (from wsurgery.load or timm.create_model), "
+                            f"got {type(obj).__name__}{hint}")
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The model inside ``torch.compile`` (``_orig_mod``) and ``DataParallel``/DDP (``module``) wrappers.
 
     The wrappers prefix every state-dict key (``_orig_mod.``, ``module.``) and hide timm's methods, so
     what is saved, exported, calibrated or trained is the module they wrap (which they share).
     """
+    model = require_module(model)
     while True:
         inner = getattr(model, "_orig_mod", None)
         if isinstance(inner, nn.Module):
@@ -417,6 +428,7 @@ def convert(
         >>> report.num_convs
         20
     """
+    require_module(model)
     if config is None:
         config = SurgeryConfig(**overrides)
     elif overrides:

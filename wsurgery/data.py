@@ -21,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-from .errors import DatasetError, InputNotFoundError
+from .errors import ArgumentTypeError, DatasetError, InputNotFoundError
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -45,6 +45,9 @@ def find_images(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
     items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     found: list[Path] = []
     for item in items:
+        if not isinstance(item, (str, os.PathLike)):
+            raise ArgumentTypeError(f"images are named by file paths, folders or glob patterns, got "
+                                    f"{type(item).__name__}; save the images to files, or pass a tensor batch")
         text = os.fspath(item)
         path = Path(text)
         if path.is_dir():

@@ -14,6 +14,7 @@ from __future__ import annotations
 __all__ = [
     "WSurgeryError",
     "UsageError",
+    "ArgumentTypeError",
     "ConfigError",
     "ModelNotFoundError",
     "CheckpointError",
@@ -42,6 +43,10 @@ class UsageError(WSurgeryError, ValueError):
     """The call itself is malformed (conflicting options, bad option values)."""
 
     exit_code = 2
+
+
+class ArgumentTypeError(UsageError, TypeError):
+    """An argument has the wrong type (a tensor where a model goes, a string where a number goes)."""
 
 
 class ConfigError(WSurgeryError, ValueError):

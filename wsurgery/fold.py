@@ -27,7 +27,9 @@ from torch import nn
 from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .convert import FOLD_ATTR, FOLDED_STD_ATTR, TIMM_WS_TYPES, all_finite, clone_model, own_class, ws_parametrizations
+from .convert import (
+    FOLD_ATTR, FOLDED_STD_ATTR, TIMM_WS_TYPES, all_finite, clone_model, own_class, require_module, ws_parametrizations,
+)
 from .errors import ConversionError, NonFiniteWeightsError, UsageError
 from .graph import module_successors
 from .norm import carries_activation, is_batchnorm
@@ -212,6 +214,7 @@ def fold(
     Raises:
         NonFiniteWeightsError: a standardized weight holds NaN or inf (nothing is changed).
     """
+    require_module(model)
     # compute and check everything before changing anything
     pairs_given = None if isinstance(fold_bn, bool) else _checked_pairs(model, fold_bn)
     standardized = []

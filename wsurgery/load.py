@@ -32,6 +32,7 @@ from .config import SurgeryConfig
 from .calibrate import add_precondition_biases
 from .convert import apply_surgery, plan_surgery, pooled_norms
 from .errors import (
+    ArgumentTypeError,
     CheckpointError,
     CheckpointMismatchError,
     ConfigError,
@@ -369,8 +370,17 @@ def load(
         ModelNotFoundError, InputNotFoundError, CheckpointError, CheckpointMismatchError,
         NetworkUnavailableError.
     """
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)):
+        raise ArgumentTypeError(f"`num_classes` must be an integer, got {num_classes!r}")
     if num_classes is not None and num_classes < 0:
         raise UsageError(f"`num_classes` (--num-classes) must be 0 (no classifier) or more, got {num_classes}")
+    if device is not None:  # before the (slow) load
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise UsageError(f"`device` {device!r} is not a device torch knows; use cpu, cuda, cuda:N or mps") from None
+    if not isinstance(source, (str, os.PathLike)):
+        raise ArgumentTypeError(f"load takes a timm name, an hf-hub: id or a path, got {type(source).__name__}")
     source_str = os.fspath(source)
     path = Path(source_str)
     if path.is_dir():
