@@ -51,6 +51,7 @@ def test_python_api_example_runs(tmp_path, monkeypatch):
     assert wsurgery.is_converted(model) and not wsurgery.is_converted(teacher)
     assert scope["result"].after is not None and scope["result"].num_images > 0
     assert scope["out"].directory == Path("export/r50") and scope["check"].passed
+    assert scope["out"].verification.max_rel == scope["check"].max_rel  # verify=True ran the same check
     probe = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(scope["folded"].eval()(probe), model.eval()(probe), rtol=0, atol=0)
