@@ -167,3 +167,22 @@ def test_every_image_format_the_readers_know_is_a_training_image(tmp_path):
             Image.fromarray(array[..., 0] if mode == "L" else array).save(tmp_path / cls / f"{i}{ext.upper()}")
     bundle = build_datasets(tmp_path, val_split=0.25)
     assert len(bundle.train) + len(bundle.val) == 2 * len(IMAGE_SUFFIXES) and not bundle.skipped
+
+
+@pytest.mark.parametrize("scale", [1.0, 1000.0])
+def test_float_tiffs_are_scaled_not_clipped(tmp_path, scale):
+    """A 32-bit float grayscale TIFF ([0, 1] or any other range) reads as 8-bit RGB with its contrast kept."""
+    from wsurgery.data import open_rgb
+
+    values = np.linspace(0, scale, 64, dtype=np.float32).reshape(8, 8)
+    values[0, 0] = np.nan  # non-finite and negative values read as black
+    values[0, 1] = -scale
+    path = tmp_path / "f.tif"
+    Image.fromarray(values, mode="F").save(path)
+    with Image.open(path) as check:
+        assert check.mode == "F"
+    got = np.asarray(open_rgb(path))
+    assert got.shape == (8, 8, 3) and (got[..., 0] == got[..., 2]).all()
+    expected = np.round(np.nan_to_num(values, nan=0).clip(min=0) / scale * 255).astype(np.uint8)
+    assert (got[..., 0] == expected).all()
+    assert got.max() == 255 and len(np.unique(got)) > 50  # the whole range, not a white image

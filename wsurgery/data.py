@@ -66,7 +66,12 @@ def find_images(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
 
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image as 8-bit RGB: grayscale, RGBA, palette and 16-bit images are converted.
+    """Open an image as 8-bit RGB: grayscale, RGBA, palette, 16-bit and float images are converted.
+
+    16/32-bit integer grayscale is scaled so its brightest pixel is 255; float grayscale (mode
+    ``F``, e.g. a 32-bit TIFF) in [0, 1] is multiplied by 255, any other float range scaled by
+    its brightest pixel like the integer case (PIL's own conversion would clip at 255, turning
+    most of such an image white). Negative and non-finite values become 0.
 
     Raises:
         DatasetError: the file is not a readable image.
@@ -74,10 +79,11 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits
-                arr = torch.from_numpy(np.asarray(img, dtype=np.float32))
-                peak = float(arr.max()) or 1.0
-                img = Image.fromarray((arr / peak * 255).round().byte().numpy(), mode="L")
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # deep or float grayscale: scale to 8 bits
+                arr = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
+                top = float(arr.max()) if arr.size else 0.0
+                peak = 1.0 if img.mode == "F" and top <= 1.0 else (top or 1.0)
+                img = Image.fromarray(np.round(arr / peak * 255).astype(np.uint8), mode="L")
             if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
                 img = img.convert("RGBA")
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))

@@ -15,7 +15,7 @@ Transforms are timm's ``create_transform`` for the model's own resolved data con
 Unreadable files are skipped and counted, not fatal: each file's header is checked when the
 dataset is built, and a file that still fails to decode while training is replaced by the
 next sample (``ImageSet.load_failures`` counts those). Images are read with
-:func:`wsurgery.data.open_rgb`, so grayscale, RGBA, palette and 16-bit files all arrive as
+:func:`wsurgery.data.open_rgb`, so grayscale, RGBA, palette, 16-bit and float files all arrive as
 8-bit RGB.
 """
 
