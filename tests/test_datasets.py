@@ -82,6 +82,11 @@ def test_truncated_file_is_replaced_at_load_time(tmp_path):
     idx = [i for i, (p, _) in enumerate(bundle.train.reader.samples) if p.endswith("_trunc.png")][0]
     img, _ = bundle.train[idx]
     assert img.mode == "RGB" and bundle.train.load_failures == 1
+    # DataLoader worker processes add to the same count (shared memory), which the bundle reports
+    bundle.train.transform = lambda im: torch.from_numpy(np.asarray(im).copy())
+    loader = torch.utils.data.DataLoader(bundle.train, batch_size=1, num_workers=1, sampler=[idx, idx])
+    assert len(list(loader)) == 2
+    assert bundle.train.load_failures == 3 and bundle.load_failures == 3
 
 
 def test_odd_image_modes_become_rgb(tmp_path):

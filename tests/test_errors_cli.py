@@ -521,12 +521,16 @@ def test_train_skips_and_counts_corrupt_and_non_image_files(tmp_path, train_mode
     (data / "square" / "garbage.jpg").write_bytes(os.urandom(300))
     (data / "stripes" / "notes.txt").write_text("not an image")
     (data / "stripes" / "empty.png").write_bytes(b"")
+    whole = (data / "stripes" / "stripes_000.png").read_bytes()
+    (data / "stripes" / "truncated.png").write_bytes(whole[: len(whole) // 2])  # passes the header check
     out = tmp_path / "run"
     result = train_cli(train_model, data, out)
     assert result.exit_code == 0, result.stderr + result.stdout
     assert "skipped 3 unreadable file(s)" in " ".join(result.stdout.split())
     summary = json.loads((out / "train.json").read_text())
     assert sorted(Path(p).name for p in summary["skipped_files"]) == ["broken.png", "empty.png", "garbage.jpg"]
+    # read once per epoch (train or val split), replaced by the next sample, counted
+    assert summary["decode_failures"] == 1 and any("failed to decode" in n for n in summary["notes"])
     assert summary["status"] == "completed"
     assert wsurgery.load(out).num_classes == 3
 

@@ -22,6 +22,7 @@ next sample (``ImageSet.load_failures`` counts those). Images are read with
 from __future__ import annotations
 
 import csv
+import multiprocessing
 import os
 import random
 from dataclasses import dataclass, field
@@ -76,11 +77,19 @@ class ImageSet(ImageDataset):
     """timm's ``ImageDataset`` reading with :func:`~wsurgery.data.open_rgb`.
 
     timm's own loader calls ``img.convert('RGB')``, which clips 16-bit images; ours scales
-    them. A file that fails to decode is replaced by the next one (as timm does) and counted
-    in :attr:`load_failures` (per process: with DataLoader workers each worker counts its own).
+    them. A file that fails to decode (a truncated JPEG passes the header check) is replaced by
+    the next one (as timm does) and counted in :attr:`load_failures`, a counter in shared
+    memory so that DataLoader worker processes add to the count the training process reports.
     """
 
-    load_failures: int = 0
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._failures = multiprocessing.Value("q", 0)  # sent to DataLoader workers when they start
+
+    @property
+    def load_failures(self) -> int:
+        """Decode failures so far, in this process and in the DataLoader workers started from it."""
+        return int(self._failures.value)
 
     def __getitem__(self, index: int):
         for _ in range(len(self.reader)):
@@ -89,7 +98,8 @@ class ImageSet(ImageDataset):
                 img = open_rgb(path)
                 break
             except DatasetError:
-                self.load_failures += 1
+                with self._failures.get_lock():
+                    self._failures.value += 1
                 index = (index + 1) % len(self.reader)
         else:  # pragma: no cover - every file failed after the header check passed
             raise DatasetError("no image in the dataset could be decoded")
@@ -119,6 +129,11 @@ class DataBundle:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def load_failures(self) -> int:
+        """Decodes that failed so far in both splits (each replaced by the next sample)."""
+        return self.train.load_failures + (self.val.load_failures if self.val is not None else 0)
 
 
 @dataclass

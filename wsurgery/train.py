@@ -969,6 +969,9 @@ def train(
     best_model = run._eval_model()
     if out is None and run.best_state is not None:
         best_model.load_state_dict(run.best_state)  # the best epoch's weights, as a run directory holds them
+    if bundle.load_failures:
+        notes.append(f"{bundle.load_failures} image read(s) failed to decode (a truncated file?) and were replaced by "
+                     "the next sample")
     if out is not None:
         from .load import load
 
@@ -1001,6 +1004,8 @@ def _write_summary(out: Path, run: _Run, bundle: DataBundle, notes: list[str], s
         "train_images": len(bundle.train),
         "val_images": len(bundle.val) if bundle.val is not None else 0,
         "skipped_files": bundle.skipped,
+        # files that passed the header check but failed to decode (replaced by the next sample each time)
+        "decode_failures": bundle.load_failures,
         "sources": bundle.sources,
         "notes": notes,
         "seconds": round(seconds, 2),
