@@ -26,9 +26,8 @@ def verify(
 ) -> None:
     """Print max absolute and relative difference and top-1 agreement; exit 1 above tolerance."""
     # an ONNX / torch.export file gets its own tolerance and the input size it was exported for
-    check = wsurgery.deploy.verify_export if export.suffix in wsurgery.deploy.DEFAULT_RTOL else wsurgery.verify
-    result = check(export, against, images=[str(i) for i in images] or None,
-                   num_random=num_random, rtol=rtol, seed=seed, img_size=img_size)
+    result = wsurgery.verify(export, against, images=[str(i) for i in images] or None,
+                             num_random=num_random, rtol=rtol, seed=seed, img_size=img_size)
     console.print(kv_table("verify", [
         ("inputs", result.num_inputs),
         ("max |diff|", f"{result.max_abs:.3g}"),

@@ -202,8 +202,9 @@ def test_verify_runs_onnx_file(onnx_file, small_model):
     result = wsurgery.verify(path, small_model, img_size=SIZE, rtol=deploy.DEFAULT_RTOL[".onnx"])
     assert result.passed and result.top1_agreement == 1.0 and result.num_inputs == 4
     assert 0 <= result.max_rel <= 1e-4
-    by_defaults = deploy.verify_export(path, small_model)  # tolerance and input size from the file
-    assert by_defaults.rtol == 1e-4 and by_defaults.passed and by_defaults.max_rel == result.max_rel
+    for check in (deploy.verify_export, wsurgery.verify):  # tolerance and input size from the file
+        by_defaults = check(path, small_model)
+        assert by_defaults.rtol == 1e-4 and by_defaults.passed and by_defaults.max_rel == result.max_rel
     with pytest.raises(ConversionError, match=f"pass --img-size {SIZE}"):
         wsurgery.verify(path, small_model, img_size=SIZE * 2)
 

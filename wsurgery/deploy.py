@@ -350,10 +350,10 @@ def verify_export(
     rtol: float | None = None,
     img_size: int | None = None,
 ) -> VerifyResult:
-    """:func:`wsurgery.verify` for an ``.onnx`` / ``.pt2`` file, with that format's defaults.
+    """:func:`wsurgery.verify` for an ``.onnx`` / ``.pt2`` file, which takes that format's defaults.
 
     The tolerance defaults to :data:`DEFAULT_RTOL` for the suffix and the input size to the
-    size the file was exported for (recorded in it).
+    size the file was exported for (recorded in it), as in :func:`wsurgery.verify` itself.
 
     Args:
         path: the exported ``.onnx`` or ``.pt2`` file.
@@ -367,12 +367,7 @@ def verify_export(
     Returns:
         A :class:`wsurgery.VerifyResult`; check ``passed``.
     """
-    path = Path(path)
-    if rtol is None:
-        rtol = DEFAULT_RTOL.get(path.suffix)
-    if img_size is None and path.is_file() and path.suffix in DEFAULT_RTOL:
-        img_size = recorded_img_size(path)
-    return verify(path, reference, images=images, num_random=num_random, seed=seed, rtol=rtol, img_size=img_size)
+    return verify(Path(path), reference, images=images, num_random=num_random, seed=seed, rtol=rtol, img_size=img_size)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -179,8 +179,10 @@ def verify(
         images: user images (files, folder, glob) added to the random inputs.
         num_random: number of random inputs.
         seed: seed of the random inputs.
-        rtol: pass threshold on ``max_rel`` (default by the candidate's dtype).
-        img_size: input size override.
+        rtol: pass threshold on ``max_rel`` (default by the candidate's dtype, or for an
+            ``.onnx`` / ``.pt2`` file its format's, :data:`wsurgery.deploy.DEFAULT_RTOL`).
+        img_size: input size override (default: the reference's data config, or the size an
+            ``.onnx`` / ``.pt2`` file was exported for).
 
     Returns:
         A :class:`VerifyResult`; check ``passed``.
@@ -191,6 +193,11 @@ def verify(
         raise UsageError(f"`num_random` (--num-random) must be 0 or more, got {num_random}")
     cand_run, cand_model, cand_name = _resolve(candidate)
     ref_run, ref_model, ref_name = _resolve(reference, "reference")
+    if cand_model is None:  # an .onnx / .pt2 file: its own input size and its format's tolerance by default
+        from . import deploy
+
+        img_size = img_size if img_size is not None else deploy.recorded_img_size(candidate)
+        rtol = rtol if rtol is not None else deploy.DEFAULT_RTOL.get(Path(candidate).suffix)
     data_model = ref_model if ref_model is not None else cand_model
     if data_model is None:
         raise InputNotFoundError("verify needs the reference as a model or directory (for its data config)")
