@@ -283,7 +283,7 @@ def test_export_and_verify_errors(tmp_path, small):
     one_error(invoke("export", small["runs"], "-o", tmp_path / "e", "--dtype", "fp8"), 2, "dtype")
     if importlib.util.find_spec("onnx") and importlib.util.find_spec("onnxruntime"):
         one_error(invoke("export", small["runs"], "-o", tmp_path / "e", "--format", "onnx", "--opset", "3"), 2,
-                  "--opset 3 is not supported", "default 17")
+                  "opset 3 (--opset) is not supported", "default 17")
     one_error(invoke("verify", tmp_path / "nope", "--against", small["runs"]), 1, "does not exist")
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     # a different model fails verification with exit 1
