@@ -26,6 +26,9 @@ def demo(
     calib_precondition: bool = typer.Option(
         False, "--calib-precondition", help="Calibrate with gn-init's preconditioning (see convert; the README "
         "measures what it does to this demo)."),
+    set_: list[str] = typer.Option(
+        [], "--set", help="Override a key of the fine-tune's recipe (micro-batch), after the demo's own: "
+        "--set lr=0.003 (repeatable)."),
     force: bool = typer.Option(False, "--force", help="Delete and redo an existing work directory."),
 ) -> None:
     """EfficientNet-Lite0 (real ImageNet weights) -> adaptive WS + GN -> calibrate -> micro-batch fine-tune on
@@ -39,6 +42,7 @@ def demo(
     if train_per_class is not None:
         cfg.train_per_class = train_per_class
     cfg.calib_precondition = calib_precondition
+    cfg.overrides = list(cfg.overrides) + list(set_)
     view = ProgressView()
 
     def on_step(name: str, step: DemoStep | None) -> None:

@@ -8,6 +8,7 @@ import struct
 
 import numpy as np
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 import wsurgery
@@ -82,7 +83,8 @@ def test_quick_demo_end_to_end(tmp_path):
 
     threads = torch.get_num_threads()
     try:
-        res = CliRunner().invoke(app, ["demo", "--quick", "--threads", "1", "-o", str(tmp_path / "demo")])
+        res = CliRunner().invoke(app, ["demo", "--quick", "--threads", "1", "-o", str(tmp_path / "demo"),
+                                       "--set", "lr=0.003"])
     finally:
         torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
@@ -100,21 +102,28 @@ def test_quick_demo_end_to_end(tmp_path):
     for sub in ("data/train", "converted/config.json", "run/model.safetensors", "export/config.json"):
         assert (tmp_path / "demo" / sub).exists(), sub
     assert "test accuracy after fine-tuning" in res.output
+    # --set reached the fine-tune's recipe, after the demo's own overrides
+    assert result["config"]["overrides"][-1] == "lr=0.003"
+    assert yaml.safe_load((tmp_path / "demo" / "run" / "recipe.yaml").read_text())["lr"] == 0.003
     # a second run refuses to overwrite without --force
     res = CliRunner().invoke(app, ["demo", "--quick", "-o", str(tmp_path / "demo")])
     assert res.exit_code == 1 and "--force" in res.output
 
 
-@pytest.mark.parametrize("args,flag", [(["--img-size", "0"], "--img-size"), (["--train-per-class", "-1"],
-                                        "--train-per-class"), (["--threads", "-1"], "--threads")])
-def test_bad_demo_settings_leave_an_existing_workdir_alone(tmp_path, args, flag):
+@pytest.mark.parametrize("args,message", [
+    (["--img-size", "0"], "--img-size must be at least"), (["--train-per-class", "-1"], "--train-per-class must be "
+                                                            "at least"),
+    (["--threads", "-1"], "--threads must be at least"), (["--set", "lr=-1"], "`lr` must be"),
+    (["--set", "lrr=0.1"], "lrr"),
+])
+def test_bad_demo_settings_leave_an_existing_workdir_alone(tmp_path, args, message):
     from wsurgery.cli.main import app
 
     keep = tmp_path / "keep"
     keep.mkdir()
     (keep / "file.txt").write_text("precious")
     res = CliRunner().invoke(app, ["demo", "--quick", "-o", str(keep), "--force", *args])
-    assert res.exit_code == 2 and f"{flag} must be at least" in res.output, res.output
+    assert res.exit_code == 2 and message in " ".join(res.output.split()), res.output
     assert (keep / "file.txt").read_text() == "precious"
 
 

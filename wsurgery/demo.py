@@ -279,6 +279,9 @@ def run_demo(
     if work.exists() and not force:
         raise OutputExistsError(f"{work} already exists; pass force=True (CLI: --force) to redo the demo")
     # everything the demo needs is checked before an old work directory is deleted
+    from .recipes import load_recipe
+
+    load_recipe(cfg.recipe, cfg.overrides)  # the recipe and its overrides (demo --set) are valid
     ckpt = _lite0_checkpoint()
     fashion_mnist_source()
     if work.exists():
