@@ -123,7 +123,7 @@ def convert(
     calib_precondition: bool = typer.Option(
         False, "--calib-precondition/--no-calib-precondition",
         help="gn-init: first standardize each adaptive-WS conv output with the replaced BatchNorm's running statistics "
-             "(adds a bias to those convs; closer to the original, but fine-tunes worse: see the README)."),
+             "(adds a bias to those convs; closer to the original, but fine-tune it at lr <= 0.003: see the README)."),
     seed: int = typer.Option(0, "--seed", help="Seeds the image choice, crops, held-out split and batch order."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
 ) -> None:

@@ -153,7 +153,7 @@ class DemoConfig:
     overrides: list[str] = field(default_factory=lambda: ["epochs=2", "warmup_steps=5"])
     seed: int = 0
     predict_images: int = 5
-    #: gn-init's preconditioning (``calibrate(precondition=True)``): closer to the original, fine-tunes worse
+    #: gn-init's preconditioning (``calibrate(precondition=True)``): closer to the original; fine-tune at lr <= 0.003
     calib_precondition: bool = False
 
     def __post_init__(self) -> None:
