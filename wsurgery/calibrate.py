@@ -335,7 +335,8 @@ def resolve_method(student: nn.Module, teacher: nn.Module, method: str = "auto")
             return []  # adaptive WS with BN kept computes exactly what the teacher does
         return (["bn-stats"] if has_bn else []) + ["distill"]
     if method == "gn-init" and not has_gn:
-        raise UsageError("gn-init needs a student whose BatchNorms were replaced by GroupNorm (convert with norm='gn'; CLI: --norm gn)")
+        raise UsageError("gn-init needs a student whose BatchNorms were replaced by GroupNorm "
+                         "(convert with norm='gn'; CLI: --norm gn)")
     if method == "bn-stats" and not has_bn:
         raise UsageError("bn-stats needs a student that kept its BatchNorm layers; use gn-init or distill")
     if method not in METHODS:
@@ -450,8 +451,9 @@ def precondition_gn_inputs(student: nn.Module, teacher: nn.Module) -> list[str]:
     moment matching of gn-init after it, 57.6% -> 68.2% after a 2-minute calibration (README).
     Opt-in (``calibrate(..., precondition=True)``): the demo's micro-batch fine-tune on
     Fashion-MNIST from such a model diverges at the recipe's learning rate (26% instead of 71%)
-    and trains at a third of it or less (69.7-73.3%, about as the default does). Convs already changed (listed in ``student.wsurgery_preconditioned``) are
-    left alone, so calibrating twice is safe.
+    and trains at a third of it or less (69.7-73.3%, about as the default does). Convs already
+    changed (listed in ``student.wsurgery_preconditioned``) are left alone, so calibrating twice
+    is safe.
 
     Returns:
         The names of the convs changed now.
@@ -642,7 +644,8 @@ def distill(
             if progress is not None:
                 progress(CalibrationProgress("distill", step + 1, config.steps, losses[-1]))
             if not math.isfinite(losses[-1]):
-                raise UsageError(f"distillation diverged at step {step + 1} (loss {losses[-1]}); lower `lr` (CLI: --calib-lr)")
+                raise UsageError(f"distillation diverged at step {step + 1} (loss {losses[-1]}); "
+                                 "lower `lr` (CLI: --calib-lr)")
             if config.max_seconds is not None and time.perf_counter() - start > config.max_seconds:
                 break
     finally:

@@ -97,8 +97,8 @@ def check_opset(opset: int) -> None:
     """Raise :class:`UsageError` for an opset the exporter cannot write (before anything is written)."""
     ok = supported_opsets()
     if opset not in ok:
-        raise UsageError(f"opset {opset} (--opset) is not supported by torch's ONNX exporter; use {ok.start} to {ok.stop - 1} "
-                         f"(default {DEFAULT_OPSET})")
+        raise UsageError(f"opset {opset} (--opset) is not supported by torch's ONNX exporter; "
+                         f"use {ok.start} to {ok.stop - 1} (default {DEFAULT_OPSET})")
 
 #: default pass threshold on ``max_rel`` by file suffix. onnxruntime is not bit-identical to
 #: PyTorch: it fuses Conv+Add/Relu, uses its own MLAS conv kernels and sums in another order,

@@ -850,7 +850,8 @@ def _prepare_output(output: Path | None, resume: Path | None, force: bool, is_ma
         return
     if output.exists():
         if not force:
-            raise OutputExistsError(f"{output} already exists; pass force=True (--force) to start over, or resume it (--resume {output})")
+            raise OutputExistsError(f"{output} already exists; pass force=True (--force) to start over, "
+                                    f"or resume it (--resume {output})")
         shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
 
@@ -909,8 +910,8 @@ def train(
     if resume_dir is not None:
         last = resume_dir / LAST_DIR
         if not resume_dir.is_dir():
-            raise InputNotFoundError(f"{resume_dir} does not exist; `resume` (--resume) takes the output directory of an "
-                                     "earlier `wsurgery train` run")
+            raise InputNotFoundError(f"{resume_dir} does not exist; `resume` (--resume) takes the output "
+                                     "directory of an earlier `wsurgery train` run")
         if not (last / STATE_JSON).is_file():
             raise InputNotFoundError(f"{resume_dir} has no checkpoint ({LAST_DIR}/{STATE_JSON}); "
                                      "resume takes the output directory of an earlier `wsurgery train` run")
@@ -921,7 +922,8 @@ def train(
         val_data = val_data if val_data is not None else saved.get("val_data")
         recipe = Recipe.from_dict(state_plain["recipe"], source=f"{last / STATE_JSON}")
         if overrides:
-            raise UsageError("`overrides` (--set) cannot change a resumed run (it would not continue exactly); start a new run")
+            raise UsageError("`overrides` (--set) cannot change a resumed run (it would not continue exactly); "
+                             "start a new run")
     if data is None:
         raise UsageError("train needs `data` (--data: an ImageFolder directory or a path,label CSV)")
     if export is not None and not force and Path(export).exists():
@@ -936,7 +938,8 @@ def train(
     if bundle.skipped:
         notes.append(f"skipped {len(bundle.skipped)} unreadable file(s), e.g. {bundle.skipped[0]}")
     if out is not None and is_main and out.exists() and not force and not _same_path(resume_dir, out):
-        raise OutputExistsError(f"{out} already exists; pass force=True (--force) to start over, or resume it (--resume {out})")
+        raise OutputExistsError(f"{out} already exists; pass force=True (--force) to start over, "
+                                f"or resume it (--resume {out})")
     # absolute paths: a resumed run may start from another working directory
     data_record = {"data": str(Path(data).resolve()),
                    "val_data": str(Path(val_data).resolve()) if val_data is not None else None,
