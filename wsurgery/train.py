@@ -409,7 +409,7 @@ class _Run:
                  data_record: dict[str, Any]):
         self.recipe, self.bundle, self.output, self.device = recipe, bundle, output, device
         self.callback = callback or (lambda e: None)
-        self.best_state: dict[str, torch.Tensor] | None = None  # the best epoch's weights when output is None
+        self.best_state: dict[str, torch.Tensor] | None = None  # the best weights, where this process writes none
         self.notes = notes
         self.data_record = data_record
         self.world, self.rank, _ = _dist_env()
@@ -589,13 +589,13 @@ class _Run:
         _restore_rng(self.rng_at_boundary)
 
     def save_best(self) -> None:
-        if self.output is None:  # training in memory: keep the best weights to hand back at the end
+        # training in memory, or a DDP rank that does not write (its file system may not see rank 0's):
+        # keep the best weights to hand back at the end
+        if self.output is None or not self.is_main:
             if self.bundle.val is not None:  # without validation the best epoch is the last: nothing to keep
                 self.best_state = None  # the old copy goes before the new one is made
                 self.best_state = {k: v.detach().to("cpu", copy=True)
                                    for k, v in self._eval_model().state_dict().items()}
-            return
-        if not self.is_main:
             return
         model = self._eval_model()
         config = build_config(model, "converted", training=self._training_record("best"))
@@ -970,17 +970,18 @@ def train(
                 tmp.write_text(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
         run.run()
     best_model = run._eval_model()
-    if out is None and run.best_state is not None:
+    if run.best_state is not None and (out is None or not is_main):
+        if out is not None:  # a rank that did not write: a copy, as rank 0's load(out) is
+            best_model = clone_model(best_model)
         best_model.load_state_dict(run.best_state)  # the best epoch's weights, as a run directory holds them
     if bundle.load_failures:
         notes.append(f"{bundle.load_failures} image read(s) failed to decode (a truncated file?) and were replaced by "
                      "the next sample")
-    if out is not None:
+    if is_main and out is not None:
         from .load import load
 
-        best_model = load(out)  # every rank: rank 0 wrote it before the last barrier
-        if is_main:
-            _write_summary(out, run, bundle, notes, time.perf_counter() - t_start)
+        best_model = load(out)
+        _write_summary(out, run, bundle, notes, time.perf_counter() - t_start)
     result = TrainResult(
         output=out, model=best_model, history=run.state.history,
         best={"epoch": run.state.best_epoch, "top1": run.state.best_top1} if run.state.history else None,
