@@ -31,7 +31,7 @@ from torch.nn.utils import parametrize
 from torch.testing import assert_close
 
 import wsurgery
-from wsurgery.convert import ws_parametrizations
+from wsurgery.convert import clone_model, ws_parametrizations
 from wsurgery.errors import (
     CheckpointMismatchError,
     ConfigError,
@@ -174,6 +174,10 @@ def test_export_dtype(r18, tmp_path, dtype, torch_dtype, rtol):
     assert 0 < d <= rtol  # rounded, but close
     check = wsurgery.verify(tmp_path / dtype, converted)
     assert check.passed and check.rtol == rtol
+    # the other way round: an fp32 export of a half model is held to the half model's tolerance
+    half = clone_model(converted).to(torch_dtype)
+    check = wsurgery.export(half, tmp_path / f"fp32-of-{dtype}", verify=True).verification
+    assert check.rtol == rtol and check.passed and check.max_rel > 1e-5  # fp32's own 1e-5 would fail it
     with pytest.raises(ConfigError, match="dtype"):
         wsurgery.export(converted, tmp_path / "bad", dtype="fp8")
     assert not (tmp_path / "bad").exists()

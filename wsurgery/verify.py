@@ -179,8 +179,8 @@ def verify(
         images: user images (files, folder, glob) added to the random inputs.
         num_random: number of random inputs.
         seed: seed of the random inputs.
-        rtol: pass threshold on ``max_rel`` (default by the candidate's dtype, or for an
-            ``.onnx`` / ``.pt2`` file its format's, :data:`wsurgery.deploy.DEFAULT_RTOL`).
+        rtol: pass threshold on ``max_rel`` (default by the lower of the two models' precisions,
+            or for an ``.onnx`` / ``.pt2`` file its format's, :data:`wsurgery.deploy.DEFAULT_RTOL`).
         img_size: input size override (default: the reference's data config, or the size an
             ``.onnx`` / ``.pt2`` file was exported for).
 
@@ -212,6 +212,7 @@ def verify(
         raise UsageError(f"{cand_name} gives outputs of shape {tuple(out.shape[1:])} per input and {ref_name} "
                          f"{tuple(ref.shape[1:])}; verify an export against the model it was exported from")
     max_abs, max_rel, agree = compare_outputs(out, ref)
-    if rtol is None:
-        rtol = DEFAULT_RTOL[_dtype_of(candidate, cand_model)] if cand_model is not None else 1e-4
+    if rtol is None:  # the looser of the two precisions: an fp32 export of a half model differs from it as much
+        rtol = max(DEFAULT_RTOL[_dtype_of(candidate, cand_model)] if cand_model is not None else 1e-4,
+                   DEFAULT_RTOL[_dtype_of(reference, ref_model)] if ref_model is not None else 0.0)
     return VerifyResult(max_abs, max_rel, agree, int(x.shape[0]), rtol, max_rel <= rtol, cand_name, ref_name)
