@@ -390,3 +390,14 @@ def test_default_device_comes_from_wsurgery_device(monkeypatch, tmp_path):
 
         one_error(invoke("train", "resnet10t", "--data", tmp_path, "-o", tmp_path / "run"), 2, "WSURGERY_DEVICE=cuda")
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_a_model_that_is_not_float32_is_refused_before_training(data, tmp_path, dtype):
+    """Half weights would meet float32 images (a raw RuntimeError) and SGD on them loses small updates."""
+    model = tiny().to(dtype)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(wsurgery.errors.UsageError, match=f"float32 weights, this one's are {str(dtype)[6:]}.*amp="):
+        train(model, data, tmp_path / "run", None, device="cpu", overrides=[f"img_size={IMG}"])
+    assert not (tmp_path / "run").exists()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

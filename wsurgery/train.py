@@ -65,7 +65,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .accumulate import standardize_once
-from .convert import clone_model, is_converted, unwrap
+from .convert import clone_model, is_converted, placement, unwrap
 from .datasets import AugmentConfig, DataBundle, SeededView, build_datasets, eval_transform_for, train_transform
 from .errors import InputNotFoundError, OutputExistsError, RecipeError, UsageError, WSurgeryError
 from .io import (CONFIG_NAME, WEIGHTS_NAME, atomic_dir, atomic_file, load_safetensors, read_json,
@@ -824,7 +824,13 @@ def _plot_metrics(history: list[dict[str, float]], path: Path) -> None:
 
 def _load_model(source: nn.Module | str | os.PathLike, load_kwargs: dict[str, Any] | None) -> nn.Module:
     if isinstance(source, nn.Module):
-        return unwrap(source)
+        model = unwrap(source)
+        dtype = placement(model)[1]
+        if dtype != torch.float32:  # SGD on half weights loses small updates; autocast keeps fp32 master weights
+            name = str(dtype).replace("torch.", "")
+            raise UsageError(f"train needs a model with float32 weights, this one's are {name}; train it in "
+                             f"float32 (model.float()) and get mixed precision from the recipe: amp=bf16 or fp16")
+        return model
     from .load import load
 
     return load(source, **(load_kwargs or {}))
