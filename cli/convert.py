@@ -12,7 +12,9 @@ from rich.table import Table
 
 import wsurgery
 from wsurgery.compare import CONFIDENT
-from wsurgery.calibrate import METHODS, CalibrationConfig, CalibrationProgress, CalibrationResult, calibrate, calibration_images
+from wsurgery.calibrate import (
+    METHODS, PRECONDITIONED_ATTR, CalibrationConfig, CalibrationProgress, CalibrationResult, calibrate, calibration_images,
+)
 from wsurgery.config import SurgeryConfig
 from wsurgery.errors import ConfigError, UsageError
 
@@ -181,6 +183,10 @@ def convert(
                                     f"{result.seconds:.1f} s"))
     rows.append(("saved to", output))
     console.print(kv_table("summary", rows))
+    if getattr(student, PRECONDITIONED_ATTR, None):
+        # measured (benchmarks/demo_variants.py --preset lr): the demo diverges at the micro-batch recipe's lr 0.01
+        console.print("note: preconditioned models fine-tune at a lower learning rate: pass --set lr=0.003 "
+                      "(or lower) to wsurgery train")
     if result is None and config.norm == "gn" and (pretrained is not False or checkpoint is not None):
         # measured (benchmarks/calibration.py --part sgd): uncalibrated AWS + GN does not learn under SGD
         console.print("note: BN was replaced by GN without calibration, so the model has lost its pretrained "

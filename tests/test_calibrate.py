@@ -311,6 +311,7 @@ def test_cli_convert_calibrate_and_compare(tmp_path):
     assert record["num_images"] == 6 and record["num_held_out"] == 2 and record["steps"] == 2
     assert record["config"]["augment"] is True and record["config"]["lr"] is None
     assert record["config"]["temperature"] == 3.0
+    assert "preconditioned models fine-tune at a lower learning rate" not in " ".join(res.output.split())
     # gn-init's preconditioning is opt-in; with it, the record rebuilds the biases it gave the convs
     saved = json.loads((out / "config.json").read_text())["wsurgery"]
     assert record["config"]["precondition"] is False and "preconditioned" not in saved
@@ -320,6 +321,8 @@ def test_cli_convert_calibrate_and_compare(tmp_path):
     assert res.exit_code == 0, res.output
     saved = json.loads((tmp_path / "pc" / "config.json").read_text())["wsurgery"]
     assert saved["preconditioned"] and saved["calibration"]["config"]["precondition"] is True
+    note = "preconditioned models fine-tune at a lower learning rate: pass --set lr=0.003"
+    assert note in " ".join(res.output.split())
     assert wsurgery.load(tmp_path / "pc").wsurgery_preconditioned == saved["preconditioned"]
     res = runner.invoke(app, ["convert", "test_efficientnet", "--no-pretrained", "-o", str(tmp_path / "t0"),
                               "--mode", "aws", "--norm", "gn", "--calib-data", str(tmp_path / "photos"),
