@@ -13,7 +13,8 @@ from rich.table import Table
 import wsurgery
 from wsurgery.compare import CONFIDENT
 from wsurgery.calibrate import (
-    METHODS, PRECONDITIONED_ATTR, CalibrationConfig, CalibrationProgress, CalibrationResult, calibrate, calibration_images,
+    METHODS, PRECONDITIONED_ATTR, CalibrationConfig, CalibrationProgress, CalibrationResult, calibrate,
+    calibration_images,
 )
 from wsurgery.config import SurgeryConfig
 from wsurgery.errors import ConfigError, UsageError
