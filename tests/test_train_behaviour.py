@@ -401,3 +401,25 @@ def test_a_model_that_is_not_float32_is_refused_before_training(data, tmp_path, 
         train(model, data, tmp_path / "run", None, device="cpu", overrides=[f"img_size={IMG}"])
     assert not (tmp_path / "run").exists()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_a_preconditioned_model_gets_a_note_when_its_lr_is_high(data):
+    """gn-init's preconditioning was measured to diverge at the micro-batch recipe's lr: train says so."""
+    from wsurgery.convert import clone_model
+    from wsurgery.train import PRECONDITIONED_MAX_LR
+
+    teacher = tiny(mode=None).eval()
+    student, _ = wsurgery.convert(teacher, mode="aws", norm="gn", inplace=False)
+    wsurgery.calibrate(student, teacher, torch.randn(8, 3, IMG, IMG), method="gn-init", held_out=None,
+                       precondition=True)
+    assert student.wsurgery_preconditioned
+    notes = {}
+    for lr in (PRECONDITIONED_MAX_LR * 4, PRECONDITIONED_MAX_LR):  # batch 4, lr per 4 images: lr per update
+        result = train(clone_model(student), data, None, None, device="cpu",
+                       overrides=[f"img_size={IMG}", "batch_size=4", "lr_base_batch=4", f"lr={lr}", "steps=1"])
+        notes[lr] = [n for n in result.notes if "preconditioning" in n]
+    high = notes[PRECONDITIONED_MAX_LR * 4]
+    assert len(high) == 1 and "0.006 per update may diverge" in high[0]
+    assert notes[PRECONDITIONED_MAX_LR] == []
+    plain = train(tiny(), data, None, None, device="cpu", overrides=[f"img_size={IMG}", "lr=0.1", "steps=1"])
+    assert not [n for n in plain.notes if "preconditioning" in n]  # only preconditioned models get it

@@ -65,6 +65,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .accumulate import standardize_once
+from .calibrate import PRECONDITIONED_ATTR
 from .convert import clone_model, is_converted, placement, unwrap
 from .datasets import AugmentConfig, DataBundle, SeededView, build_datasets, eval_transform_for, train_transform
 from .errors import InputNotFoundError, OutputExistsError, RecipeError, UsageError, WSurgeryError
@@ -141,6 +142,10 @@ class TrainResult:
 
 # --- small pieces ------------------------------------------------------------------------
 
+
+#: the largest lr per optimizer update at which a model calibrated with gn-init's preconditioning
+#: was measured to fine-tune (the demo: 0.003 per 32 images, 16 per update); above it train notes the risk
+PRECONDITIONED_MAX_LR = 0.0015
 
 #: environment variable naming the default device (``cpu``, ``cuda``, ``cuda:1``, ``mps``) where
 #: none is passed; unset or ``auto``: the best available
@@ -501,6 +506,12 @@ class _Run:
             self.notes.append(f"lr {r.lr:g} x {r.effective_batch * self.world}/{r.lr_base_batch} images per step "
                               f"= {lr:.3g}")
         self.lr = lr
+        if getattr(self.model, PRECONDITIONED_ATTR, None) and lr > PRECONDITIONED_MAX_LR:
+            # measured (benchmarks/demo_variants.py --preset lr): the demo diverged at 0.005 per update
+            # (the micro-batch recipe's 0.01 per 32 images, 16 per update) and trained at 0.0015 and below
+            self.notes.append(f"this model was calibrated with preconditioning, which fine-tunes at a lower lr: "
+                              f"{lr:.3g} per update may diverge (measured: diverged at 0.005, trained at "
+                              f"{PRECONDITIONED_MAX_LR:g} and below)")
         kwargs: dict[str, Any] = {}
         if r.optimizer.lower() in ("sgd", "nesterov", "momentum", "sgdp", "sgdw"):
             kwargs["momentum"] = r.momentum
