@@ -13,8 +13,8 @@ from rich.table import Table
 import wsurgery
 from wsurgery.compare import CONFIDENT
 from wsurgery.calibrate import (
-    METHODS, PRECONDITIONED_ATTR, CalibrationConfig, CalibrationProgress, CalibrationResult, calibrate,
-    calibration_images,
+    METHODS, CalibrationConfig, CalibrationProgress, CalibrationResult, calibrate, calibration_images,
+    preconditioned_convs,
 )
 from wsurgery.config import SurgeryConfig
 from wsurgery.errors import ConfigError, UsageError
@@ -184,7 +184,7 @@ def convert(
                                     f"{result.seconds:.1f} s"))
     rows.append(("saved to", output))
     console.print(kv_table("summary", rows))
-    if getattr(student, PRECONDITIONED_ATTR, None):
+    if preconditioned_convs(student):
         # measured (benchmarks/demo_variants.py --preset lr): the demo diverges at the micro-batch recipe's lr 0.01
         console.print("note: preconditioned models fine-tune at a lower learning rate: pass --set lr=0.003 "
                       "(or lower) to wsurgery train")

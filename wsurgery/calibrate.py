@@ -80,6 +80,8 @@ __all__ = [
     "reestimate_bn_stats",
     "init_gn_from_teacher",
     "distill",
+    "precondition_gn_inputs",
+    "preconditioned_convs",
 ]
 
 Method = Literal["auto", "bn-stats", "gn-init", "distill", "none"]
@@ -431,6 +433,11 @@ def init_gn_from_teacher(student: nn.Module, teacher: nn.Module, images: torch.T
 PRECONDITIONED_ATTR = "wsurgery_preconditioned"
 
 
+def preconditioned_convs(model: nn.Module) -> list[str]:
+    """The names of the convs :func:`precondition_gn_inputs` gave a bias (empty when none)."""
+    return list(getattr(model, PRECONDITIONED_ATTR, None) or ())
+
+
 @torch.no_grad()
 def precondition_gn_inputs(student: nn.Module, teacher: nn.Module) -> list[str]:
     """Standardize the input channels of each GroupNorm with the replaced BatchNorm's statistics.
@@ -465,7 +472,7 @@ def precondition_gn_inputs(student: nn.Module, teacher: nn.Module) -> list[str]:
     norms = {name: (gn, bn) for name, gn, bn in _norm_pairs(student, teacher)}
     modules = dict(student.named_modules())
     adaptive = {id(m): p for _, m, p in ws_parametrizations(student) if isinstance(p, AdaptiveWeightStandardization)}
-    done = set(getattr(student, PRECONDITIONED_ATTR, None) or ())
+    done = set(preconditioned_convs(student))
     changed = []
     for conv_name, norm_name in pairs:
         conv = modules.get(conv_name)
@@ -545,7 +552,7 @@ def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
                           if isinstance(p, nn.Parameter))
         if isinstance(module, AdaptiveWeightStandardization):
             params.extend([module.gain, module.shift])
-    for name in getattr(student, PRECONDITIONED_ATTR, None) or ():  # their biases are per-channel offsets too
+    for name in preconditioned_convs(student):  # their biases are per-channel offsets too
         bias = student.get_submodule(name).bias
         if isinstance(bias, nn.Parameter):
             params.append(bias)

@@ -125,12 +125,12 @@ def clone_model(model: nn.Module, memo: dict[int, Any] | None = None) -> nn.Modu
     return new
 
 
-def require_module(obj: Any, role: str = "model") -> nn.Module:
+def require_module(obj: Any) -> nn.Module:
     """``obj`` if it is a torch module, else a one-line :class:`ArgumentTypeError` saying what to pass."""
     if isinstance(obj, nn.Module):
         return obj
     hint = "; load it first: wsurgery.load(...)" if isinstance(obj, (str, os.PathLike)) else ""
-    raise ArgumentTypeError(f"the {role} must be a torch.nn.Module (from wsurgery.load or timm.create_model), "
+    raise ArgumentTypeError(f"the model must be a torch.nn.Module (from wsurgery.load or timm.create_model), "
                             f"got {type(obj).__name__}{hint}")
 
 

@@ -32,7 +32,7 @@ from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_dir, save_safetensors, write_j
 from .load import model_record
 from .save import build_config
 from .verify import VerifyResult
-from .verify import verify as verify_export
+from .verify import verify as verify_directory
 
 __all__ = ["DTYPES", "ExportResult", "export", "stock_timm_args"]
 
@@ -234,5 +234,5 @@ def export(
         fold_bn=pairs,
         dtype=dtype,
         files=[directory / CONFIG_NAME, directory / WEIGHTS_NAME],
-        verification=verify_export(directory, model) if verify else None,
+        verification=verify_directory(directory, model) if verify else None,
     )

@@ -65,7 +65,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .accumulate import standardize_once
-from .calibrate import PRECONDITIONED_ATTR
+from .calibrate import preconditioned_convs
 from .convert import clone_model, is_converted, placement, unwrap
 from .datasets import AugmentConfig, DataBundle, SeededView, build_datasets, eval_transform_for, train_transform
 from .errors import InputNotFoundError, OutputExistsError, RecipeError, UsageError, WSurgeryError
@@ -506,7 +506,7 @@ class _Run:
             self.notes.append(f"lr {r.lr:g} x {r.effective_batch * self.world}/{r.lr_base_batch} images per step "
                               f"= {lr:.3g}")
         self.lr = lr
-        if getattr(self.model, PRECONDITIONED_ATTR, None) and lr > PRECONDITIONED_MAX_LR:
+        if preconditioned_convs(self.model) and lr > PRECONDITIONED_MAX_LR:
             # measured (benchmarks/demo_variants.py --preset lr): the demo diverged at 0.005 per update
             # (the micro-batch recipe's 0.01 per 32 images, 16 per update) and trained at 0.0015 and below
             self.notes.append(f"this model was calibrated with preconditioning, which fine-tunes at a lower lr: "
