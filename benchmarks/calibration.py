@@ -59,8 +59,14 @@ import torch
 import torch.nn.functional as F
 
 import wsurgery
-from wsurgery.calibrate import (_channel_moments, _init_subset, _norm_pairs, calibrate, calibration_images,
-                                init_gn_from_teacher)
+from wsurgery.calibrate import (
+    _channel_moments,
+    _init_subset,
+    _norm_pairs,
+    calibrate,
+    calibration_images,
+    init_gn_from_teacher,
+)
 from wsurgery.compare import agreement_from_logits, predict_logits
 from wsurgery.data import find_images, load_images
 from wsurgery.io import atomic_file, write_json
@@ -290,7 +296,7 @@ def run_norm_stats(args) -> dict:
         student = wsurgery.convert(teacher, inplace=False, mode="aws", norm="gn", gn_groups=1)[0].eval()
         pairs = _norm_pairs(student, teacher)
         targets: dict[str, torch.Tensor] = {}
-        _run_with_pre_hooks(teacher, [(bn, lambda m, a, n=n: targets.__setitem__(n, _bn_output(m, a[0])))
+        _run_with_pre_hooks(teacher, [(bn, lambda m, a, n=n, t=targets: t.__setitem__(n, _bn_output(m, a[0])))
                                       for n, _, bn in pairs], xinit)
         for name, gn, _ in pairs:
             student.set_submodule(name, _FrozenStatsGN(gn, freeze, targets[name]))
@@ -332,8 +338,8 @@ def run_per_layer(args) -> dict:
                "channels": gns[swapped[0]].num_channels if kind == "only" else None, "top1": a.top1,
                "top1_confident": a.top1_confident, "num_confident": a.num_confident, "kl": a.kl, **photos(hybrid)}
         rows.append(row)
-        print(f"{('only ' if kind == 'only' else '') + label:<23} as GN(1): top-1 {a.top1:6.1%}  top-1 conf {_pct(a.top1_confident)}  "
-              f"KL {a.kl:7.3f}{photos.line(row)}", flush=True)
+        print(f"{('only ' if kind == 'only' else '') + label:<23} as GN(1): top-1 {a.top1:6.1%}  "
+              f"top-1 conf {_pct(a.top1_confident)}  KL {a.kl:7.3f}{photos.line(row)}", flush=True)
         _write(args, {"rows": rows, "partial": True})
     single = [r for r in rows if r["kind"] == "only"]
     summary = {"layers": len(single), "top1_median": float(np.median([r["top1"] for r in single])),
@@ -425,18 +431,23 @@ def main() -> None:
     parser.add_argument("--distill-size", type=int, default=None)
     parser.add_argument("--distill-lr", type=float, default=None, help="distillation lr (default: the library's)")
     parser.add_argument("--temperature", type=float, nargs="+", default=[None],
-                        help="distillation temperature(s); several run each row once per value (default: the library's)")
+                        help="distillation temperature(s); several run each row once per value "
+                             "(default: the library's)")
     parser.add_argument("--distill-seconds", type=float, default=None,
                         help="cap the distillation (calibrate's max_seconds)")
-    parser.add_argument("--augment", action="store_true", help="distill on fresh crops/flips/blends (calibrate's augment)")
+    parser.add_argument("--augment", action="store_true",
+                        help="distill on fresh crops/flips/blends (calibrate's augment)")
     parser.add_argument("--precondition", action="store_true",
-                        help="gn-init standardizes the GN inputs with the BN statistics first (calibrate's precondition)")
+                        help="gn-init standardizes the GN inputs with the BN statistics first "
+                             "(calibrate's precondition)")
     parser.add_argument("--sgd-lrs", type=float, nargs="+", default=[0.01, 0.003], help="SGD learning rates (part sgd)")
     parser.add_argument("--seed", type=int, nargs="+", default=[0],
                         help="calibrate's seed(s) (held-out split, batch order); several run each row once per seed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--tag", default="", help="suffix of the results file name")
-    parser.add_argument("--only", nargs="*", default=None, help="only these rows: a whole name ('AWS + GN(1) auto' is one row, 'AWS + GN(1) auto train=all' another) or a part of names")
+    parser.add_argument("--only", nargs="*", default=None,
+                        help="only these rows: a whole name ('AWS + GN(1) auto' is one row, "
+                             "'AWS + GN(1) auto train=all' another) or a part of names")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

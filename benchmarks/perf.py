@@ -284,9 +284,11 @@ def bench_kernels(args, timer: Timer) -> list[dict]:
 
     variants: dict[str, Callable[[torch.Tensor, int, int], torch.Tensor]] = {
         "ws: batch-norm kernel (shipped, timm/bit)": lambda w, f, i: standardize_weight(w, f, conv),
-        "ws: closed form, in-place (shipped, paper/seed)": lambda w, f, i: _StandardizeFn.apply(w, f, False, True, conv.eps),
+        "ws: closed form, in-place (shipped, paper/seed)": lambda w, f, i: _StandardizeFn.apply(
+            w, f, False, True, conv.eps),
         "ws: closed form, first version": lambda w, f, i: _OldClosedForm.apply(w, f, conv.eps),
-        "ws: closed form in float64": lambda w, f, i: _StandardizeFn.apply(w.double(), f, False, True, conv.eps).float(),
+        "ws: closed form in float64": lambda w, f, i: _StandardizeFn.apply(
+            w.double(), f, False, True, conv.eps).float(),
         "ws: plain autograd ops": lambda w, f, i: standardize_weight_reference(w, f, conv),
         "aws: batch norm + affine, one kernel (shipped)": lambda w, f, i: aws[i].standardized(w),
         "aws: closed form + addcmul": lambda w, f, i: _affine(
@@ -297,7 +299,8 @@ def bench_kernels(args, timer: Timer) -> list[dict]:
 
         compiled = _compiled_kernel()
         variants["ws: torch.compile"] = lambda w, f, i: compiled(w, f, False, True, conv.eps, None, None)
-        variants["aws: torch.compile"] = lambda w, f, i: compiled(w, f, False, True, conv.eps, aws[i].gamma, aws[i].beta)
+        variants["aws: torch.compile"] = lambda w, f, i: compiled(w, f, False, True, conv.eps,
+                                                                  aws[i].gamma, aws[i].beta)
 
     def run(fn, backward: bool) -> Callable[[], None]:
         def go() -> None:
@@ -469,7 +472,8 @@ def bench_fold_bn(args, timer: Timer, tmp: Path) -> list[dict]:
         "wsurgery.fold(original, fold_bn=True)": _infer(folded_direct, x, args),
     }, args.infer_rounds, calls=4)
     rows = []
-    for variant, tag in (("fold_bn export", "fold_bn"), ("wsurgery.fold(original, fold_bn=True)", "fold(fold_bn) of timm")):
+    for variant, tag in (("fold_bn export", "fold_bn"),
+                         ("wsurgery.fold(original, fold_bn=True)", "fold(fold_bn) of timm")):
         row = _ratio_row(f"{arch} {tag} b1", s, variant, "original (eval BN)", batch=1, img_size=args.infer_size)
         row["speedup"] = 1.0 / row["ratio"]
         rows.append(row)
@@ -604,7 +608,8 @@ def _write(path: Path, results: dict[str, Any]) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smoke run: resnet18 instead of resnet50, 64 px, 3 rounds")
     p.add_argument("--device", default="cpu", help="cpu or cuda (cuda: bf16 autocast, channels_last)")
     p.add_argument("--img-size", type=int, default=None, help="training image size (default 160; quick 64)")

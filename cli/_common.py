@@ -79,7 +79,8 @@ def handle_errors(fn: F) -> F:
         except Exception as e:  # noqa: BLE001 - the CLI never shows a bare traceback
             if debug_enabled():
                 traceback.print_exc(file=sys.stderr)
-            raise fail(f"{type(e).__name__}: {_one_line(e)} (set {DEBUG_ENV}=1 or pass --debug for the traceback)") from None
+            raise fail(f"{type(e).__name__}: {_one_line(e)} "
+                       f"(set {DEBUG_ENV}=1 or pass --debug for the traceback)") from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -4,20 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 import wsurgery
-from wsurgery.compare import CONFIDENT
 from wsurgery.calibrate import calibration_images
+from wsurgery.compare import CONFIDENT
 from wsurgery.data import find_images
 from wsurgery.errors import NetworkUnavailableError
 
 from ._common import check_at_least, confident_cell, console, handle_errors, kv_table
 
 
-def _load(source: str, checkpoint: Optional[Path], remap_by_order: bool, which: str):
+def _load(source: str, checkpoint: Path | None, remap_by_order: bool, which: str):
     try:
         return wsurgery.load(source, checkpoint=checkpoint, remap_by_order=remap_by_order)
     except NetworkUnavailableError:  # load's advice names convert's flags; here the fix is per model
@@ -30,14 +29,15 @@ def _load(source: str, checkpoint: Optional[Path], remap_by_order: bool, which: 
 def compare(
     a: str = typer.Argument(..., help="Model to judge: timm name, saved/exported directory, or hf-hub id."),
     b: str = typer.Argument(..., help="Reference model (e.g. the original): timm name, directory, or hf-hub id."),
-    images: list[Path] = typer.Option(..., "--images", help="Images to compare on (files, folders, globs; repeatable)."),
-    a_checkpoint: Optional[Path] = typer.Option(None, "--a-checkpoint", help="Weights file for A (when A is a name)."),
-    b_checkpoint: Optional[Path] = typer.Option(None, "--b-checkpoint", help="Weights file for B (when B is a name)."),
+    images: list[Path] = typer.Option(
+        ..., "--images", help="Images to compare on (files, folders, globs; repeatable)."),
+    a_checkpoint: Path | None = typer.Option(None, "--a-checkpoint", help="Weights file for A (when A is a name)."),
+    b_checkpoint: Path | None = typer.Option(None, "--b-checkpoint", help="Weights file for B (when B is a name)."),
     remap_by_order: bool = typer.Option(False, "--remap-by-order", help="Match checkpoint tensors in order."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use at most N images (or crops)."),
+    limit: int | None = typer.Option(None, "--limit", help="Use at most N images (or crops)."),
     crops_per_image: int = typer.Option(
         1, "--crops-per-image", help="1: center crop of each file; N: N random resized crops/flips of each."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help="Input size (default: B's data config)."),
+    img_size: int | None = typer.Option(None, "--img-size", help="Input size (default: B's data config)."),
     seed: int = typer.Option(0, "--seed", help="Seeds the choice of images and the crops."),
     as_json: bool = typer.Option(False, "--json", help="Print the agreement as JSON."),
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.markup import escape
@@ -11,11 +10,16 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import wsurgery
-from wsurgery.compare import CONFIDENT
 from wsurgery.calibrate import (
-    METHODS, CalibrationConfig, CalibrationProgress, CalibrationResult, calibrate, calibration_images,
+    METHODS,
+    CalibrationConfig,
+    CalibrationProgress,
+    CalibrationResult,
+    calibrate,
+    calibration_images,
     preconditioned_convs,
 )
+from wsurgery.compare import CONFIDENT
 from wsurgery.config import SurgeryConfig
 from wsurgery.errors import ConfigError, UsageError
 
@@ -56,7 +60,7 @@ class CalibrationView:
         )
         self.tasks: dict[str, int] = {}
 
-    def __enter__(self) -> "CalibrationView":
+    def __enter__(self) -> CalibrationView:
         self.progress.start()
         return self
 
@@ -86,26 +90,29 @@ def calibration_table(result: CalibrationResult) -> Table:
 def convert(
     model: str = typer.Argument(..., help="timm model name, hf-hub:org/name, or a saved directory."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write the converted model to."),
-    pretrained: Optional[bool] = typer.Option(
+    pretrained: bool | None = typer.Option(
         None, "--pretrained/--no-pretrained", help="Fetch timm's pretrained weights (needs a network). "
         "Default: yes, unless --checkpoint is given."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help=".safetensors, .pth, .bin or .pt weights."),
-    remap_by_order: bool = typer.Option(False, "--remap-by-order", help="Match checkpoint tensors to the model in order."),
-    num_classes: Optional[int] = typer.Option(None, "--num-classes", help="Replace the classifier with N classes."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help=".safetensors, .pth, .bin or .pt weights."),
+    remap_by_order: bool = typer.Option(
+        False, "--remap-by-order", help="Match checkpoint tensors to the model in order."),
+    num_classes: int | None = typer.Option(None, "--num-classes", help="Replace the classifier with N classes."),
     mode: str = typer.Option("ws", "--mode", help="ws: plain standardization; aws: adaptive (exact at conversion)."),
     convention: str = typer.Option("timm", "--convention", help="WS formula: timm, bit, paper or seed."),
-    eps: Optional[float] = typer.Option(None, "--eps", help="Override the convention's eps."),
+    eps: float | None = typer.Option(None, "--eps", help="Override the convention's eps."),
     include: list[str] = typer.Option([], "--include", help="Only convert convs matching this pattern (repeatable)."),
     exclude: list[str] = typer.Option([], "--exclude", help="Skip convs matching this pattern (repeatable)."),
     norm: str = typer.Option("keep", "--norm", help="keep: keep BatchNorm; gn: replace it with GroupNorm."),
     gn_groups: int = typer.Option(32, "--gn-groups", help="Target GroupNorm groups."),
-    gn_group_size: Optional[int] = typer.Option(None, "--gn-group-size", help="Channels per group (overrides groups)."),
-    gn_group_rule: str = typer.Option("gcd", "--gn-group-rule", help="When channels don't divide: gcd, divisor, error."),
-    calibrate_method: Optional[str] = typer.Option(
+    gn_group_size: int | None = typer.Option(None, "--gn-group-size", help="Channels per group (overrides groups)."),
+    gn_group_rule: str = typer.Option(
+        "gcd", "--gn-group-rule", help="When channels don't divide: gcd, divisor, error."),
+    calibrate_method: str | None = typer.Option(
         None, "--calibrate", help=f"Calibrate against the original: {', '.join(METHODS)} "
         "(default: auto when --calib-data is given, else none)."),
     calib_data: list[str] = typer.Option(
-        [], "--calib-data", help="Unlabeled calibration images: files, a folder, a dataset folder or a glob (repeatable)."),
+        [], "--calib-data",
+        help="Unlabeled calibration images: files, a folder, a dataset folder or a glob (repeatable)."),
     calib_images: int = typer.Option(256, "--calib-images", help="Use at most N calibration images (or crops)."),
     calib_crops: int = typer.Option(
         1, "--calib-crops", help="1: center crop of each file; N: N random resized crops/flips of each file."),
@@ -113,13 +120,15 @@ def convert(
         0.25, "--calib-held-out", help="Fraction of the calibration images kept out to measure agreement."),
     calib_steps: int = typer.Option(150, "--calib-steps", help="Distillation steps."),
     calib_batch: int = typer.Option(32, "--calib-batch", help="Images per distillation step."),
-    calib_train: str = typer.Option("auto", "--calib-train", help="Distill: affine (norms + AWS gain/shift), all, or auto."),
-    calib_lr: Optional[float] = typer.Option(None, "--calib-lr", help="Distillation learning rate (AdamW)."),
-    calib_size: Optional[int] = typer.Option(
+    calib_train: str = typer.Option(
+        "auto", "--calib-train", help="Distill: affine (norms + AWS gain/shift), all, or auto."),
+    calib_lr: float | None = typer.Option(None, "--calib-lr", help="Distillation learning rate (AdamW)."),
+    calib_size: int | None = typer.Option(
         None, "--calib-size", help="Distill at this input resolution (faster; default: the model's)."),
-    calib_seconds: Optional[float] = typer.Option(None, "--calib-seconds", help="Stop distilling after N seconds."),
-    calib_temperature: Optional[float] = typer.Option(
-        None, "--calib-temperature", help=f"Softmax temperature of the distillation KL (default: {CalibrationConfig.temperature:g})."),
+    calib_seconds: float | None = typer.Option(None, "--calib-seconds", help="Stop distilling after N seconds."),
+    calib_temperature: float | None = typer.Option(
+        None, "--calib-temperature",
+        help=f"Softmax temperature of the distillation KL (default: {CalibrationConfig.temperature:g})."),
     calib_augment: bool = typer.Option(
         False, "--calib-augment/--no-calib-augment",
         help="Distill on fresh random crops, flips and blends of the images each step instead of the fixed images."),

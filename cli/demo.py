@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import torch
 import typer
@@ -19,9 +18,9 @@ from .train import ProgressView
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), "--workdir", "-o", help="Where data, runs and export go."),
     quick: bool = typer.Option(False, "--quick", help="A tiny version (tests, CI): under a minute, low accuracy."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help="Resolution (default 48, quick 32)."),
-    train_per_class: Optional[int] = typer.Option(None, "--train-per-class", help="Training images per class."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice; "
+    img_size: int | None = typer.Option(None, "--img-size", help="Resolution (default 48, quick 32)."),
+    train_per_class: int | None = typer.Option(None, "--train-per-class", help="Training images per class."),
+    threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice; "
                                           "1 is faster on a busy machine)."),
     calib_precondition: bool = typer.Option(
         False, "--calib-precondition", help="Calibrate with gn-init's preconditioning (see convert; the README "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import timm
 import typer
@@ -29,7 +29,7 @@ def parse_formats(values: list[str]) -> list[str]:
 
 
 def _add_check(rows: list[tuple[str, Any]], failures: list[str], label: str, name: str,
-               check: Optional[wsurgery.VerifyResult]) -> None:
+               check: wsurgery.VerifyResult | None) -> None:
     """The report rows of one export's verification (``label`` prefixes them); a failure is named in ``failures``."""
     if check is None:  # --no-verify
         return
@@ -42,7 +42,7 @@ def _add_check(rows: list[tuple[str, Any]], failures: list[str], label: str, nam
         failures.append(f"{name} export: max rel diff {check.max_rel:.3g} > {check.rtol:g}")
 
 
-def _write_deployment(fmt: str, model: Any, output: Path, fold_bn: bool, img_size: Optional[int],
+def _write_deployment(fmt: str, model: Any, output: Path, fold_bn: bool, img_size: int | None,
                       opset: int, verify: bool) -> wsurgery.deploy.DeployResult:
     path = output / wsurgery.deploy.FILE_NAMES[fmt]
     # the export directory was just written whole, so these files are new: force only matters for them
@@ -56,10 +56,10 @@ def _write_deployment(fmt: str, model: Any, output: Path, fold_bn: bool, img_siz
 def export(
     source: str = typer.Argument(..., help="A surgery directory (or a timm model name with its own StdConv2d)."),
     output: Path = typer.Option(..., "--output", "-o", help="Export directory to write."),
-    checkpoint: Optional[Path] = typer.Option(
+    checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="Weights for SOURCE when it is a timm name (.safetensors/.pth/.bin)."),
     remap_by_order: bool = typer.Option(False, "--remap-by-order", help="Match checkpoint tensors in order."),
-    pretrained: Optional[bool] = typer.Option(
+    pretrained: bool | None = typer.Option(
         None, "--pretrained/--no-pretrained", help="For a timm name: fetch timm's weights (needs a network), "
         "or export random weights (for testing)."),
     fold_bn: bool = typer.Option(False, "--fold-bn", help="Also fold each BatchNorm that follows a conv into it."),
@@ -67,7 +67,7 @@ def export(
     formats: list[str] = typer.Option(
         [], "--format", "-f", help="Also write onnx (OUT/model.onnx) and/or torch-export (OUT/model.pt2); "
         "repeatable or comma-separated. safetensors is always written."),
-    img_size: Optional[int] = typer.Option(
+    img_size: int | None = typer.Option(
         None, "--img-size", help="Input height/width of the ONNX / .pt2 graph (default: the model's data config)."),
     opset: int = typer.Option(wsurgery.deploy.DEFAULT_OPSET, "--opset", help="ONNX opset version."),
     verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload each export and compare with the source."),

@@ -6,14 +6,14 @@ import sys
 
 import typer
 
+from . import compare as _compare
 from . import convert as _convert
+from . import demo as _demo
 from . import export as _export
 from . import inspect as _inspect
-from . import verify as _verify
-from . import demo as _demo
 from . import predict as _predict
 from . import train as _train
-from . import compare as _compare
+from . import verify as _verify
 from ._common import DEBUG_ENV, set_debug
 
 app = typer.Typer(

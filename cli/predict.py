@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Optional
 
 import typer
 from rich.table import Table
@@ -20,7 +19,7 @@ def predict(
     model: str = typer.Argument(..., help="Export directory (or a surgery / run directory)."),
     images: list[str] = typer.Argument(..., help="Image files, folders or glob patterns."),
     topk: int = typer.Option(5, "--topk", "-k", help="Classes to show per image."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help="Input size (default: the model's)."),
+    img_size: int | None = typer.Option(None, "--img-size", help="Input size (default: the model's)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
     as_json: bool = typer.Option(False, "--json", help="Print the predictions as JSON (one object per image)."),
 ) -> None:

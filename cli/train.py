@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                           TimeRemainingColumn)
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from wsurgery.recipes import recipe_reference
-from wsurgery.train import TrainEvent, train as train_model
+from wsurgery.train import TrainEvent
+from wsurgery.train import train as train_model
 
 from ._common import console, fail, handle_errors, kv_table
 
@@ -70,25 +69,26 @@ class ProgressView:
 
 @handle_errors
 def train(
-    model: Optional[str] = typer.Argument(None, help="Surgery directory from `wsurgery convert`, or a timm model "
+    model: str | None = typer.Argument(None, help="Surgery directory from `wsurgery convert`, or a timm model "
                                           "name (the BatchNorm baseline). Not needed with --resume."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="ImageFolder root (train/ + val/, or class "
+    data: Path | None = typer.Option(None, "--data", "-d", help="ImageFolder root (train/ + val/, or class "
                                         "folders) or a CSV with path,label columns."),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="Run directory (best model, last checkpoint, "
+    output: Path | None = typer.Option(None, "--output", "-o", help="Run directory (best model, last checkpoint, "
                                           "metrics)."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", "-r", help="Recipe YAML, or a shipped name: "
+    recipe: str | None = typer.Option(None, "--recipe", "-r", help="Recipe YAML, or a shipped name: "
                                          "bit-hyperrule, micro-batch, linear-probe, cpu-quick."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set batch_size=2 (repeatable)."),
-    val_data: Optional[Path] = typer.Option(None, "--val-data", help="Validation folder or CSV."),
-    val_split: Optional[float] = typer.Option(None, "--val-split", help="Hold out this fraction of each class "
+    val_data: Path | None = typer.Option(None, "--val-data", help="Validation folder or CSV."),
+    val_split: float | None = typer.Option(None, "--val-split", help="Hold out this fraction of each class "
                                               "when there is no validation set (recipe key val_split)."),
-    img_size: Optional[int] = typer.Option(None, "--img-size", help="Resolution (recipe key img_size)."),
-    device: Optional[str] = typer.Option(None, "--device", help="cuda, mps or cpu (default: $WSURGERY_DEVICE, else the best available)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run exactly."),
-    export: Optional[Path] = typer.Option(None, "--export", help="After training, fold, export and verify here."),
-    pretrained: Optional[bool] = typer.Option(None, "--pretrained/--no-pretrained",
+    img_size: int | None = typer.Option(None, "--img-size", help="Resolution (recipe key img_size)."),
+    device: str | None = typer.Option(
+        None, "--device", help="cuda, mps or cpu (default: $WSURGERY_DEVICE, else the best available)."),
+    resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run exactly."),
+    export: Path | None = typer.Option(None, "--export", help="After training, fold, export and verify here."),
+    pretrained: bool | None = typer.Option(None, "--pretrained/--no-pretrained",
                                               help="For a timm name: fetch timm's weights (needs a network)."),
-    checkpoint: Optional[Path] = typer.Option(None, "--checkpoint", help="For a timm name: local weights."),
+    checkpoint: Path | None = typer.Option(None, "--checkpoint", help="For a timm name: local weights."),
     remap_by_order: bool = typer.Option(False, "--remap-by-order", help="For --checkpoint: match tensors in order."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output (and export) if they exist."),
     help_recipe: bool = typer.Option(False, "--help-recipe", help="List every recipe key and exit."),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -18,10 +17,10 @@ def verify(
     against: Path = typer.Option(..., "--against", help="The unfolded surgery directory it was exported from."),
     images: list[Path] = typer.Option([], "--images", help="Also compare on these images (files, folders, globs)."),
     num_random: int = typer.Option(4, "--num-random", help="Random inputs to compare on."),
-    rtol: Optional[float] = typer.Option(
+    rtol: float | None = typer.Option(
         None, "--rtol", help="Max relative difference (default by dtype, fp32 1e-5; .onnx 1e-4; .pt2 1e-5)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
-    img_size: Optional[int] = typer.Option(
+    img_size: int | None = typer.Option(
         None, "--img-size", help="Input size (default: the model's data config; for .onnx/.pt2 the exported size)."),
 ) -> None:
     """Print max absolute and relative difference and top-1 agreement; exit 1 above tolerance."""

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 from typer.testing import CliRunner
-
 from wsurgery.cli.main import app
 
-__all__ = ["runner", "invoke", "flat", "ok", "one_error"]
+__all__ = ["flat", "invoke", "ok", "one_error", "runner"]
 
 runner = CliRunner()
 

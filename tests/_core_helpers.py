@@ -9,7 +9,7 @@ from torch.nn.utils import parametrize
 from wsurgery.convert import TIMM_WS_TYPES
 from wsurgery.norm import is_batchnorm
 
-__all__ = ["randomize_norms", "assert_rel_close", "assert_no_standardization", "rel_diff", "module_types"]
+__all__ = ["assert_no_standardization", "assert_rel_close", "module_types", "randomize_norms", "rel_diff"]
 
 
 @torch.no_grad()

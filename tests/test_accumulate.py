@@ -69,7 +69,7 @@ def _assert_same_grads(a: nn.Module, b: nn.Module) -> None:
             # float32 rounding, which the WS backward's centring and projection amplify where entries
             # cancel: scaled to the largest entry (seen: 6e-5 on a conv_stem gradient of max 51, 2 threads)
             atol = max(1e-6, 1e-5 * ga[name].abs().max().item())
-            assert_close(gb[name], ga[name], rtol=1e-4, atol=atol, msg=lambda m: f"{name}: {m}")
+            assert_close(gb[name], ga[name], rtol=1e-4, atol=atol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize("mode", ["ws", "aws"])
@@ -142,10 +142,9 @@ def test_timm_model_with_same_padding_and_depthwise(arch):
 def test_exception_clears_slots_and_drops_the_partial_step():
     model = _converted("aws")
     reference = clone_model(model)
-    with pytest.raises(RuntimeError, match="boom"):
-        with standardize_once(model):
-            _micro_step(model, _batches(1))
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), standardize_once(model):
+        _micro_step(model, _batches(1))
+        raise RuntimeError("boom")
     assert all(p._frozen is None for _, _, p in ws_parametrizations(model))
     # V and gain/shift got nothing (the step was abandoned); norms/head got their direct grads
     for name, p in model.named_parameters():
@@ -163,19 +162,17 @@ def test_optimizer_step_inside_the_block_is_refused():
     model = _converted("ws")
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     _micro_step(model, _batches(1, seed=5))  # V.grad exists, so a step inside the block moves V
-    with pytest.raises(UsageError, match="after the"):
-        with standardize_once(model):
-            _micro_step(model, _batches(1))
-            opt.step()
+    with pytest.raises(UsageError, match="after the"), standardize_once(model):
+        _micro_step(model, _batches(1))
+        opt.step()
     assert all(p._frozen is None for _, _, p in ws_parametrizations(model))
 
 
 def test_nesting_is_refused():
     model = _converted("ws")
     with standardize_once(model):
-        with pytest.raises(UsageError, match="already active"):
-            with standardize_once(model):
-                pass
+        with pytest.raises(UsageError, match="already active"), standardize_once(model):
+            pass
         assert all(p._frozen is not None for _, _, p in ws_parametrizations(model))
     assert all(p._frozen is None for _, _, p in ws_parametrizations(model))
 
@@ -213,9 +210,8 @@ def test_frozen_backbone_trains_only_what_requires_grad():
     for p in once.parameters():  # everything frozen: nothing to push, no error
         p.requires_grad_(False)
         p.grad = None
-    with standardize_once(once):
-        with torch.no_grad():
-            once(batches[0][0])
+    with standardize_once(once), torch.no_grad():
+        once(batches[0][0])
     assert all(p.grad is None for p in once.parameters())
 
 
@@ -241,4 +237,4 @@ def test_sgd_trajectory_matches_naive_over_steps():
         opt_a.step(), opt_b.step()
         opt_a.zero_grad(), opt_b.zero_grad()
     for (name, a), (_, b) in zip(naive.named_parameters(), once.named_parameters()):
-        assert_close(b, a, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        assert_close(b, a, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")

@@ -17,8 +17,16 @@ from torch import nn
 from typer.testing import CliRunner
 
 import wsurgery
-from wsurgery.calibrate import (CalibrationConfig, _augment, _kl, calibrate, calibration_images, init_gn_from_teacher,
-                                reestimate_bn_stats, resolve_method)
+from wsurgery.calibrate import (
+    CalibrationConfig,
+    _augment,
+    _kl,
+    calibrate,
+    calibration_images,
+    init_gn_from_teacher,
+    reestimate_bn_stats,
+    resolve_method,
+)
 from wsurgery.compare import agreement_from_logits, compare
 from wsurgery.errors import ConfigError, UsageError
 
@@ -74,7 +82,8 @@ def test_agreement_matches_hand_computation():
     ref = torch.tensor([[5.0, 4, 3, 2, 1, 0, -1], [0.0, 1, 2, 3, 4, 5, 6]])
     out = torch.tensor([[5.0, 4, 3, 2, 0, 1, -1], [6.0, 1, 2, 3, 4, 5, 0]])
     a = agreement_from_logits(out, ref)
-    # row 0: same arg-max, top-5 {0,1,2,3,5} vs {0,1,2,3,4}: 4 shared; row 1: arg-max 0 vs 6, top-5 {0,5,4,3,2} vs {6,5,4,3,2}
+    # row 0: same arg-max, top-5 {0,1,2,3,5} vs {0,1,2,3,4}: 4 shared;
+    # row 1: arg-max 0 vs 6, top-5 {0,5,4,3,2} vs {6,5,4,3,2}
     assert a.top1 == pytest.approx(0.5)
     assert a.top5_overlap == pytest.approx((4 / 5 + 4 / 5) / 2)
     p, q = ref.softmax(-1), out.softmax(-1)
@@ -406,7 +415,8 @@ def test_images_follow_the_models_dtype_and_mixed_placements_are_refused(teacher
     assert result.after.kl < result.before.kl
     assert all(p.dtype == torch.float64 for p in student.parameters())
     other = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=4, inplace=False)[0].double()
-    with pytest.raises(UsageError, match="student runs on cpu in torch.float64 and the teacher on cpu in torch.float32"):
+    with pytest.raises(UsageError,
+                       match=r"student runs on cpu in torch.float64 and the teacher on cpu in torch.float32"):
         calibrate(other, teacher, _images(8), held_out=None)
 
 
@@ -456,7 +466,6 @@ def test_precondition_standardizes_each_channel_with_the_bn_statistics(teacher):
 
 def test_preconditioned_models_save_load_export_and_verify(tmp_path):
     import timm
-
     from _core_helpers import randomize_norms
 
     torch.manual_seed(0)

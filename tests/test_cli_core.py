@@ -17,16 +17,14 @@ import textwrap
 import pytest
 import timm
 import torch
+from _cli import flat, invoke, ok, one_error, runner
+from _core_helpers import assert_no_standardization, assert_rel_close
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
-
-import wsurgery
 from wsurgery.cli._common import DEBUG_ENV
 from wsurgery.cli.main import app
 
-from _cli import flat, invoke, ok, one_error, runner
-from _core_helpers import assert_no_standardization, assert_rel_close
-
+import wsurgery
 
 
 @pytest.fixture(autouse=True)
@@ -181,8 +179,9 @@ def test_force(tmp_path):
 
 def test_convert_from_checkpoint_remapped_by_order(tmp_path):
     """A checkpoint from "another implementation" (renamed keys, nested, same order and shapes)."""
-    import timm
     from collections import OrderedDict
+
+    import timm
 
     source = timm.create_model("resnet18", pretrained=False, num_classes=4)
     state = source.state_dict()

@@ -19,19 +19,17 @@ import shutil
 import pytest
 import timm
 import torch
+from _cli import invoke, ok, one_error
+from _data import make_folder
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 from typer.testing import CliRunner
-
-import wsurgery
 from wsurgery.cli._common import DEBUG_ENV, console
 from wsurgery.cli.main import app
 
-from _cli import invoke, ok, one_error
-from _data import make_folder
-
+import wsurgery
 
 NUM_CLASSES = 3
 #: the shared model: tiny (a few MFLOPs), BatchNorm after every conv but the head, SE convs with biases
@@ -67,7 +65,8 @@ def conv_names(model: nn.Module) -> list[str]:
 
 
 def standardized_names(model: nn.Module) -> set[str]:
-    return {n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and parametrize.is_parametrized(m, "weight")}
+    return {n for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and parametrize.is_parametrized(m, "weight")}
 
 
 # ---------------------------------------------------------------------------- shared fixtures

@@ -18,12 +18,12 @@ import pytest
 import timm
 import torch
 import torch.distributed as dist
-from torch.testing import assert_close
-
-import wsurgery
 from _data import CLASSES, make_train_val
 from test_calibrate import _images, make_teacher
 from test_ddp import check_two_ranks
+from torch.testing import assert_close
+
+import wsurgery
 from wsurgery.convert import clone_model
 from wsurgery.errors import UsageError
 from wsurgery.io import load_safetensors, read_json
@@ -101,7 +101,7 @@ def test_calibrate_on_the_device():
         wsurgery.calibrate(cpu_student, cpu_teacher, images, method="gn-init", held_out=None)
         wsurgery.calibrate(dev_student, teacher, images, method="gn-init", held_out=None)
     for (name, a), (_, b) in zip(cpu_student.state_dict().items(), dev_student.state_dict().items()):
-        assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs two devices")
@@ -164,7 +164,7 @@ def test_resume_on_the_device_continues_where_it_stopped(data, tmp_path):
     b = load_safetensors(tmp_path / "cut" / "last" / "model.safetensors")
     assert a.keys() == b.keys()
     for k in a:
-        assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=lambda m: f"{k}: {m}")
+        assert_close(b[k], a[k], rtol=1e-3, atol=1e-4, msg=lambda m, k=k: f"{k}: {m}")
     assert_close(torch.tensor([h["train_loss"] for h in resumed.history]),
                  torch.tensor([h["train_loss"] for h in full.history]), rtol=1e-3, atol=1e-4)
 
@@ -188,10 +188,11 @@ def test_export_deploy_verify_and_predict_from_the_device(data, tmp_path):
     a = wsurgery.export(model, tmp_path / "cpu")
     b = wsurgery.export(on_dev, tmp_path / "dev")
     assert a.timm_compatible and b.timm_compatible
-    wa, wb = load_safetensors(tmp_path / "cpu" / "model.safetensors"), load_safetensors(tmp_path / "dev" / "model.safetensors")
+    wa = load_safetensors(tmp_path / "cpu" / "model.safetensors")
+    wb = load_safetensors(tmp_path / "dev" / "model.safetensors")
     assert wa.keys() == wb.keys()
     for k in wa:  # the fold computed on the device: the same plain-conv weights
-        assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=lambda m: f"{k}: {m}")
+        assert_close(wb[k], wa[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
     with allow_tf32(True):  # PyTorch's default for convs; verify must judge the arithmetic regardless
         result = wsurgery.verify(tmp_path / "dev", on_dev)
     assert result.passed and result.max_rel < 1e-4, result

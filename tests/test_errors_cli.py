@@ -19,11 +19,11 @@ import torch
 import typer
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
+from wsurgery.cli._common import DEBUG_ENV, handle_errors
+from wsurgery.cli.main import app
 
 import wsurgery
 from wsurgery import errors
-from wsurgery.cli._common import DEBUG_ENV, handle_errors
-from wsurgery.cli.main import app
 
 runner = CliRunner()
 
@@ -448,7 +448,8 @@ def test_channel_counts_no_group_count_divides(tmp_path):
     result = invoke("convert", "test_resnet", "--no-pretrained", "--norm", "gn", "--gn-groups", "24", "-o", out)
     assert result.exit_code == 0, result.stderr
     config = json.loads((out / "config.json").read_text())
-    notes = {c["name"]: c["note"] for c in config["wsurgery"]["report"]["changes"] if c["new_type"].startswith("GroupNorm")}
+    notes = {c["name"]: c["note"] for c in config["wsurgery"]["report"]["changes"]
+             if c["new_type"].startswith("GroupNorm")}
     assert notes["conv1.1"] == "8 groups"  # gcd(16, 24)
     assert notes["layer2.0.bn1"] == "24 groups"  # 48 divides
     assert notes["layer3.0.bn3"] == "24 groups"  # 192 divides

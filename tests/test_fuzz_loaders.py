@@ -21,10 +21,10 @@ import pytest
 import timm
 import torch
 from typer.testing import CliRunner
-
-import wsurgery
 from wsurgery.cli._common import DEBUG_ENV
 from wsurgery.cli.main import app
+
+import wsurgery
 
 runner = CliRunner()
 NUM_CASES = 40

@@ -110,10 +110,10 @@ def test_atomic_dir_force_replaces_whole_and_failure_keeps_the_old(tmp_path, mon
         (dest / "old.txt").write_text("old")
     else:
         dest.write_text("old")
-    with pytest.raises(RuntimeError, match="boom"):  # a failure half-way: the old output stays as it was
-        with io.atomic_dir(dest, force=True) as tmp:
-            (tmp / "new.txt").write_text("half")
-            raise RuntimeError("boom")
+    # a failure half-way: the old output stays as it was
+    with pytest.raises(RuntimeError, match="boom"), io.atomic_dir(dest, force=True) as tmp:
+        (tmp / "new.txt").write_text("half")
+        raise RuntimeError("boom")
     assert (dest / "old.txt").read_text() == "old" if old_kind == "dir" else dest.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     with io.atomic_dir(dest, force=True) as tmp:

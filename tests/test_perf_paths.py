@@ -225,7 +225,7 @@ def test_compiled_path_matches_eager_on_cuda(mode, convention):
     out_e.square().sum().backward()
     out_c.square().sum().backward()
     for (name, a), (_, b) in zip(eager.named_parameters(), compiled.named_parameters()):
-        assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
     compile_standardization(compiled, enabled=False)
     assert_close(compiled(x), out_e, rtol=1e-5, atol=1e-6)
 
@@ -243,4 +243,4 @@ def test_standardize_once_bf16_autocast_channels_last_on_cuda():
                     loss = model(x).float().square().mean() / len(xs)
                 loss.backward()
     for (name, a), (_, b) in zip(naive.named_parameters(), once.named_parameters()):
-        assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=lambda m: f"{name}: {m}")
+        assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")

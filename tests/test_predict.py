@@ -7,11 +7,11 @@ import json
 import pytest
 import timm
 import torch
+from _data import CLASSES, make_folder
 from typer.testing import CliRunner
+from wsurgery.cli.main import app
 
 import wsurgery
-from _data import CLASSES, make_folder
-from wsurgery.cli.main import app
 from wsurgery.errors import InputNotFoundError, UsageError
 from wsurgery.train import set_num_classes
 

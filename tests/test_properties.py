@@ -128,7 +128,7 @@ def test_fold_equals_the_unfolded_conv(case):
     x = torch.randn(2, case["in_channels"], *case["size"], generator=gen, dtype=case["dtype"])
     original = model(x)
 
-    converted, report = wsurgery.convert(model, **kwargs)
+    converted, _report = wsurgery.convert(model, **kwargs)
     (_, module, p), = ws_parametrizations(converted)
     if case["mode"] == "aws":  # exact at conversion ...
         torch.testing.assert_close(converted(x), original, **_tol(case["dtype"]))

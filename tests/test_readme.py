@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from _data import make_folder
 
 import wsurgery
-from _data import make_folder
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

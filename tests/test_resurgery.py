@@ -12,6 +12,7 @@ import json
 import pytest
 import timm
 import torch
+from _core_helpers import randomize_norms
 from safetensors.torch import load_file, save_file
 from timm.layers import freeze_batch_norm_2d
 from torch import nn
@@ -20,10 +21,8 @@ from torch.testing import assert_close
 import wsurgery
 from wsurgery.convert import get_surgery_config
 from wsurgery.errors import ConversionError
-from wsurgery.norm import is_batchnorm
 from wsurgery.fold import FOLD_ATTR, find_conv_bn_pairs, fold
-
-from _core_helpers import randomize_norms
+from wsurgery.norm import is_batchnorm
 
 
 def _outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -64,7 +63,7 @@ def test_reexport_of_a_fold_bn_export_keeps_the_folded_pairs(tmp_path, x):
 def test_converting_a_fold_bn_export_is_refused_with_the_reason(tmp_path):
     wsurgery.export(_aws_resnet(), tmp_path / "e", fold_bn=True)
     folded = wsurgery.load(tmp_path / "e")
-    with pytest.raises(ConversionError, match="folded into its convs.*without --fold-bn"):
+    with pytest.raises(ConversionError, match=r"folded into its convs.*without --fold-bn"):
         wsurgery.convert(folded, mode="aws")
     assert not wsurgery.is_converted(folded)
 
@@ -87,7 +86,7 @@ def test_reconverting_a_groupnorm_export_keeps_its_groupnorms(tmp_path, x):
     assert {n: m.num_groups for n, m in reloaded.named_modules() if isinstance(m, nn.GroupNorm)} == groups
     assert_close(_outputs(reloaded, x), _outputs(again, x), rtol=0, atol=0)
 
-    with pytest.raises(ConversionError, match="already has GroupNorm.*gn_groups=8"):
+    with pytest.raises(ConversionError, match=r"already has GroupNorm.*gn_groups=8"):
         wsurgery.convert(wsurgery.load(tmp_path / "gn"), mode="ws", norm="gn", gn_groups=4)
 
 
@@ -175,7 +174,7 @@ def test_a_folded_bit_model_is_refused_and_a_calibration_record_is_not_inherited
     # BiT's own StdConv2d become plain convs when folded; rebuilding would make them StdConv2d again
     bit = timm.create_model("resnetv2_50x1_bit", num_classes=5)
     folded = fold(bit)
-    with pytest.raises(ConversionError, match="StdConv2d/ScaledStdConv2d layers.*folded"):
+    with pytest.raises(ConversionError, match=r"StdConv2d/ScaledStdConv2d layers.*folded"):
         wsurgery.convert(folded, mode="aws")
     # an export carries its calibration record; converting it again is a new surgery without one
     model = _aws_resnet(norm="gn")

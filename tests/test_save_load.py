@@ -13,6 +13,7 @@ from collections import OrderedDict
 import pytest
 import timm
 import torch
+from _core_helpers import assert_no_standardization, assert_rel_close, randomize_norms, rel_diff
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from timm.layers import (
@@ -42,8 +43,6 @@ from wsurgery.errors import (
 )
 from wsurgery.fold import fold
 from wsurgery.norm import batchnorm_to_groupnorm, gn_num_groups, is_batchnorm
-
-from _core_helpers import assert_no_standardization, assert_rel_close, randomize_norms, rel_diff
 
 SIZE = 48
 
@@ -143,7 +142,7 @@ def test_save_then_load_in_fresh_process_is_identical(tmp_path):
 
 
 def test_save_refuses_to_overwrite(r18, tmp_path):
-    converted, report = wsurgery.convert(r18, inplace=False, trace=False)
+    converted, _report = wsurgery.convert(r18, inplace=False, trace=False)
     wsurgery.save(converted, tmp_path / "s")
     before = (tmp_path / "s" / "model.safetensors").stat().st_mtime_ns
     with pytest.raises(OutputExistsError, match="--force"):
@@ -163,7 +162,7 @@ def test_export_dtype(r18, tmp_path, dtype, torch_dtype, rtol):
     assert result.dtype == dtype
     with safe_open(str(tmp_path / dtype / "model.safetensors"), "pt") as f:
         meta = f.metadata()
-        dtypes = {f.get_tensor(k).dtype for k in f.keys()}
+        dtypes = {f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
     assert meta["format"] == "pt" and json.loads(meta["wsurgery"])["dtype"] == dtype
     assert torch_dtype in dtypes and torch.float32 not in dtypes
     x = _x()
@@ -191,7 +190,7 @@ def test_export_metadata_and_stock_timm(r18, tmp_path):
     assert config["wsurgery"]["stage"] == "folded" and config["wsurgery"]["timm_compatible"] is True
     assert config["num_classes"] == 10 and config["architecture"] == "resnet18"
     with safe_open(str(tmp_path / "e" / "model.safetensors"), "pt") as f:
-        assert not any("parametrizations" in k for k in f.keys())
+        assert not any("parametrizations" in k for k in f.keys())  # noqa: SIM118 (safe_open is not iterable)
         record = json.loads(f.metadata()["wsurgery"])
     assert record["surgery"]["mode"] == "ws"
     stock = timm.create_model(f"local-dir:{tmp_path / 'e'}", pretrained=True).eval()
@@ -234,7 +233,7 @@ def test_fold_refuses_non_finite(r18):
     converted, _ = wsurgery.convert(r18, inplace=False, trace=False)
     with torch.no_grad():
         converted.layer1[0].conv1.parametrizations.weight.original[0, 0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteWeightsError, match="layer1.0.conv1"):
+    with pytest.raises(NonFiniteWeightsError, match=r"layer1.0.conv1"):
         fold(converted)
     with pytest.raises(NonFiniteWeightsError):
         wsurgery.fold(converted, inplace=True)
@@ -251,7 +250,7 @@ def r18_state():
 
 
 def _assert_loaded(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    _assert_same_state({k: v for k, v in model.state_dict().items()}, state)
+    _assert_same_state(dict(model.state_dict().items()), state)
 
 
 @pytest.mark.parametrize("layout", ["safetensors", "pth", "state_dict", "model", "module_prefix", "nested"])
@@ -292,10 +291,10 @@ def test_checkpoint_mismatch_names_the_key(tmp_path, r18_state):
     bad = dict(r18_state)
     bad.pop("layer2.0.conv1.weight")
     torch.save(bad, tmp_path / "missing.pth")
-    with pytest.raises(CheckpointMismatchError, match="layer2.0.conv1.weight"):
+    with pytest.raises(CheckpointMismatchError, match=r"layer2.0.conv1.weight"):
         wsurgery.load("resnet18", checkpoint=tmp_path / "missing.pth")
     torch.save(r18_state, tmp_path / "r18.pth")
-    with pytest.raises(CheckpointMismatchError, match="remap-by-order|another architecture|missing key"):
+    with pytest.raises(CheckpointMismatchError, match=r"remap-by-order|another architecture|missing key"):
         wsurgery.load("resnet34", checkpoint=tmp_path / "r18.pth")
 
 
@@ -613,7 +612,8 @@ def test_load_of_a_directory_refuses_arguments_it_would_ignore(tmp_path):
 
     model, _ = wsurgery.convert(timm.create_model("test_efficientnet", num_classes=3), mode="aws")
     wsurgery.save(model, tmp_path / "s")
-    for kwargs, said in (({"model_args": {"drop_rate": 0.5}}, "model_args does"), ({"pretrained": True}, "pretrained does"),
+    for kwargs, said in (({"model_args": {"drop_rate": 0.5}}, "model_args does"),
+                         ({"pretrained": True}, "pretrained does"),
                          ({"remap_by_order": True, "pretrained": True}, "pretrained and remap_by_order do")):
         with pytest.raises(UsageError, match=f"saved directory.*; {said} not apply"):
             wsurgery.load(tmp_path / "s", **kwargs)

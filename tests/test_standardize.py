@@ -76,7 +76,7 @@ def test_every_convention_matches_independent_formula(name, shape):
 
 
 def test_unknown_convention_name_is_a_clear_error():
-    with pytest.raises(ConfigError, match="unknown WS convention 'tim'.*timm"):
+    with pytest.raises(ConfigError, match=r"unknown WS convention 'tim'.*timm"):
         standardize_weight(torch.randn(2, 4), 4, "tim")
 
 

@@ -21,14 +21,13 @@ from dataclasses import dataclass
 import pytest
 import timm
 import torch
+from _core_helpers import assert_no_standardization, assert_rel_close, module_types, randomize_norms
 from torch.nn.utils import parametrize
 
 import wsurgery
 from wsurgery.convert import TIMM_WS_TYPES, ws_parametrizations
 from wsurgery.fold import fold
 from wsurgery.norm import is_batchnorm
-
-from _core_helpers import assert_no_standardization, assert_rel_close, module_types, randomize_norms
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,11 @@ import signal
 import pytest
 import timm
 import torch
+from _data import CLASSES, make_train_val
 from typer.testing import CliRunner
+from wsurgery.cli.main import app
 
 import wsurgery
-from _data import CLASSES, make_train_val
-from wsurgery.cli.main import app
 from wsurgery.io import load_safetensors, read_json
 from wsurgery.train import TrainingDivergedError, TrainingInterrupted, train
 
@@ -128,7 +128,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
             with torch.no_grad():
                 model.get_classifier().weight.fill_(float("nan"))
 
-    with pytest.raises(TrainingDivergedError, match="loss became nan.*kept the last good checkpoint \\(epoch 1\\)"):
+    with pytest.raises(TrainingDivergedError, match=r"loss became nan.*kept the last good checkpoint \(epoch 1\)"):
         train(model, data, tmp_path / "r", "cpu-quick", overrides=FAST, callback=poison)
     kept = _weights(tmp_path / "r" / "last")
     assert all(torch.isfinite(v).all() for v in kept.values())

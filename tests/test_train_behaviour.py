@@ -51,7 +51,7 @@ def optimizer_steps():
     param_groups as they are when the step runs (lr, weight_decay, params)."""
     seen: list[list[dict]] = []
     handle = register_optimizer_step_pre_hook(
-        lambda opt, args, kwargs: seen.append([{k: v for k, v in g.items()} for g in opt.param_groups]))
+        lambda opt, args, kwargs: seen.append([dict(g.items()) for g in opt.param_groups]))
     try:
         yield seen
     finally:

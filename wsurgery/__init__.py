@@ -15,70 +15,69 @@ True
 
 __version__ = "0.1.0"
 
+from . import deploy, io
+from .accumulate import compile_standardization, standardize_once
+from .calibrate import CalibrationConfig, CalibrationResult, calibrate
+from .compare import Agreement, compare
 from .config import SurgeryConfig
 from .convert import LayerChange, SurgeryReport, convert, is_converted, pooled_norms
+from .datasets import build_datasets
+from .demo import run_demo
+from .deploy import DeployResult, export_onnx, export_program, find_weight_standardization
 from .errors import WSurgeryError
 from .export import ExportResult, export
 from .fold import fold
 from .load import load, load_checkpoint
-from .save import save
-from . import io
-from .standardize import CONVENTIONS, standardize_weight
-from .accumulate import compile_standardization, standardize_once
-from .summary import inspect
-from .verify import VerifyResult, verify
-from .recipes import Recipe, load_recipe
-from .datasets import build_datasets
-from .train import TrainEvent, TrainResult, train
 from .predict import Prediction, predict
-from .demo import run_demo
-from . import deploy
-from .deploy import DeployResult, export_onnx, export_program, find_weight_standardization
-from .compare import Agreement, compare
-from .calibrate import CalibrationConfig, CalibrationResult, calibrate
+from .recipes import Recipe, load_recipe
+from .save import save
+from .standardize import CONVENTIONS, standardize_weight
+from .summary import inspect
+from .train import TrainEvent, TrainResult, train
+from .verify import VerifyResult, verify
 from .weights import find_efficientnet_lite_checkpoint, load_efficientnet_lite
 
 __all__ = [
-    "__version__",
     "CONVENTIONS",
-    "ExportResult",
-    "LayerChange",
-    "SurgeryConfig",
-    "SurgeryReport",
-    "VerifyResult",
-    "DeployResult",
-    "deploy",
-    "export_onnx",
-    "export_program",
-    "find_weight_standardization",
-    "WSurgeryError",
-    "convert",
-    "export",
-    "fold",
-    "inspect",
-    "is_converted",
-    "pooled_norms",
-    "load",
-    "load_checkpoint",
-    "save",
-    "standardize_weight",
-    "standardize_once",
-    "compile_standardization",
-    "verify",
-    "Recipe",
-    "load_recipe",
-    "build_datasets",
-    "TrainEvent",
-    "TrainResult",
-    "train",
-    "Prediction",
-    "predict",
-    "run_demo",
     "Agreement",
     "CalibrationConfig",
     "CalibrationResult",
+    "DeployResult",
+    "ExportResult",
+    "LayerChange",
+    "Prediction",
+    "Recipe",
+    "SurgeryConfig",
+    "SurgeryReport",
+    "TrainEvent",
+    "TrainResult",
+    "VerifyResult",
+    "WSurgeryError",
+    "__version__",
+    "build_datasets",
     "calibrate",
     "compare",
+    "compile_standardization",
+    "convert",
+    "deploy",
+    "export",
+    "export_onnx",
+    "export_program",
     "find_efficientnet_lite_checkpoint",
+    "find_weight_standardization",
+    "fold",
+    "inspect",
+    "is_converted",
+    "load",
+    "load_checkpoint",
     "load_efficientnet_lite",
+    "load_recipe",
+    "pooled_norms",
+    "predict",
+    "run_demo",
+    "save",
+    "standardize_once",
+    "standardize_weight",
+    "train",
+    "verify",
 ]

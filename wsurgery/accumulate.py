@@ -32,7 +32,7 @@ from .convert import ws_parametrizations
 from .errors import UsageError
 from .standardize import WeightStandardization, _standardize_impl
 
-__all__ = ["standardize_once", "compile_standardization"]
+__all__ = ["compile_standardization", "standardize_once"]
 
 
 @dataclass

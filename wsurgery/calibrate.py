@@ -70,18 +70,18 @@ from .standardize import AdaptiveWeightStandardization
 
 __all__ = [
     "METHODS",
-    "Method",
     "CalibrationConfig",
     "CalibrationProgress",
     "CalibrationResult",
+    "Method",
     "calibrate",
     "calibration_images",
-    "resolve_method",
-    "reestimate_bn_stats",
-    "init_gn_from_teacher",
     "distill",
+    "init_gn_from_teacher",
     "precondition_gn_inputs",
     "preconditioned_convs",
+    "reestimate_bn_stats",
+    "resolve_method",
 ]
 
 Method = Literal["auto", "bn-stats", "gn-init", "distill", "none"]
@@ -285,7 +285,7 @@ def _split_held_out(
         raise UsageError("held_out=1.0 would hold out every image; give a fraction below 1 (0.25) or a count (1)")
     if isinstance(held_out, (int, float)):
         n = images.shape[0]
-        k = int(round(held_out * n)) if isinstance(held_out, float) and held_out < 1 else int(held_out)
+        k = round(held_out * n) if isinstance(held_out, float) and held_out < 1 else int(held_out)
         if held_out < 0 or k >= n:
             raise UsageError(f"held_out={held_out} leaves no calibration images out of {n}; hold out fewer")
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 1))
@@ -560,7 +560,7 @@ def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
 
 
 def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
-    if size is None or x.shape[-1] == size and x.shape[-2] == size:
+    if size is None or (x.shape[-1] == size and x.shape[-2] == size):
         return x
     return F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
 
@@ -691,7 +691,7 @@ def _augment(x: torch.Tensor, size: int | None, mix_fraction: float, gen: torch.
     # drawn on the CPU from the seeded generator (the same views on every device), then moved
     flip = (torch.rand(n, generator=gen) < 0.5).to(out.device)
     out[flip] = out[flip].flip(-1)
-    k = int(round(mix_fraction * n))
+    k = round(mix_fraction * n)
     if k and n > 1:
         partner = torch.randperm(n, generator=gen)[:k].to(out.device)
         lam = torch.rand(k, 1, 1, 1, generator=gen).to(device=out.device, dtype=out.dtype)

@@ -30,7 +30,7 @@ from torch import nn
 from .convert import placement
 from .errors import UsageError
 
-__all__ = ["CONFIDENT", "Agreement", "agreement_from_logits", "predict_logits", "compare"]
+__all__ = ["CONFIDENT", "Agreement", "agreement_from_logits", "compare", "predict_logits"]
 
 ImageSpec = str | os.PathLike | Sequence[str | os.PathLike]
 #: reference top-1 probability from which an image counts as confident for ``top1_confident``

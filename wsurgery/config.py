@@ -14,7 +14,7 @@ from typing import Any, Literal
 from .errors import ArgumentTypeError, ConfigError
 from .standardize import CONVENTIONS, WSConvention, get_convention
 
-__all__ = ["SurgeryConfig", "GroupRule"]
+__all__ = ["GroupRule", "SurgeryConfig"]
 
 GroupRule = Literal["gcd", "divisor", "error"]
 
@@ -41,7 +41,8 @@ class SurgeryConfig:
         default_factory=list, metadata={"help": "fnmatch patterns of conv names to convert (default: all)"}
     )
     exclude: list[str] = field(default_factory=list, metadata={"help": "fnmatch patterns of conv names to skip"})
-    norm: Literal["keep", "gn"] = field(default="keep", metadata={"help": "keep BatchNorm, or replace it with GroupNorm"})
+    norm: Literal["keep", "gn"] = field(default="keep",
+                                        metadata={"help": "keep BatchNorm, or replace it with GroupNorm"})
     gn_groups: int = field(default=32, metadata={"help": "target number of GroupNorm groups"})
     gn_group_size: int | None = field(default=None, metadata={"help": "channels per group (overrides gn_groups)"})
     gn_group_rule: GroupRule = field(
@@ -81,7 +82,7 @@ class SurgeryConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SurgeryConfig":
+    def from_dict(cls, data: dict[str, Any]) -> SurgeryConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:

@@ -30,20 +30,20 @@ from .norm import batchnorm_to_groupnorm, gn_num_groups, is_batchnorm
 from .standardize import AdaptiveWeightStandardization, WeightStandardization
 
 __all__ = [
+    "FOLD_ATTR",
+    "TIMM_WS_TYPES",
     "LayerChange",
     "SurgeryReport",
-    "convert",
-    "apply_surgery",
-    "plan_surgery",
-    "is_converted",
-    "ws_parametrizations",
-    "TIMM_WS_TYPES",
-    "get_surgery_config",
-    "clone_model",
     "all_finite",
+    "apply_surgery",
+    "clone_model",
+    "convert",
+    "get_surgery_config",
+    "is_converted",
+    "plan_surgery",
     "pooled_norms",
-    "FOLD_ATTR",
     "unwrap",
+    "ws_parametrizations",
 ]
 
 #: timm layers that already standardize their weights: recognised, left as they are, folded.
@@ -96,7 +96,7 @@ class SurgeryReport:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "SurgeryReport":
+    def from_dict(cls, data: dict[str, Any]) -> SurgeryReport:
         data = dict(data)
         data["changes"] = [LayerChange(**c) for c in data.get("changes", [])]
         return cls(**data)

@@ -25,11 +25,11 @@ from .errors import ArgumentTypeError, DatasetError, InputNotFoundError
 
 __all__ = [
     "IMAGE_SUFFIXES",
-    "find_images",
-    "open_rgb",
     "data_config_for",
     "eval_transform",
+    "find_images",
     "load_images",
+    "open_rgb",
     "random_inputs",
 ]
 

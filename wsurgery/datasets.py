@@ -25,9 +25,10 @@ import csv
 import multiprocessing
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -41,14 +42,14 @@ from .data import IMAGE_SUFFIXES, data_config_for, open_rgb
 from .errors import DatasetError, InputNotFoundError
 
 __all__ = [
-    "ImageSet",
-    "DataBundle",
     "AugmentConfig",
+    "DataBundle",
+    "ImageSet",
+    "SeededView",
     "build_datasets",
-    "train_transform",
     "eval_transform_for",
     "find_split_dirs",
-    "SeededView",
+    "train_transform",
 ]
 
 _VAL_NAMES = ("val", "validation", "valid")

@@ -40,13 +40,13 @@ from .errors import ConfigError, InputNotFoundError, OutputExistsError
 from .io import atomic_dir, atomic_file, write_json
 
 __all__ = [
-    "FASHION_MNIST_DIR",
     "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIR",
     "DemoConfig",
-    "DemoStep",
     "DemoResult",
-    "read_idx",
+    "DemoStep",
     "fashion_mnist_folder",
+    "read_idx",
     "run_demo",
 ]
 
@@ -171,7 +171,7 @@ class DemoConfig:
                               f"images per class), got {self.train_per_class + self.val_per_class}")
 
     @classmethod
-    def quick(cls) -> "DemoConfig":
+    def quick(cls) -> DemoConfig:
         return cls(img_size=32, train_per_class=6, val_per_class=2, test_per_class=3, calib_images=24, calib_steps=3,
                    overrides=["epochs=1", "warmup_steps=1", "accum_steps=4"], predict_images=3)
 

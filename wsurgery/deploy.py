@@ -44,8 +44,13 @@ from . import __version__
 from .convert import all_finite, clone_model, unwrap
 from .data import data_config_for
 from .errors import (
-    CheckpointError, ConversionError, InputNotFoundError, MissingDependencyError, NonFiniteWeightsError,
-    UnsafeCheckpointError, UsageError,
+    CheckpointError,
+    ConversionError,
+    InputNotFoundError,
+    MissingDependencyError,
+    NonFiniteWeightsError,
+    UnsafeCheckpointError,
+    UsageError,
 )
 from .fold import FOLD_ATTR, fold, is_folded
 from .io import atomic_file, check_output
@@ -53,22 +58,22 @@ from .save import build_config
 from .verify import RUNNERS, VerifyResult, verify
 
 __all__ = [
-    "FORMATS",
-    "FILE_NAMES",
     "DEFAULT_OPSET",
     "DEFAULT_RTOL",
+    "FILE_NAMES",
+    "FORMATS",
     "STANDARDIZATION_OPS",
     "DeployResult",
     "StandardizationOp",
-    "require_onnx",
+    "check_program_archive",
     "export_onnx",
     "export_program",
     "find_weight_standardization",
-    "read_metadata",
-    "recorded_img_size",
     "onnx_runner",
     "program_runner",
-    "check_program_archive",
+    "read_metadata",
+    "recorded_img_size",
+    "require_onnx",
     "verify_export",
 ]
 
@@ -327,10 +332,9 @@ def export_program(
                 f"torch.export failed ({type(e).__name__}: {_first_line(e)}); try --format onnx") from None
     config = _record(model, "torch-export", fold_bn=pairs, input_size=list(size), dynamic_batch=dynamic,
                      static_batch=None if dynamic else int(example[0].shape[0]), dtype="fp32", torch=torch.__version__)
-    with atomic_file(path, force=force) as tmp:
-        with open(tmp, "wb") as f:
-            record = json.dumps(config, sort_keys=True, default=str)
-            torch.export.save(program, f, extra_files={PROGRAM_EXTRA_FILE: record})
+    with atomic_file(path, force=force) as tmp, open(tmp, "wb") as f:
+        record = json.dumps(config, sort_keys=True, default=str)
+        torch.export.save(program, f, extra_files={PROGRAM_EXTRA_FILE: record})
     result = DeployResult(Path(path), "torch-export", size, dynamic, pairs, None, "torch.export.export")
     return _verified(result, model) if verify else result
 

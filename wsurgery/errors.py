@@ -12,23 +12,23 @@ them as they are.
 from __future__ import annotations
 
 __all__ = [
-    "WSurgeryError",
-    "UsageError",
     "ArgumentTypeError",
-    "ConfigError",
-    "ModelNotFoundError",
     "CheckpointError",
     "CheckpointMismatchError",
-    "UnsafeCheckpointError",
-    "OutputExistsError",
-    "InputNotFoundError",
-    "NonFiniteWeightsError",
+    "ConfigError",
     "ConversionError",
     "DatasetError",
-    "RecipeError",
-    "VerificationError",
+    "InputNotFoundError",
     "MissingDependencyError",
+    "ModelNotFoundError",
     "NetworkUnavailableError",
+    "NonFiniteWeightsError",
+    "OutputExistsError",
+    "RecipeError",
+    "UnsafeCheckpointError",
+    "UsageError",
+    "VerificationError",
+    "WSurgeryError",
 ]
 
 

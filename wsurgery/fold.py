@@ -28,13 +28,20 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
 from .convert import (
-    FOLD_ATTR, FOLDED_STD_ATTR, TIMM_WS_TYPES, all_finite, clone_model, own_class, require_module, ws_parametrizations,
+    FOLD_ATTR,
+    FOLDED_STD_ATTR,
+    TIMM_WS_TYPES,
+    all_finite,
+    clone_model,
+    own_class,
+    require_module,
+    ws_parametrizations,
 )
 from .errors import ConversionError, NonFiniteWeightsError, UsageError
 from .graph import module_successors
 from .norm import carries_activation, is_batchnorm
 
-__all__ = ["timm_std_conv_weight", "fold", "find_conv_bn_pairs", "fold_conv_bn", "is_folded", "FOLD_ATTR"]
+__all__ = ["FOLD_ATTR", "find_conv_bn_pairs", "fold", "fold_conv_bn", "is_folded", "timm_std_conv_weight"]
 
 
 def timm_std_conv_weight(module: nn.Conv2d) -> torch.Tensor:
@@ -87,7 +94,8 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """
     succ = module_successors(model)
     if succ is None:
-        raise ConversionError("fold_bn needs a torch.fx trace of the model and this one cannot be traced; export without fold_bn")
+        raise ConversionError("fold_bn needs a torch.fx trace of the model and this one cannot be traced; "
+                              "export without fold_bn")
     modules = dict(model.named_modules())
     feeders: dict[str, int] = {}
     for users in succ.values():
@@ -143,7 +151,8 @@ def fold_conv_bn(model: nn.Module, pairs: list[tuple[str, str]], *, structure_on
         bn = model.get_submodule(bn_name)
         if structure_only:
             if conv.bias is None:
-                conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device, dtype=conv.weight.dtype))
+                conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device,
+                                                     dtype=conv.weight.dtype))
         else:
             w = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
             b = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)

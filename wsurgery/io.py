@@ -31,18 +31,18 @@ from safetensors.torch import load_file, save_file
 from .errors import CheckpointError, InputNotFoundError, OutputExistsError, UnsafeCheckpointError
 
 __all__ = [
-    "atomic_file",
-    "atomic_dir",
-    "fsync_dir",
-    "check_output",
-    "write_json",
-    "read_json",
-    "save_safetensors",
-    "load_safetensors",
-    "read_safetensors_metadata",
-    "load_state_dict_file",
     "CONFIG_NAME",
     "WEIGHTS_NAME",
+    "atomic_dir",
+    "atomic_file",
+    "check_output",
+    "fsync_dir",
+    "load_safetensors",
+    "load_state_dict_file",
+    "read_json",
+    "read_safetensors_metadata",
+    "save_safetensors",
+    "write_json",
 ]
 
 CONFIG_NAME = "config.json"
@@ -214,13 +214,19 @@ def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return clean
 
 
-def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+def save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                     metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file`` with contiguous, unshared tensors and ``format: pt``; fsynced."""
     clean = _unshared(tensors)
     meta = {"format": "pt", **(metadata or {})}
     save_file(clean, str(path), metadata=meta)
     os.chmod(path, _umask_mode(directory=False))  # safetensors writes through a private (0600) temporary
     _fsync_file(Path(path))
+
+
+def _not_safetensors(path: Path, e: Exception) -> CheckpointError:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return CheckpointError(f"{path} is not a valid safetensors file ({msg}); it may be truncated or corrupt")
 
 
 def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -230,8 +236,7 @@ def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is not a valid safetensors file ({msg}); it may be truncated or corrupt") from None
+        raise _not_safetensors(path, e) from None
 
 
 def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -242,8 +247,7 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{path} is not a valid safetensors file ({msg}); it may be truncated or corrupt") from None
+        raise _not_safetensors(path, e) from None
 
 
 def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:

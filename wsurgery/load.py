@@ -28,8 +28,8 @@ import torch
 from timm.models import remap_state_dict
 from torch import nn
 
-from .config import SurgeryConfig
 from .calibrate import add_precondition_biases
+from .config import SurgeryConfig
 from .convert import apply_surgery, plan_surgery, pooled_norms
 from .errors import (
     ArgumentTypeError,
@@ -44,10 +44,9 @@ from .errors import (
     WSurgeryError,
 )
 from .fold import fold, fold_conv_bn
-from .io import (CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_dict_file, read_json,
-                 read_safetensors_metadata)
+from .io import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_dict_file, read_json, read_safetensors_metadata
 
-__all__ = ["load", "load_checkpoint", "rebuild", "model_record", "suggest_models", "SOURCE_ATTR"]
+__all__ = ["SOURCE_ATTR", "load", "load_checkpoint", "model_record", "rebuild", "suggest_models"]
 
 #: attribute holding where a model came from (model name, checkpoint, pretrained)
 SOURCE_ATTR = "wsurgery_source"
@@ -310,7 +309,8 @@ def _load_dir(path: Path) -> nn.Module:
     except WSurgeryError:
         raise
     except (TypeError, AttributeError, KeyError, IndexError, ValueError) as e:
-        raise CheckpointError(f"{config_path} is malformed ({type(e).__name__}: {e}); re-create the directory") from None
+        raise CheckpointError(f"{config_path} is malformed ({type(e).__name__}: {e}); "
+                              "re-create the directory") from None
 
 
 #: fields of the wsurgery record that decide the module structure; save/export also store the

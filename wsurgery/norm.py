@@ -26,7 +26,7 @@ try:  # torchvision's FrozenBatchNorm2d is what timm's freeze_batch_norm_2d prod
 except ImportError:  # pragma: no cover - torchvision is a dependency
     FrozenBatchNorm2d = ()  # type: ignore[assignment,misc]
 
-__all__ = ["is_batchnorm", "carries_activation", "gn_num_groups", "batchnorm_to_groupnorm"]
+__all__ = ["batchnorm_to_groupnorm", "carries_activation", "gn_num_groups", "is_batchnorm"]
 
 _ACT_BN_TYPES = (BatchNormAct2d, SyncBatchNormAct, FrozenBatchNormAct2d)
 

@@ -20,7 +20,7 @@ from .convert import placement, unwrap
 from .data import eval_transform, find_images, open_rgb
 from .errors import DatasetError, UsageError
 
-__all__ = ["Prediction", "predict", "label_names"]
+__all__ = ["Prediction", "label_names", "predict"]
 
 
 @dataclass

@@ -38,15 +38,15 @@ import yaml
 from .errors import InputNotFoundError, RecipeError
 
 __all__ = [
-    "Recipe",
     "RECIPE_DIR",
+    "Recipe",
+    "apply_overrides",
+    "bit_hyperrule",
     "builtin_recipes",
     "load_recipe",
-    "apply_overrides",
     "parse_override",
-    "resolve_recipe",
-    "bit_hyperrule",
     "recipe_reference",
+    "resolve_recipe",
 ]
 
 def _recipe_dir() -> Path:
@@ -157,7 +157,7 @@ class Recipe:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> "Recipe":
+    def from_dict(cls, data: dict[str, Any], source: str = "recipe") -> Recipe:
         """Build a recipe from a mapping, refusing unknown keys with a suggestion."""
         if not isinstance(data, dict):
             raise RecipeError(f"{source} must be a mapping of key: value, found {type(data).__name__}")
@@ -297,10 +297,10 @@ def _check_values(r: Recipe) -> None:
         raise RecipeError(f"`img_size` must be at least 8 pixels, got {r.img_size}")
     if len(r.aug_scale) != 2 or not 0 < r.aug_scale[0] <= r.aug_scale[1] <= 1:
         raise RecipeError(f"`aug_scale` must be [min, max] with 0 < min <= max <= 1, got {r.aug_scale}")
-    if r.decay_milestones != "auto":
-        if any(not 0 < m < 1 for m in r.decay_milestones) or list(r.decay_milestones) != sorted(r.decay_milestones):
-            raise RecipeError(f"`decay_milestones` must be increasing fractions of the run in (0, 1), "
-                              f"got {r.decay_milestones}")
+    if r.decay_milestones != "auto" and (any(not 0 < m < 1 for m in r.decay_milestones)
+                                         or list(r.decay_milestones) != sorted(r.decay_milestones)):
+        raise RecipeError(f"`decay_milestones` must be increasing fractions of the run in (0, 1), "
+                          f"got {r.decay_milestones}")
     if r.min_lr > r.lr:
         raise RecipeError(f"`min_lr` ({r.min_lr}) must not exceed `lr` ({r.lr})")
     mixing = (r.mixup_alpha == "auto" or r.mixup_alpha > 0 or r.cutmix_alpha > 0)

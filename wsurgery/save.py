@@ -21,7 +21,7 @@ from .convert import SurgeryReport, get_surgery_config, unwrap
 from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_dir, save_safetensors, write_json
 from .load import SOURCE_ATTR, model_record
 
-__all__ = ["save", "build_config", "jsonable"]
+__all__ = ["build_config", "jsonable", "save"]
 
 
 def jsonable(value: Any) -> Any:

@@ -31,15 +31,15 @@ from torch import nn
 from .errors import ConfigError
 
 __all__ = [
-    "WSConvention",
     "CONVENTIONS",
+    "AdaptiveWeightStandardization",
+    "WSConvention",
+    "WeightStandardization",
     "as_convention",
-    "get_convention",
     "filter_stats",
+    "get_convention",
     "standardize_weight",
     "standardize_weight_reference",
-    "WeightStandardization",
-    "AdaptiveWeightStandardization",
 ]
 
 
@@ -61,7 +61,7 @@ class WSConvention:
     eps: float
     source: str = ""
 
-    def with_eps(self, eps: float | None) -> "WSConvention":
+    def with_eps(self, eps: float | None) -> WSConvention:
         if eps is None or eps == self.eps:
             return self
         if not (eps > 0 and math.isfinite(eps)):
@@ -106,10 +106,7 @@ def filter_stats(
     if w.dtype in (torch.float16, torch.bfloat16):
         w = w.float()
     var, mean = torch.var_mean(w, dim=1, correction=1 if convention.unbiased else 0)
-    if convention.eps_in_sqrt:
-        scale = torch.sqrt(var + convention.eps)
-    else:
-        scale = torch.sqrt(var) + convention.eps
+    scale = torch.sqrt(var + convention.eps) if convention.eps_in_sqrt else torch.sqrt(var) + convention.eps
     return mean, scale
 
 

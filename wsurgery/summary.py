@@ -65,11 +65,13 @@ def layer_rows(model: nn.Module) -> list[LayerRow]:
         if isinstance(m, TIMM_WS_TYPES):
             rows.append(LayerRow(name, type(m).__name__, f"timm WS eps={m.eps:g}", _params(m)))
         elif isinstance(m, nn.Conv2d):
-            rows.append(LayerRow(name, type(m).__name__, "plain" + (" +bias" if m.bias is not None else ""), _params(m)))
+            rows.append(LayerRow(name, type(m).__name__, "plain" + (" +bias" if m.bias is not None else ""),
+                                 _params(m)))
         elif isinstance(m, nn.GroupNorm):
             act = getattr(m, "act", None)
             extra = f" act={type(act).__name__}" if act is not None and not isinstance(act, nn.Identity) else ""
-            rows.append(LayerRow(name, type(m).__name__, f"{m.num_groups} groups / {m.num_channels} ch{extra}", _params(m)))
+            rows.append(LayerRow(name, type(m).__name__, f"{m.num_groups} groups / {m.num_channels} ch{extra}",
+                                 _params(m)))
         elif is_batchnorm(m):
             rows.append(LayerRow(name, type(m).__name__, f"{getattr(m, 'num_features', '?')} ch", _params(m)))
     return rows

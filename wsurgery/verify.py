@@ -31,7 +31,7 @@ from .convert import placement
 from .data import load_images, random_inputs
 from .errors import InputNotFoundError, UsageError
 
-__all__ = ["VerifyResult", "verify", "compare_outputs", "RUNNERS", "DEFAULT_RTOL"]
+__all__ = ["DEFAULT_RTOL", "RUNNERS", "VerifyResult", "compare_outputs", "verify"]
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -116,7 +116,8 @@ def _resolve(obj: nn.Module | str | os.PathLike, role: str = "candidate") -> tup
 
             factory = RUNNERS.get(path.suffix)
         if factory is None:
-            raise InputNotFoundError(f"{path}: cannot run {path.suffix or 'this'} files; pass a directory, .onnx or .pt2")
+            raise InputNotFoundError(f"{path}: cannot run {path.suffix or 'this'} files; "
+                                     "pass a directory, .onnx or .pt2")
         return factory(path), None, str(path)
     from .load import load
 
@@ -139,7 +140,7 @@ def _stored_dtype(directory: Path) -> str | None:
     if not weights.is_file():
         return None
     with safe_open(str(weights), framework="pt") as f:
-        found = {names.get(f.get_slice(k).get_dtype()) for k in f.keys()} - {None}
+        found = {names.get(f.get_slice(k).get_dtype()) for k in f.keys()} - {None}  # noqa: SIM118 (not iterable)
     # the coarsest one decides (an fp16 export keeps nothing in fp32 but counters)
     for dtype in ("bf16", "fp16", "fp32"):
         if dtype in found:

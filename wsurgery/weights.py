@@ -25,11 +25,11 @@ from .errors import ConfigError, MissingDependencyError
 
 __all__ = [
     "EFFICIENTNET_LITE",
-    "LiteWeights",
-    "find_efficientnet_lite_checkpoint",
-    "available_efficientnet_lite",
-    "load_efficientnet_lite",
     "SAMPLE_PHOTOS",
+    "LiteWeights",
+    "available_efficientnet_lite",
+    "find_efficientnet_lite_checkpoint",
+    "load_efficientnet_lite",
     "sample_photos",
 ]
 
