@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
 from _data import CLASSES, make_train_val
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -40,7 +39,8 @@ def _worker(rank: int, world: int, data: str, out: str, tmp: str, backend: str =
     model, _ = wsurgery.convert(model, mode="aws", norm="gn")
     result = train(model, data, out, "cpu-quick", device=device,
                    overrides=["img_size=32", "batch_size=2", "accum_steps=2", "epochs=4", "lr=0.01", "warmup_steps=2",
-                              "label_smoothing=0", "aug_scale=[0.8, 1.0]"] + (["amp=bf16"] if backend == "nccl" else []))
+                              "label_smoothing=0", "aug_scale=[0.8, 1.0]",
+                              *(["amp=bf16"] if backend == "nccl" else [])])
     save_safetensors({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(tmp, f"rank{rank}.safetensors"))
     save_safetensors({k: v.cpu() for k, v in result.model.state_dict().items()},
                      os.path.join(tmp, f"rank{rank}_best.safetensors"))
@@ -56,6 +56,10 @@ def test_ddp_two_processes_gloo(tmp_path):
 def check_two_ranks(tmp_path, backend: str) -> None:
     """Train with 2 ranks; the ranks end with identical weights, the loss falls, only rank 0 writes."""
     data = make_train_val(tmp_path / "data")
+    # one training image truncated (it passes the header check, fails to decode, the next sample stands in):
+    # read once per epoch by whichever rank draws it, so train.json counts 4 over the ranks
+    first = sorted((data / "train").glob("*/*.png"))[0]
+    first.write_bytes(first.read_bytes()[: first.stat().st_size // 2])
     out = tmp_path / "run"
     mp.spawn(_worker, args=(2, str(data), str(out), str(tmp_path), backend), nprocs=2, join=True)
     from wsurgery.io import load_safetensors
@@ -76,6 +80,7 @@ def check_two_ranks(tmp_path, backend: str) -> None:
     # rank 0 evaluated and wrote the run; every rank has its numbers and returns the best epoch's model
     assert "top1" in h0["history"][-1] and h1["history"] == h0["history"]
     assert (out / "model.safetensors").is_file() and (out / "last" / "train_state.json").is_file()
+    assert json.loads((out / "train.json").read_text())["decode_failures"] == 4
     best = load_safetensors(out / "model.safetensors")
     for rank in (0, 1):
         returned = load_safetensors(tmp_path / f"rank{rank}_best.safetensors")

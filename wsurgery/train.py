@@ -69,21 +69,29 @@ from .calibrate import preconditioned_convs
 from .convert import clone_model, is_converted, placement, unwrap
 from .datasets import AugmentConfig, DataBundle, SeededView, build_datasets, eval_transform_for, train_transform
 from .errors import InputNotFoundError, OutputExistsError, RecipeError, UsageError, WSurgeryError
-from .io import (CONFIG_NAME, WEIGHTS_NAME, atomic_dir, atomic_file, load_safetensors, read_json,
-                 save_safetensors, write_json)
+from .io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    atomic_dir,
+    atomic_file,
+    load_safetensors,
+    read_json,
+    save_safetensors,
+    write_json,
+)
 from .recipes import Recipe, load_recipe, resolve_recipe
 from .save import build_config
 
 __all__ = [
+    "LAST_DIR",
     "TrainEvent",
     "TrainResult",
     "TrainingDivergedError",
     "TrainingInterrupted",
-    "train",
     "evaluate",
     "pick_device",
     "set_num_classes",
-    "LAST_DIR",
+    "train",
 ]
 
 LAST_DIR = "last"
@@ -618,11 +626,10 @@ class _Run:
     def write_metrics(self) -> None:
         if not self.is_main or self.output is None:
             return
-        with atomic_file(self.output / "metrics.csv", force=True) as tmp:
-            with open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(METRIC_FIELDS), extrasaction="ignore")
-                writer.writeheader()
-                writer.writerows(self.state.history)
+        with atomic_file(self.output / "metrics.csv", force=True) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(METRIC_FIELDS), extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(self.state.history)
         try:
             _plot_metrics(self.state.history, self.output / "metrics.png")
         except ImportError:
@@ -948,7 +955,7 @@ def train(
     recipe_obj = load_recipe(recipe, overrides)
     dev = pick_device(device)
     _init_distributed(dev)
-    world, rank, _ = _dist_env()
+    _world, rank, _ = _dist_env()
     is_main = rank == 0 or not dist.is_initialized()
     bundle = build_datasets(data, val_data=val_data, val_split=recipe_obj.val_split, seed=recipe_obj.seed)
     resolved, notes = resolve_recipe(recipe_obj, len(bundle.train), bundle.original_size)
@@ -991,14 +998,15 @@ def train(
         if out is not None:  # a rank that did not write: a copy, as rank 0's load(out) is
             best_model = clone_model(best_model)
         best_model.load_state_dict(run.best_state)  # the best epoch's weights, as a run directory holds them
-    if bundle.load_failures:
-        notes.append(f"{bundle.load_failures} image read(s) failed to decode (a truncated file?) and were replaced by "
+    decode_failures = _total_over_ranks(bundle.load_failures, run)
+    if decode_failures:
+        notes.append(f"{decode_failures} image read(s) failed to decode (a truncated file?) and were replaced by "
                      "the next sample")
     if is_main and out is not None:
         from .load import load
 
         best_model = load(out)
-        _write_summary(out, run, bundle, notes, time.perf_counter() - t_start)
+        _write_summary(out, run, bundle, notes, decode_failures, time.perf_counter() - t_start)
     result = TrainResult(
         output=out, model=best_model, history=run.state.history,
         best={"epoch": run.state.best_epoch, "top1": run.state.best_top1} if run.state.history else None,
@@ -1015,7 +1023,17 @@ def train(
     return result
 
 
-def _write_summary(out: Path, run: _Run, bundle: DataBundle, notes: list[str], seconds: float) -> None:
+def _total_over_ranks(count: int, run: _Run) -> int:
+    """``count`` summed over the ranks of a distributed run (each rank reads its own share of the data)."""
+    if not run.distributed:
+        return count
+    total = torch.tensor([count], dtype=torch.int64, device=run.device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+def _write_summary(out: Path, run: _Run, bundle: DataBundle, notes: list[str], decode_failures: int,
+                   seconds: float) -> None:
     summary = {
         "status": "completed",
         "steps": run.state.step,
@@ -1026,7 +1044,7 @@ def _write_summary(out: Path, run: _Run, bundle: DataBundle, notes: list[str], s
         "val_images": len(bundle.val) if bundle.val is not None else 0,
         "skipped_files": bundle.skipped,
         # files that passed the header check but failed to decode (replaced by the next sample each time)
-        "decode_failures": bundle.load_failures,
+        "decode_failures": decode_failures,  # over every rank of a distributed run
         "sources": bundle.sources,
         "notes": notes,
         "seconds": round(seconds, 2),
