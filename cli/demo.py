@@ -20,6 +20,7 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="A tiny version (tests, CI): under a minute, low accuracy."),
     img_size: int | None = typer.Option(None, "--img-size", help="Resolution (default 48, quick 32)."),
     train_per_class: int | None = typer.Option(None, "--train-per-class", help="Training images per class."),
+    seed: int | None = typer.Option(None, "--seed", help="Seeds the data subset, calibration, fine-tune (default 0)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice; "
                                           "1 is faster on a busy machine)."),
     calib_precondition: bool = typer.Option(
@@ -40,6 +41,8 @@ def demo(
         cfg.img_size = img_size
     if train_per_class is not None:
         cfg.train_per_class = train_per_class
+    if seed is not None:
+        cfg.seed = seed
     cfg.calib_precondition = calib_precondition
     cfg.overrides = list(cfg.overrides) + list(set_)
     view = ProgressView()

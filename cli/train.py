@@ -99,6 +99,12 @@ def train(
         return
     if resume is None and (model is None or output is None):
         raise fail("train needs MODEL and --output (or --resume RUN_DIR)", 2)
+    if resume is not None:  # a resumed run continues with its own recipe: these would not apply
+        given = [flag for flag, value in (("--set", set_), ("--recipe", recipe), ("--img-size", img_size),
+                                          ("--val-split", val_split)) if value]
+        if given:
+            raise fail(f"{', '.join(given)} cannot change a resumed run (it continues with the recipe it was "
+                       "started with); drop them, or start a new run", 2)
     overrides = list(set_)
     if val_split is not None:
         overrides.append(f"val_split={val_split}")

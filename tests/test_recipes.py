@@ -120,7 +120,7 @@ def test_bit_hyperrule_resolution_and_resolve():
     assert resolved.steps == 500 and resolved.warmup_steps == 100 and resolved.img_size == 128
     assert resolved.decay_milestones == [0.4, 0.6, 0.8] and resolved.mixup_alpha == 0.0
     assert resolved.aug_scale == [0.64, 1.0]  # a 128 crop of a 160 resize keeps (128/160)^2 of the area
-    assert len(notes) == 5
+    assert len(notes) == 6  # steps, warmup, milestones, mixup, img_size, aug_scale
     plain, none = resolve_recipe(load_recipe("cpu-quick"), 5000, (28, 28))
     assert plain == load_recipe("cpu-quick") and none == []
 

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ConfigError, InputNotFoundError, OutputExistsError
+from .errors import ConfigError, InputNotFoundError, OutputExistsError, UsageError
 from .io import atomic_dir, atomic_file, write_json
 
 __all__ = [
@@ -279,9 +279,13 @@ def run_demo(
     if work.exists() and not force:
         raise OutputExistsError(f"{work} already exists; pass force=True (CLI: --force) to redo the demo")
     # everything the demo needs is checked before an old work directory is deleted
-    from .recipes import load_recipe
+    from .recipes import load_recipe, parse_override
 
     load_recipe(cfg.recipe, cfg.overrides)  # the recipe and its overrides (demo --set) are valid
+    own = sorted({parse_override(o)[0] for o in cfg.overrides} & {"img_size", "seed"})
+    if own:  # the demo sets them for every step (data, calibration, fine-tune), not only for the recipe
+        raise UsageError(f"the demo's {' and '.join(own)} cannot be set as recipe overrides; use "
+                         + " and ".join(f"--{k.replace('_', '-')} (DemoConfig.{k})" for k in own))
     ckpt = _lite0_checkpoint()
     fashion_mnist_source()
     if work.exists():
@@ -370,7 +374,8 @@ def run_demo(
         right = sum(p.labels[:1] == [p.path.parent.name] for p in preds)
         return preds, f"{right}/{len(preds)} sample test images right"
 
-    timer("predict", _predict)
+    if cfg.predict_images:  # 0: no sample predictions
+        timer("predict", _predict)
     result.seconds = time.perf_counter() - t_all
     with atomic_file(work / "demo.json", force=True) as tmp:
         write_json(tmp, result.to_dict())

@@ -107,7 +107,7 @@ class Recipe:
     lr: float = _help("Peak learning rate (at `lr_base_batch` images per step when that is set).", 0.01)
     lr_base_batch: int | None = _help(
         "If set, lr is scaled linearly: lr x (batch_size x accum_steps x world size) / lr_base_batch.", None)
-    momentum: float = _help("SGD momentum (or beta1 for Adam-type optimizers).", 0.9)
+    momentum: float = _help("SGD momentum, or beta1 of adam, adamw, nadam(w), radam, adamp, lamb(w).", 0.9)
     weight_decay: float = _help(
         "Weight decay. 1-D parameters (biases, norm affines, adaptive-WS gain/shift) never decay.", 0.0)
     sched: Literal["cosine", "multistep", "step", "constant"] = _help(
@@ -295,6 +295,8 @@ def _check_values(r: Recipe) -> None:
         raise RecipeError(f"`ema_decay` must be below 1, got {r.ema_decay}")
     if r.img_size not in (None, "auto") and r.img_size < 8:
         raise RecipeError(f"`img_size` must be at least 8 pixels, got {r.img_size}")
+    if r.auto_augment:
+        _check_auto_augment(r.auto_augment)
     if len(r.aug_scale) != 2 or not 0 < r.aug_scale[0] <= r.aug_scale[1] <= 1:
         raise RecipeError(f"`aug_scale` must be [min, max] with 0 < min <= max <= 1, got {r.aug_scale}")
     if r.decay_milestones != "auto" and (any(not 0 < m < 1 for m in r.decay_milestones)
@@ -332,6 +334,18 @@ def _recipe_path(spec: str | os.PathLike) -> Path:
     close = difflib.get_close_matches(name, list(builtin), n=1, cutoff=0.4)
     hint = f"did you mean {close[0]}?" if close else f"shipped recipes: {', '.join(builtin) or 'none found'}"
     raise InputNotFoundError(f"recipe {spec} not found; pass a YAML file or a shipped recipe name ({hint})")
+
+
+def _check_auto_augment(policy: str) -> None:
+    """timm parses the policy string only when it builds the transform; do that now (cheap, 32 px)."""
+    from timm.data import create_transform
+
+    try:
+        create_transform(32, is_training=True, auto_augment=policy)
+    except Exception as e:  # noqa: BLE001 - timm asserts, or raises KeyError/ValueError, on a bad policy string
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise RecipeError(f"`auto_augment` {policy!r} is not a timm policy ({detail}); use e.g. rand-m9-mstd0.5, "
+                          "augmix-m5-w4-d2, original or v0, or null for none") from None
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -431,9 +445,12 @@ def resolve_recipe(
             notes.append(f"{key}={rule[key]} (BiT-HyperRule, {dataset_size} training images)")
     if recipe.img_size == "auto":
         changes["img_size"] = rule["crop"]
-        changes["aug_scale"] = [round((rule["crop"] / rule["resize"]) ** 2, 4), 1.0]
         notes.append(f"img_size={rule['crop']} (BiT-HyperRule: resize {rule['resize']}, random crop {rule['crop']}, "
                      f"original {original_size})")
+        if list(recipe.aug_scale) == Recipe().aug_scale:  # left at the default: BiT's crop of the resized image
+            changes["aug_scale"] = [round((rule["crop"] / rule["resize"]) ** 2, 4), 1.0]
+            notes.append(f"aug_scale={changes['aug_scale']} (BiT-HyperRule: a {rule['crop']} px crop of the image "
+                         f"resized to {rule['resize']}; set aug_scale to choose another)")
     if not changes:
         return recipe, notes
     return Recipe.from_dict({**recipe.to_dict(), **changes}, source="auto"), notes

@@ -498,6 +498,9 @@ class _Run:
         self.batches_per_epoch = per_rank // r.batch_size if drop_last else math.ceil(per_rank / r.batch_size)
         if self.batches_per_epoch == 0:
             raise RecipeError(f"batch_size {r.batch_size} is larger than the {per_rank} training images per process")
+        if mixing and per_rank < 2:
+            raise RecipeError(f"mixup/cutmix mixes pairs of images and there is {per_rank} training image per process; "
+                              "set mixup_alpha=0 and cutmix_alpha=0, or add images")
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / r.accum_steps)
         if r.steps is not None:
             self.total_steps = int(r.steps)
@@ -523,6 +526,8 @@ class _Run:
         kwargs: dict[str, Any] = {}
         if r.optimizer.lower() in ("sgd", "nesterov", "momentum", "sgdp", "sgdw"):
             kwargs["momentum"] = r.momentum
+        elif r.optimizer.lower() in _ADAM_FAMILY:  # `momentum` is Adam's beta1 (0.9 by default in both)
+            kwargs["betas"] = (r.momentum, 0.999)
         known = list_optimizers()
         if r.optimizer.lower() not in known:
             close = difflib.get_close_matches(r.optimizer.lower(), known, n=1)
@@ -664,6 +669,8 @@ class _Run:
                 if self.recipe.channels_last and self.cuda:
                     x = x.contiguous(memory_format=torch.channels_last)
                 if self.mixup is not None:
+                    if len(x) % 2:  # timm's Mixup mixes pairs: the one odd batch of a set smaller than batch_size
+                        x, y = x[:-1], y[:-1]
                     x, y = self.mixup(x, y)
                 sync = self.ddp is None or (i == n_micro - 1 and not manual_reduce)
                 with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
@@ -862,6 +869,10 @@ def _init_distributed(device: torch.device) -> None:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
 
 
+#: timm optimizers whose first moment is ``betas[0]``: the recipe's ``momentum`` sets it
+_ADAM_FAMILY = frozenset({"adam", "adamw", "nadam", "nadamw", "radam", "adamp", "lamb", "lambw"})
+
+
 def _same_path(a: Path | None, b: Path | None) -> bool:
     """Whether two paths name the same directory (``runs/a`` and ``./runs/a/`` and its absolute path do)."""
     return a is not None and b is not None and a.resolve() == b.resolve()
@@ -944,12 +955,19 @@ def train(
         saved = state_plain["data"]
         data = data or saved["data"]
         val_data = val_data if val_data is not None else saved.get("val_data")
+        if overrides or recipe is not None:
+            raise UsageError("`overrides` (--set) and `recipe` (--recipe) cannot change a resumed run (it "
+                             "continues with the recipe it was started with); drop them, or start a new run")
         recipe = Recipe.from_dict(state_plain["recipe"], source=f"{last / STATE_JSON}")
-        if overrides:
-            raise UsageError("`overrides` (--set) cannot change a resumed run (it would not continue exactly); "
-                             "start a new run")
     if data is None:
         raise UsageError("train needs `data` (--data: an ImageFolder directory or a path,label CSV)")
+    if export is not None:
+        for run_dir, flag in ((out, "output (-o)"), (resume_dir, "resume (--resume)")):
+            # an export replaces its directory: at (or above) a run directory it would delete the run
+            if run_dir is not None and (_same_path(Path(export), run_dir)
+                                        or Path(export).resolve() in run_dir.resolve().parents):
+                raise UsageError(f"`export` (--export) {export} would replace the run directory {run_dir} "
+                                 f"(`{flag}`); export to a directory of its own, e.g. {run_dir / 'export'}")
     if export is not None and not force and Path(export).exists():
         raise OutputExistsError(f"{export} already exists; pass force=True (--force) to overwrite it")
     recipe_obj = load_recipe(recipe, overrides)
@@ -958,9 +976,15 @@ def train(
     _world, rank, _ = _dist_env()
     is_main = rank == 0 or not dist.is_initialized()
     bundle = build_datasets(data, val_data=val_data, val_split=recipe_obj.val_split, seed=recipe_obj.seed)
+    if state_plain is not None and bundle.class_names != state_plain["data"].get("class_names", bundle.class_names):
+        raise UsageError(f"{data} has the classes {bundle.class_names} but the run in {resume_dir} trained on "
+                         f"{state_plain['data']['class_names']}; resume with that run's data (drop --data) or "
+                         "start a new run")
     resolved, notes = resolve_recipe(recipe_obj, len(bundle.train), bundle.original_size)
     if bundle.skipped:
         notes.append(f"skipped {len(bundle.skipped)} unreadable file(s), e.g. {bundle.skipped[0]}")
+    if out is not None and out.exists() and not out.is_dir():
+        raise UsageError(f"{out} is a file; `output` (-o) names the run directory to create")
     if out is not None and is_main and out.exists() and not force and not _same_path(resume_dir, out):
         raise OutputExistsError(f"{out} already exists; pass force=True (--force) to start over, "
                                 f"or resume it (--resume {out})")
@@ -986,6 +1010,10 @@ def train(
         # directory created (or an old one replaced with --force): a failure before this point
         # leaves the old run as it was and nothing new behind
         _prepare_output(out, resume_dir, force, is_main)
+        if resume_dir is not None and out is not None and is_main and not _same_path(resume_dir, out):
+            # continuing a run into another directory: it starts as a copy of the run so far (its best
+            # model, metrics and checkpoint), so that it is whole even if no later epoch beats the best
+            shutil.copytree(resume_dir, out, dirs_exist_ok=True)
         if resume_dir is not None:
             run.load_checkpoint(resume_dir / LAST_DIR)
             notes.append(f"resumed at epoch {run.state.epoch + 1}, step {run.state.step}")
