@@ -6,6 +6,7 @@ import dataclasses
 import json
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from wsurgery.errors import DatasetError, NetworkUnavailableError
@@ -44,9 +45,10 @@ def predict(
     table.add_column("probability", justify="right")
     for r in results:
         if r.error:
-            err_console.print(f"[yellow]skipped[/] {r.path}: {r.error}")
+            err_console.print(f"[yellow]skipped[/] {escape(str(r.path))}: {escape(r.error)}")
             continue
         for rank, (name, p) in enumerate(zip(r.labels, r.probs), 1):
-            table.add_row(str(r.path) if rank == 1 else "", str(rank), name, f"{p:.1%}")
+            # escape: file and class names may hold brackets ([bold]red.png) that rich would take as markup
+            table.add_row(escape(str(r.path)) if rank == 1 else "", str(rank), escape(name), f"{p:.1%}")
     console.print(table)
 

@@ -56,7 +56,7 @@ def find_images(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
             found.append(path)
         elif any(c in text for c in "*?["):
             found.extend(sorted(Path(p) for p in glob.glob(text, recursive=True)
-                                if Path(p).suffix.lower() in IMAGE_SUFFIXES))
+                                if Path(p).suffix.lower() in IMAGE_SUFFIXES and Path(p).is_file()))
         else:
             raise InputNotFoundError(f"{text} does not exist; pass image files, a folder or a glob pattern")
     if not found:
@@ -89,7 +89,7 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
                 background = Image.new("RGBA", img.size, (255, 255, 255, 255))
                 img = Image.alpha_composite(background, img)
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DatasetError(f"{path} is not a readable image ({type(e).__name__})") from None
 
 
@@ -143,10 +143,16 @@ def load_images(
 
 def random_inputs(model: nn.Module, n: int = 4, seed: int = 0, img_size: int | None = None) -> torch.Tensor:
     """``n`` fixed random images (uniform pixels, then the model's normalization)."""
+    from .convert import input_channels
+
     cfg = data_config_for(model, img_size)
     gen = torch.Generator().manual_seed(seed)
-    c, h, w = cfg["input_size"]
+    _, h, w = cfg["input_size"]
+    # the model's own channel count: timm's pretrained_cfg says 3 for a model built with in_chans=1
+    c = input_channels(model) or cfg["input_size"][0]
     pixels = torch.rand(n, c, h, w, generator=gen)
-    mean = torch.tensor(cfg["mean"]).view(1, -1, 1, 1)
-    std = torch.tensor(cfg["std"]).view(1, -1, 1, 1)
+    mean, std = torch.tensor(cfg["mean"]), torch.tensor(cfg["std"])
+    if len(mean) != c:  # one value per channel, from the RGB ones
+        mean, std = mean.mean().repeat(c), std.mean().repeat(c)
+    mean, std = mean.view(1, -1, 1, 1), std.view(1, -1, 1, 1)
     return (pixels - mean) / std

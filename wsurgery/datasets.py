@@ -4,11 +4,13 @@ Layouts :func:`build_datasets` understands:
 
 * ``DATA/train/<class>/*.jpg`` and ``DATA/val/<class>/*.jpg`` (``validation/`` also works);
 * ``DATA/<class>/*.jpg``: one folder, split into train and val with ``val_split``;
+* in both, an image in a sub-folder (``DATA/train/cat/2019/a.jpg``) belongs to its top-level class folder,
+  as in torchvision's ImageFolder, and hidden folders (``.ipynb_checkpoints/``) are skipped;
 * ``DATA.csv`` with a ``path`` and a ``label`` column (paths relative to the CSV's folder);
   a second CSV for validation, or ``val_split``.
 
-Folder datasets come from timm's ``create_dataset`` (its ``ImageDataset`` over a folder
-reader), CSV datasets are the same ``ImageDataset`` over a small CSV reader (timm has none).
+Folder datasets are found by timm's folder reader (``create_dataset``), CSV datasets read by a small
+CSV reader (timm has none); both become timm's ``ImageDataset`` over the same list of samples.
 Transforms are timm's ``create_transform`` for the model's own resolved data config
 (mean, std, interpolation, crop), at ``img_size`` when given.
 
@@ -30,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_dataset, create_transform
@@ -155,7 +158,7 @@ def _readable(path: str) -> bool:
         with Image.open(path) as img:
             img.size  # noqa: B018 - touching the header
         return True
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError):
         return False
 
 
@@ -180,16 +183,33 @@ def find_split_dirs(root: Path) -> tuple[Path, Path | None]:
     return root, None
 
 
-def _folder_set(root: Path, class_map: dict[str, int] | None = None) -> ImageSet:
+def _folder_images(root: Path) -> list[tuple[str, str]]:
+    """``(path, class name)`` of every image under ``root``: the class is the first folder below ``root``.
+
+    The files come from timm's folder reader (its walk, file types and natural sort order), but not its
+    labels: timm names the class after an image's innermost folder, so ``cat/2019/a.png`` and
+    ``dog/2019/b.png`` would both be class ``2019``. Here, as in torchvision's ImageFolder, an image
+    anywhere below ``root/cat/`` is a ``cat``. Images directly in ``root`` get the class ``""``.
+    Images inside hidden folders (``.ipynb_checkpoints/``, ``.thumbnails/``) are tool copies, not data,
+    and are left out.
+    """
+    no_images = DatasetError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}); "
+                             f"expected {root}/<class>/<images>")
     try:
         # timm's folder reader takes its extensions from `input_key` (default: jpg/jpeg/png only);
         # every format predict and calibrate read is a training image too
-        base = create_dataset("", root=str(root), split="train", search_split=False, class_map=class_map,
+        base = create_dataset("", root=str(root), split="train", search_split=False,
                               input_key=";".join(IMAGE_SUFFIXES))
     except RuntimeError as e:  # timm: "Found 0 images in subfolders of ..."
-        raise DatasetError(f"{root} holds no images ({', '.join(IMAGE_SUFFIXES)}); expected {root}/<class>/<images>"
-                           ) from e
-    return ImageSet(str(root), reader=base.reader)
+        raise no_images from e
+    images = []
+    for path, _ in base.reader.samples:
+        folders = Path(os.path.relpath(path, root)).parts[:-1]
+        if not any(f.startswith(".") for f in folders):
+            images.append((path, folders[0] if folders else ""))
+    if not images:
+        raise no_images
+    return images
 
 
 def _check_classes(class_names: list[str], where: str) -> None:
@@ -213,8 +233,14 @@ def _read_csv(path: Path, class_to_idx: dict[str, int] | None) -> tuple[list[tup
                 f"{path} lacks the column(s) {', '.join(missing)} (found {', '.join(columns) or 'none'}); "
                 "the first line must be a header with `path,label`"
             )
-        rows = [{(k or "").strip().lower(): (v or "").strip() for k, v in row.items()} for row in reader]
-    rows = [r for r in rows if r.get("path")]
+        rows = []
+        for row in reader:
+            clean = {(k or "").strip().lower(): (v or "").strip() for k, v in row.items()}
+            if clean.get("path"):
+                if not clean.get("label"):
+                    raise DatasetError(f"line {reader.line_num} of {path} ({clean['path']}) has an empty label; "
+                                       "fill in the label column or remove the row")
+                rows.append(clean)
     if not rows:
         raise DatasetError(f"{path} has a header but no rows; add lines of `path,label`")
     labels = [r["label"] for r in rows]
@@ -235,7 +261,11 @@ def _read_csv(path: Path, class_to_idx: dict[str, int] | None) -> tuple[list[tup
 
 
 def _split(samples: list[tuple[str, int]], fraction: float, seed: int) -> tuple[list, list]:
-    """Stratified split: ``fraction`` of each class (at least one image) goes to validation."""
+    """Stratified split: ``fraction`` of each class goes to validation.
+
+    Each class of two or more images gives validation at least one image and keeps at least one for
+    training; a class of one image stays in training.
+    """
     if not 0.0 < fraction < 1.0:
         raise DatasetError(f"val_split must be between 0 and 1 (exclusive), got {fraction}")
     by_class: dict[int, list[tuple[str, int]]] = {}
@@ -246,7 +276,7 @@ def _split(samples: list[tuple[str, int]], fraction: float, seed: int) -> tuple[
     for target in sorted(by_class):
         items = sorted(by_class[target])
         rng.shuffle(items)
-        n_val = max(1, round(len(items) * fraction)) if len(items) > 1 else 0
+        n_val = min(max(1, round(len(items) * fraction)), len(items) - 1)  # 0 for a one-image class
         val.extend(items[:n_val])
         train.extend(items[n_val:])
     return sorted(train, key=lambda s: natural_key(s[0])), sorted(val, key=lambda s: natural_key(s[0]))
@@ -268,15 +298,18 @@ def _source_of(data: str | os.PathLike) -> Path:
 def _load_split(path: Path, class_to_idx: dict[str, int] | None) -> tuple[list[tuple[str, int]], dict[str, int]]:
     if path.suffix.lower() == ".csv":
         return _read_csv(path, class_to_idx)
-    if class_to_idx is not None:
-        extra = sorted(p.name for p in path.iterdir() if p.is_dir() and p.name not in class_to_idx)
+    images = _folder_images(path)
+    if class_to_idx is None:
+        class_to_idx = {c: i for i, c in enumerate(sorted({c for _, c in images}, key=natural_key))}
+    else:
+        # only folders holding images are classes, as in training: an empty folder is no class
+        extra = sorted({c for _, c in images if c and c not in class_to_idx}, key=natural_key)
         if extra:
             raise DatasetError(
-                f"{path} has class folders the training set does not: {', '.join(extra[:5])}; "
-                "every validation class must appear in training"
+                f"{path} has class folders the training set does not: {', '.join(extra[:5])}"
+                f"{' ...' if len(extra) > 5 else ''}; every validation class must appear in training"
             )
-    ds = _folder_set(path, class_to_idx)
-    return list(ds.reader.samples), dict(ds.reader.class_to_idx)
+    return [(p, class_to_idx[c]) for p, c in images if c in class_to_idx], class_to_idx
 
 
 def build_datasets(
@@ -335,7 +368,8 @@ def build_datasets(
             raise DatasetError(f"{val_dir} holds no readable images")
     elif val_split:
         train_samples, val_samples = _split(train_samples, val_split, seed)
-        sources["val"] = f"{val_split:.0%} of {where} (seed {seed})"
+        if val_samples:  # empty when every class has one image: then nothing was held out
+            sources["val"] = f"{val_split:.0%} of {where} (seed {seed})"
     present = {t for _, t in train_samples}
     if len(present) < 2:
         raise DatasetError(f"{where} has readable images in only {len(present)} class; a classifier needs 2 or more")
@@ -381,8 +415,9 @@ class SeededView(torch.utils.data.Dataset):
 
     Why not rely on the global RNG: DataLoader workers, DDP ranks and a run resumed mid-epoch
     would each see another random stream. Here every sample's transform runs under its own
-    seed (the caller's python and torch RNG states are restored afterwards), so an image gets
-    the same crop whatever the worker count, the rank, or where a resumed run starts.
+    seed (python's, numpy's and torch's: timm's RandAugment and AugMix draw from numpy's global RNG;
+    the caller's states are restored afterwards), so an image gets the same crop and augmentation
+    whatever the worker count, the rank, or where a resumed run starts.
     """
 
     def __init__(self, dataset: torch.utils.data.Dataset, seed: int):
@@ -399,11 +434,14 @@ class SeededView(torch.utils.data.Dataset):
     def __getitem__(self, index: int):
         sample_seed = hash((self.seed, self.epoch, int(index))) % (2**63)  # int tuples hash the same in every process
         py_state = random.getstate()
+        np_state = np.random.get_state()
         torch_state = torch.get_rng_state()
         try:
             random.seed(sample_seed)
+            np.random.seed(sample_seed % 2**32)  # numpy's global seed is 32 bits
             torch.manual_seed(sample_seed)
             return self.dataset[index]
         finally:
             random.setstate(py_state)
+            np.random.set_state(np_state)
             torch.set_rng_state(torch_state)
