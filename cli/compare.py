@@ -17,8 +17,8 @@ from ._common import check_at_least, confident_cell, console, handle_errors, kv_
 
 
 def _load(source: str, checkpoint: Path | None, remap_by_order: bool, which: str):
-    try:
-        return wsurgery.load(source, checkpoint=checkpoint, remap_by_order=remap_by_order)
+    try:  # --remap-by-order is about a checkpoint: it applies to the model given one (a directory has its own)
+        return wsurgery.load(source, checkpoint=checkpoint, remap_by_order=remap_by_order and checkpoint is not None)
     except NetworkUnavailableError:  # load's advice names convert's flags; here the fix is per model
         raise NetworkUnavailableError(
             f"could not fetch pretrained weights for {source}; without a network pass --{which}-checkpoint PATH "

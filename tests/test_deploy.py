@@ -417,3 +417,15 @@ def test_writers_verify_what_they_wrote(tmp_path, small_model, monkeypatch):
     for name, write in writers.items():
         result = write(tmp_path / f"{name}-bad", verify=True)
         assert not result.verification.passed and result.verification.max_rel > 1e-2, name
+
+
+def test_graph_exports_of_a_half_model_verify_at_its_precision(tmp_path, small_model):
+    """An fp32 ONNX/.pt2 graph of a bf16 model differs from it as bf16 rounding does: the check allows that much."""
+    half = clone_model(small_model).to(torch.bfloat16)
+    for write, suffix in ((deploy.export_onnx, ".onnx"), (deploy.export_program, ".pt2")):
+        check = write(half, tmp_path / f"bf16{suffix}", img_size=SIZE, verify=True).verification
+        assert check.rtol == sys.modules["wsurgery.verify"].DEFAULT_RTOL["bf16"] > deploy.DEFAULT_RTOL[suffix]
+        assert check.passed and check.max_rel > deploy.DEFAULT_RTOL[suffix], (suffix, check)
+        # an explicit rtol is still the caller's
+        assert wsurgery.verify(tmp_path / f"bf16{suffix}", half, rtol=deploy.DEFAULT_RTOL[suffix]).rtol == \
+            deploy.DEFAULT_RTOL[suffix]

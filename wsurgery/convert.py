@@ -39,10 +39,12 @@ __all__ = [
     "clone_model",
     "convert",
     "get_surgery_config",
+    "input_channels",
     "is_converted",
     "plan_surgery",
     "pooled_norms",
     "unwrap",
+    "with_input_channels",
     "ws_parametrizations",
 ]
 
@@ -188,7 +190,7 @@ def all_finite(tensor: torch.Tensor) -> bool:
     tensor ``isfinite`` allocates; a non-finite sum is confirmed element-wise, so a sum that
     merely overflows from huge finite values is not mistaken for NaN.
     """
-    if tensor.numel() == 0:
+    if tensor.numel() == 0 or tensor.is_meta:  # meta: structure only (save's rebuild check), no values
         return True
     if bool(torch.isfinite(tensor.detach().sum())):
         return True
@@ -274,7 +276,9 @@ def _standardize_conv(name: str, module: nn.Module, config: SurgeryConfig) -> tu
     old_type = type(module).__name__
     before = _numel(module)
     weight = module.weight.detach()
-    if fan_in > 1:  # a filter has zero variance exactly when its min equals its max
+    if weight.is_meta:  # structure only (save's rebuild check): no values to count
+        zero_var = 0
+    elif fan_in > 1:  # a filter has zero variance exactly when its min equals its max
         lo, hi = torch.aminmax(weight.reshape(-1, fan_in), dim=1)
         zero_var = int((lo == hi).sum())
     else:
@@ -327,15 +331,24 @@ def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return param.device, param.dtype
 
 
+def input_channels(model: nn.Module) -> int | None:
+    """The channels ``model`` takes: its first conv's (timm keeps ``pretrained_cfg``'s 3 for ``in_chans=1``)."""
+    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return first.in_channels if first is not None else None
+
+
+def with_input_channels(model: nn.Module, size: tuple[int, ...]) -> tuple[int, ...]:
+    """``(C, H, W)`` with ``C`` the channels ``model`` takes."""
+    channels = input_channels(model)
+    return (channels, *size[1:]) if channels is not None else tuple(size)
+
+
 def _probe_input(model: nn.Module) -> torch.Tensor | None:
     """One zero image of the model's default input size (timm's ``pretrained_cfg``, else 224 px)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    size = cfg.get("input_size")
-    if size is None:
-        first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        if first is None:
-            return None
-        size = (first.in_channels, 224, 224)
+    if input_channels(model) is None:
+        return None
+    size = with_input_channels(model, tuple(cfg.get("input_size") or (3, 224, 224)))
     if next(model.parameters(), None) is None:
         return None
     device, dtype = placement(model)

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .convert import all_finite, clone_model, unwrap
+from .convert import all_finite, clone_model, unwrap, with_input_channels
 from .data import data_config_for
 from .errors import (
     CheckpointError,
@@ -193,7 +193,7 @@ def _prepare(model: nn.Module, fold_bn: bool, img_size: int | None) -> tuple[nn.
             raise NonFiniteWeightsError(
                 f"{key} holds NaN or inf; refusing to export (resume from an earlier checkpoint)")
     pairs = [list(p) for p in getattr(folded, FOLD_ATTR, [])]
-    size = tuple(int(s) for s in data_config_for(model, img_size)["input_size"])
+    size = with_input_channels(folded, tuple(int(s) for s in data_config_for(model, img_size)["input_size"]))
     return folded, size, pairs  # type: ignore[return-value]
 
 

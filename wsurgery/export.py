@@ -23,14 +23,13 @@ from typing import Any, Literal
 import timm
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
-from .convert import all_finite, get_surgery_config, placement, unwrap
+from .convert import all_finite, get_surgery_config, placement, unwrap, with_input_channels
 from .errors import ConfigError, NonFiniteWeightsError
 from .fold import FOLD_ATTR, fold, is_folded
 from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_dir, save_safetensors, write_json
-from .load import model_record
-from .save import build_config
+from .load import SkipInitOnMeta, model_record
+from .save import build_config, check_rebuildable
 from .verify import VerifyResult
 from .verify import verify as verify_directory
 
@@ -74,28 +73,10 @@ def _module_signature(model: nn.Module) -> list[tuple[str, str, tuple]]:
     return sig
 
 
-class _SkipInitOnMeta(TorchFunctionMode):
-    """Turn random/constant weight init on meta tensors into no-ops.
-
-    Meta tensors hold no data, yet ``normal_`` & co. on them run torch's Python reference
-    decompositions (resnet50: ~0.4 s of kaiming init that produces nothing). Function modes
-    are thread-local, so this affects nothing outside the ``with`` block.
-    """
-
-    _INIT_OPS = frozenset({"normal_", "uniform_", "trunc_normal_", "erfinv_", "fill_", "zero_",
-                           "exponential_", "bernoulli_", "random_", "orthogonal_"})
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if (getattr(func, "__name__", "") in self._INIT_OPS and args and isinstance(args[0], torch.Tensor)
-                and args[0].is_meta):
-            return args[0]
-        return func(*args, **(kwargs or {}))
-
-
 def _build_on_meta(architecture: str, args: dict[str, Any]) -> nn.Module | None:
     """The stock timm model for ``args``, built on the meta device (no memory, no init)."""
     try:
-        with torch.device("meta"), _SkipInitOnMeta():
+        with torch.device("meta"), SkipInitOnMeta():
             return timm.create_model(architecture, pretrained=False, **args)
     except Exception:  # noqa: BLE001 - a constructor that refuses the args is just "not compatible"
         return None
@@ -160,7 +141,7 @@ def stock_timm_args(folded: nn.Module, record: dict[str, Any], norm: str | None)
         if stock_state.keys() != state.keys() or any(stock_state[k].shape != v.shape for k, v in state.items()):
             continue
         _materialize(stock, folded, state)
-        size = tuple(record["pretrained_cfg"].get("input_size", (3, 224, 224)))
+        size = with_input_channels(folded, tuple(record["pretrained_cfg"].get("input_size", (3, 224, 224))))
         if _same_outputs(stock, folded, size):
             return args
     return None
@@ -223,6 +204,7 @@ def export(
     target = DTYPES[dtype]
     state = {k: (v.to(target) if v.is_floating_point() else v) for k, v in folded.state_dict().items()}
     _check_finite_state(folded.state_dict(), state, dtype)
+    check_rebuildable(config, state, "export")
     directory = Path(directory)
     with atomic_dir(directory, force=force) as tmp:
         save_safetensors(state, tmp / WEIGHTS_NAME, {"wsurgery": json.dumps(config["wsurgery"], sort_keys=True)})

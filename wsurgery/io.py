@@ -260,8 +260,24 @@ def _unwrap(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise CheckpointError(f"{path} holds no tensors")
-    if all(k.startswith("module.") for k in tensors):  # saved from DataParallel / DDP
-        tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    return tensors
+
+
+#: key prefixes that wrappers add to every key: DataParallel / DDP (``module.``), torch.compile (``_orig_mod.``)
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _strip_wrapper_prefixes(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop the ``module.`` / ``_orig_mod.`` prefixes that DDP and torch.compile add, nested or not.
+
+    A prefix is dropped only when every key carries it (a real submodule named ``module`` beside
+    others keeps its name).
+    """
+    while tensors:
+        prefix = next((p for p in _WRAPPER_PREFIXES if all(k.startswith(p) for k in tensors)), None)
+        if prefix is None:
+            break
+        tensors = {k[len(prefix):]: v for k, v in tensors.items()}
     return tensors
 
 
@@ -284,7 +300,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read weights from ``.safetensors`` or a pickle checkpoint, never running code.
 
     Pickle files are read with ``torch.load(weights_only=True)``, which refuses anything
-    but tensors and plain containers. Nested ``state_dict`` / ``model`` keys are unwrapped.
+    but tensors and plain containers. Nested ``state_dict`` / ``model`` keys are unwrapped, and
+    in either format the ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) key prefixes dropped.
 
     Raises:
         InputNotFoundError: the file does not exist.
@@ -298,7 +315,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise InputNotFoundError(f"checkpoint {path} not found; check the path")
     if path.suffix == ".safetensors" or _is_safetensors(path):  # by name, or by content under any name
-        return load_safetensors(path)
+        return _strip_wrapper_prefixes(load_safetensors(path))
     unreadable = (f"{path} is not a readable checkpoint; expected a .safetensors file or a PyTorch "
                   ".pth/.bin/.pt state dict (it may be truncated or corrupt)")
     try:
@@ -315,7 +332,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(unreadable) from None
     except Exception:  # noqa: BLE001 - torch.load raises KeyError, RuntimeError, ... on files that are not checkpoints
         raise CheckpointError(unreadable) from None
-    return _unwrap(obj, path)
+    return _strip_wrapper_prefixes(_unwrap(obj, path))
 
 
 def _is_safetensors(path: Path) -> bool:

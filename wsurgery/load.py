@@ -27,6 +27,7 @@ import timm
 import torch
 from timm.models import remap_state_dict
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .calibrate import add_precondition_biases
 from .config import SurgeryConfig
@@ -65,12 +66,13 @@ def _unknown_model(name: str) -> ModelNotFoundError:
 
 def _first_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
     expected = model.state_dict()
+    heads = set(_classifier_keys(model))
     for key, value in expected.items():
         if key not in state_dict:
+            hint = ("a checkpoint without a classifier? pass --num-classes N for a new one, or 0 for none"
+                    if key in heads else "is it for another architecture? for reordered names try --remap-by-order")
             raise CheckpointMismatchError(
-                f"{source} does not fit this model: missing key {key!r} {tuple(value.shape)} "
-                f"(is it for another architecture? for reordered names try --remap-by-order)"
-            )
+                f"{source} does not fit this model: missing key {key!r} {tuple(value.shape)} ({hint})")
         if state_dict[key].shape != value.shape:
             hint = "; pass --num-classes to match the head" if key.split(".")[-1] in ("weight", "bias") and \
                 value.dim() <= 2 else ""
@@ -86,19 +88,96 @@ def _first_mismatch(model: nn.Module, state_dict: dict[str, torch.Tensor], sourc
         )
 
 
-def _classifier_keys(model: nn.Module) -> list[str]:
+def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """The key prefixes of the classifier(s) that ``pretrained_cfg['classifier']`` names (``fc.``, ``head.fc.``)."""
     heads = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or ()
     heads = (heads,) if isinstance(heads, str) else tuple(heads)
-    return [k for k in model.state_dict() if any(k.startswith(f"{h}.") for h in heads)]
+    return tuple(f"{h}." for h in heads)
+
+
+def _classifier_keys(model: nn.Module) -> list[str]:
+    prefixes = _classifier_prefixes(model)
+    return [k for k in model.state_dict() if prefixes and k.startswith(prefixes)]
 
 
 def _keep_new_head(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # --num-classes with a checkpoint: a head of another size is dropped for the model's new one
-    expected = model.state_dict()
-    heads = _classifier_keys(model)
-    if not any(k in state_dict and state_dict[k].shape != expected[k].shape for k in heads):
+    """--num-classes with a checkpoint: keep the checkpoint's head where it fits the model's, else the model's own.
+
+    The model's own head is timm's fresh one of ``num_classes`` classes, or none for 0; so a head of
+    another size is replaced, a head the model does not have (0 classes) dropped, and a headless
+    checkpoint gets the new head. Only classifier keys are touched: the backbone must still fit.
+    """
+    prefixes = _classifier_prefixes(model)
+    if not prefixes:
         return state_dict
-    return {**state_dict, **{k: expected[k] for k in heads}}
+    expected = model.state_dict()
+    model_head = {k: v for k, v in expected.items() if k.startswith(prefixes)}
+    ckpt_head = {k: v for k, v in state_dict.items() if k.startswith(prefixes)}
+    if ckpt_head.keys() == model_head.keys() and all(v.shape == model_head[k].shape for k, v in ckpt_head.items()):
+        return state_dict  # the same number of classes: the checkpoint's trained head stays
+    body = {k: v for k, v in state_dict.items() if k not in ckpt_head}
+    return {**body, **model_head}
+
+
+def _headed_keys(model: nn.Module) -> list[str] | None:
+    """The state-dict keys, in order, of ``model`` built with a classifier (it was built with
+    ``num_classes=0``): where a full checkpoint's head tensors sit. None if it cannot be rebuilt."""
+    try:
+        record = model_record(model)
+        args = {**record["model_args"], "num_classes": record["pretrained_cfg"].get("num_classes") or 1000}
+        with torch.device("meta"), SkipInitOnMeta():
+            return list(timm.create_model(record["architecture"], pretrained=False, **args).state_dict())
+    except Exception:  # noqa: BLE001 - no rebuild, no head positions: the count check reports the mismatch
+        return None
+
+
+def _remap_by_order(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
+                    new_head: bool) -> dict[str, torch.Tensor]:
+    """Match the checkpoint's tensors to the model's in order, names ignored (timm's ``remap_state_dict``).
+
+    With ``new_head`` the classifier tensors are set aside on both sides first (found by their
+    position in the model, or in the model rebuilt with a head when it has none), so a checkpoint
+    with or without a head fits a model with or without one; the backbone must match exactly.
+    """
+    expected = model.state_dict()
+    ckpt = list(state_dict.items())
+    model_keys = list(expected)
+    heads = set(_classifier_keys(model)) if new_head else set()
+    body_keys = [k for k in model_keys if k not in heads]
+    ckpt_head: list[tuple[str, torch.Tensor]] = []
+    ckpt_body = ckpt
+    if new_head and len(ckpt) == len(model_keys):  # both with a head (or both without)
+        ckpt_head = [item for key, item in zip(model_keys, ckpt) if key in heads]
+        ckpt_body = [item for key, item in zip(model_keys, ckpt) if key not in heads]
+    elif new_head and heads and len(ckpt) == len(body_keys):  # a headless checkpoint: the model's new head
+        pass
+    elif new_head and not heads and len(ckpt) > len(model_keys):  # num_classes=0: drop the checkpoint's head
+        headed = _headed_keys(model)
+        prefixes = _classifier_prefixes(model)
+        if (headed is not None and prefixes and len(headed) == len(ckpt)
+                and [k for k in headed if not k.startswith(prefixes)] == model_keys):
+            ckpt_body = [item for key, item in zip(headed, ckpt) if not key.startswith(prefixes)]
+    if len(ckpt_body) != len(body_keys):
+        raise CheckpointMismatchError(
+            f"{source} has {len(state_dict)} tensors but the model has {len(expected)}; "
+            "remapping by order needs the same number (another architecture?)"
+        )
+    remapped = {}
+    for mk, (ck, cv) in zip(body_keys, ckpt_body):
+        mv = expected[mk]
+        if mv.numel() != cv.numel():
+            raise CheckpointMismatchError(
+                f"{source} does not fit this model by order: {ck!r} {tuple(cv.shape)} lands on "
+                f"{mk!r} {tuple(mv.shape)}"
+            )
+        remapped[mk] = cv
+    head_fits = len(ckpt_head) == len(heads) and all(
+        expected[mk].numel() == cv.numel() for mk, (_, cv) in zip([k for k in model_keys if k in heads], ckpt_head))
+    for mk, (_, cv) in zip([k for k in model_keys if k in heads], ckpt_head if head_fits else []):
+        remapped[mk] = cv  # the same number of classes: the checkpoint's trained head
+    for mk in heads - remapped.keys():
+        remapped[mk] = expected[mk]  # --num-classes: the new head keeps its own init
+    return remap_state_dict({k: remapped[k] for k in model_keys}, model)  # in the model's order; reshaped
 
 
 def load_checkpoint(
@@ -111,8 +190,9 @@ def load_checkpoint(
         path: ``.safetensors`` or ``.pth/.bin/.pt`` file.
         remap_by_order: ignore the checkpoint's names and match tensors in order, as timm's
             ``load_checkpoint(..., remap=True)`` does; counts and element counts must agree.
-        new_head: keep the model's own classifier where the checkpoint's has another shape
-            (the model was built with a new ``num_classes``).
+        new_head: the model was built with a new ``num_classes``: keep its own classifier unless the
+            checkpoint's has the same shape (a checkpoint without a head, or a model without one
+            with ``num_classes=0``, also fits); only the classifier keys are exempt from the checks.
 
     Raises:
         CheckpointMismatchError: naming the first key or shape that does not fit.
@@ -120,25 +200,7 @@ def load_checkpoint(
     state_dict = load_state_dict_file(path)
     source = f"checkpoint {Path(path).name}"
     if remap_by_order:
-        expected = model.state_dict()
-        if len(expected) != len(state_dict):
-            raise CheckpointMismatchError(
-                f"{source} has {len(state_dict)} tensors but the model has {len(expected)}; "
-                "remapping by order needs the same number (another architecture?)"
-            )
-        heads = set(_classifier_keys(model)) if new_head else set()
-        remapped = {}
-        for (mk, mv), (ck, cv) in zip(expected.items(), state_dict.items()):
-            if mv.numel() != cv.numel():
-                if mk in heads:  # --num-classes: the new head keeps its own init
-                    remapped[mk] = mv
-                    continue
-                raise CheckpointMismatchError(
-                    f"{source} does not fit this model by order: {ck!r} {tuple(cv.shape)} lands on "
-                    f"{mk!r} {tuple(mv.shape)}"
-                )
-            remapped[ck] = cv
-        state_dict = remap_state_dict(remapped, model)
+        state_dict = _remap_by_order(model, state_dict, source, new_head)
     if new_head:
         state_dict = _keep_new_head(model, state_dict)
     _first_mismatch(model, state_dict, source)
@@ -222,6 +284,24 @@ def _network_error(name: str, exc: Exception, pretrained: bool = True) -> Networ
     )
 
 
+class SkipInitOnMeta(TorchFunctionMode):
+    """Turn random/constant weight init on meta tensors into no-ops.
+
+    Meta tensors hold no data, yet ``normal_`` & co. on them run torch's Python reference
+    decompositions (resnet50: ~0.4 s of kaiming init that produces nothing). Function modes
+    are thread-local, so this affects nothing outside the ``with`` block.
+    """
+
+    _INIT_OPS = frozenset({"normal_", "uniform_", "trunc_normal_", "erfinv_", "fill_", "zero_",
+                           "exponential_", "bernoulli_", "random_", "orthogonal_"})
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if (getattr(func, "__name__", "") in self._INIT_OPS and args and isinstance(args[0], torch.Tensor)
+                and args[0].is_meta):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
 def model_record(model: nn.Module) -> dict[str, Any]:
     """The timm facts needed to rebuild ``model``: architecture, constructor args, data config."""
     cfg = dict(getattr(model, "pretrained_cfg", None) or {})
@@ -288,19 +368,22 @@ def rebuild(config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None =
 
 def _load_dir(path: Path) -> nn.Module:
     config = read_json(path / CONFIG_NAME)
-    weights = path / WEIGHTS_NAME
-    if not weights.is_file():
-        raise InputNotFoundError(f"{weights} not found; the directory is incomplete (re-run the command that wrote it)")
-    state_dict = load_safetensors(weights)
-    config["_dir"] = str(path)
     config_path = path / CONFIG_NAME
-    if "wsurgery" not in config:  # a stock timm export (save_for_hf): load it the timm way
+    if "wsurgery" not in config:
+        # a stock timm export (save_for_hf): load it the timm way, whichever weights file it wrote
+        # (model.safetensors, or pytorch_model.bin, which timm reads with torch.load(weights_only=True))
         try:
             return timm.create_model(f"local-dir:{path}", pretrained=True)
         except Exception as e:  # noqa: BLE001 - whatever timm raises, the directory is what is wrong
             first = (str(e).splitlines() or [""])[0][:200]
             raise CheckpointError(f"timm cannot load {path} ({type(e).__name__}: {first}); "
-                                  f"is {CONFIG_NAME} damaged? re-create the directory") from None
+                                  f"is {CONFIG_NAME} damaged or a weights file missing? re-create the directory"
+                                  ) from None
+    weights = path / WEIGHTS_NAME
+    if not weights.is_file():
+        raise InputNotFoundError(f"{weights} not found; the directory is incomplete (re-run the command that wrote it)")
+    state_dict = load_safetensors(weights)
+    config["_dir"] = str(path)
     _check_record(config, read_safetensors_metadata(weights), config_path)
     try:
         return rebuild(config, state_dict)
@@ -396,8 +479,13 @@ def load(
         if num_classes is not None and num_classes != getattr(model, "num_classes", num_classes):
             model.reset_classifier(num_classes)
     else:
-        if source_str.startswith(("local-dir:",)):
-            return load(source_str[len("local-dir:"):], device=device)
+        if source_str.startswith("local-dir:"):  # timm's prefix for a saved directory: the same as its path
+            target = source_str[len("local-dir:"):]
+            if not Path(target).is_dir():
+                raise InputNotFoundError(f"{source_str}: {target} is not a directory; local-dir: names a directory "
+                                         "written by wsurgery.save/export or timm's save_for_hf")
+            return load(target, pretrained=pretrained, checkpoint=checkpoint, remap_by_order=remap_by_order,
+                        num_classes=num_classes, model_args=model_args, device=device)
         looks_like_path = os.sep in source_str or source_str.endswith((".safetensors", ".pth", ".bin", ".pt"))
         if path.is_file() and not timm.is_model(source_str):  # a file says nothing of the architecture
             if path.suffix.lower() in (".onnx", ".pt2"):

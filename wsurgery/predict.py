@@ -8,8 +8,9 @@ transform for the model's own data config.
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,6 +45,45 @@ def label_names(model: nn.Module) -> list[str]:
     return [f"class {i}" for i in range(n)]
 
 
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    # torch.device("cuda") means the current CUDA device; a tensor's device always names its index
+    def norm(d: torch.device) -> torch.device:
+        if d.index is not None or d.type == "cpu":
+            return d
+        return torch.device(d.type, torch.cuda.current_device() if d.type == "cuda" else 0)
+
+    return norm(a) == norm(b)
+
+
+@contextlib.contextmanager
+def _borrowed(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Run ``model`` in eval mode on ``device``, then restore every submodule's train/eval flag and,
+    if it had to be moved, every parameter's and buffer's device (a model already on ``device``
+    is not moved at all)."""
+    modes = [(m, m.training) for m in model.modules()]
+    homes = [(m, store, name, t.device) for m in model.modules() for store in (m._parameters, m._buffers)
+             for name, t in store.items() if t is not None]
+    moved = any(not _same_device(home, device) for *_, home in homes)
+    model.eval()
+    try:
+        if moved:
+            model.to(device)
+        yield
+    finally:
+        if moved:
+            if len({home for *_, home in homes}) == 1:
+                model.to(homes[0][3])
+            else:  # spread over several devices by the caller: each tensor goes back where it was
+                with torch.no_grad():
+                    for m, store, name, home in homes:
+                        if store is m._parameters:
+                            store[name].data = store[name].data.to(home)
+                        else:
+                            store[name] = store[name].to(home)
+        for m, mode in modes:
+            m.training = mode
+
+
 @torch.no_grad()
 def predict(
     model: nn.Module | str | os.PathLike,
@@ -63,7 +103,8 @@ def predict(
         topk: how many classes per image (capped at the number of classes).
         batch_size: images per forward pass.
         img_size: input size override (default: the model's data config).
-        device: where to run.
+        device: where to run. A module passed in is given back on its own device(s) and in
+            its own train/eval mode.
 
     Returns:
         One :class:`Prediction` per image, in the order found; unreadable files get ``error``.
@@ -85,29 +126,29 @@ def predict(
     if getattr(model, "num_classes", None) == 0:
         raise UsageError("the model has no classifier (num_classes=0), so there are no classes to rank; "
                          "load it with num_classes set, or predict with a fine-tuned run or export")
-    model.eval().to(device)
     names = label_names(model)
     k = min(topk, len(names)) if names else topk
     transform = eval_transform(model, img_size)
     paths = find_images(images)
     _, dtype = placement(model)
     results: list[Prediction] = []
-    for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        tensors, ok = [], []
-        for p in chunk:
-            try:
-                tensors.append(transform(open_rgb(p)))
-                ok.append(p)
-            except DatasetError as e:
-                results.append(Prediction(p, [], [], [], error=str(e)))
-        if not tensors:
-            continue
-        x = torch.stack(tensors).to(device=device, dtype=dtype)
-        probs = model(x).float().softmax(dim=-1)
-        top_p, top_i = probs.topk(min(k, probs.shape[-1]), dim=-1)  # capped by what the model outputs
-        for p, pv, iv in zip(ok, top_p.tolist(), top_i.tolist()):
-            results.append(Prediction(p, [names[i] if i < len(names) else f"class {i}" for i in iv], iv, pv))
+    with _borrowed(model, device):  # eval mode on `device`; the caller's model is given back as it was
+        for start in range(0, len(paths), batch_size):
+            chunk = paths[start:start + batch_size]
+            tensors, ok = [], []
+            for p in chunk:
+                try:
+                    tensors.append(transform(open_rgb(p)))
+                    ok.append(p)
+                except DatasetError as e:
+                    results.append(Prediction(p, [], [], [], error=str(e)))
+            if not tensors:
+                continue
+            x = torch.stack(tensors).to(device=device, dtype=dtype)
+            probs = model(x).float().softmax(dim=-1)
+            top_p, top_i = probs.topk(min(k, probs.shape[-1]), dim=-1)  # capped by what the model outputs
+            for p, pv, iv in zip(ok, top_p.tolist(), top_i.tolist()):
+                results.append(Prediction(p, [names[i] if i < len(names) else f"class {i}" for i in iv], iv, pv))
     order = {p: i for i, p in enumerate(paths)}
     results.sort(key=lambda r: order[r.path])
     return results

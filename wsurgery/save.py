@@ -14,14 +14,16 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import __version__
-from .convert import SurgeryReport, get_surgery_config, unwrap
+from .convert import FOLD_ATTR, SurgeryReport, get_surgery_config, is_converted, unwrap
+from .errors import ConversionError, WSurgeryError
 from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_dir, save_safetensors, write_json
-from .load import SOURCE_ATTR, model_record
+from .load import SOURCE_ATTR, SkipInitOnMeta, model_record, rebuild
 
-__all__ = ["build_config", "jsonable", "save"]
+__all__ = ["build_config", "check_rebuildable", "jsonable", "save"]
 
 
 def jsonable(value: Any) -> Any:
@@ -35,6 +37,14 @@ def jsonable(value: Any) -> Any:
 def build_config(model: nn.Module, stage: str, **wsurgery_fields: Any) -> dict[str, Any]:
     """The ``config.json`` content for ``model`` at ``stage`` (``converted`` or ``folded``)."""
     record = model_record(model)
+    for key, value in record["model_args"].items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            raise ConversionError(
+                f"model_args[{key!r}] = {value!r} cannot be written to {CONFIG_NAME}, so the model could not be "
+                f"rebuilt from it; build the model with a name timm resolves instead (e.g. act_layer='hard_swish')"
+            ) from None
     pretrained_cfg = jsonable(record["pretrained_cfg"])
     label_names = pretrained_cfg.pop("label_names", None)
     surgery = get_surgery_config(model)
@@ -62,6 +72,33 @@ def build_config(model: nn.Module, stage: str, **wsurgery_fields: Any) -> dict[s
     return config
 
 
+def check_rebuildable(config: dict[str, Any], state: dict[str, torch.Tensor], writer: str) -> None:
+    """Refuse, before anything is written, a model that :func:`wsurgery.load` could not rebuild.
+
+    ``load`` rebuilds a directory from what ``config`` records (timm's constructor, the surgery,
+    the fold) and loads the weights strictly. A model changed after it was built in a way the
+    record does not hold (timm's ``freeze_batch_norm_2d``, a hand-swapped layer) would be written
+    and then fail to load; so the recorded structure is built here on the meta device (no memory,
+    no init) and its tensor names and shapes compared with ``state``.
+    """
+    try:
+        with torch.device("meta"), SkipInitOnMeta():
+            expected = rebuild(config).state_dict()
+    except WSurgeryError as e:
+        raise ConversionError(f"{writer} would write a directory that load cannot rebuild ({e})") from None
+    except Exception:  # noqa: BLE001 - a constructor that reads values at init (.item() on meta): no check
+        return
+    diff = ([f"{k!r} is missing from the rebuilt model" for k in state if k not in expected]
+            + [f"{k!r} is missing from the model" for k in expected if k not in state]
+            + [f"{k!r} is {tuple(state[k].shape)} in the model but {tuple(v.shape)} rebuilt"
+               for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)])
+    if diff:
+        raise ConversionError(
+            f"{writer} refuses: the model differs from what timm's constructor and its recorded surgery rebuild "
+            f"({diff[0]}; {len(diff)} difference(s)), so the written directory would not load. Was it changed "
+            "after it was built (e.g. timm's freeze_batch_norm_2d: undo it with unfreeze_batch_norm_2d)?")
+
+
 def save(
     model: nn.Module,
     directory: str | os.PathLike,
@@ -81,10 +118,15 @@ def save(
         The directory path.
     """
     model = unwrap(model)
+    if getattr(model, FOLD_ATTR, None) is not None and not is_converted(model):
+        raise ConversionError("this model is folded (plain convs, no WS layers left), which save does not record; "
+                              "write it with wsurgery.export (CLI: wsurgery export), or save the converted model")
     if report is not None:
         model.wsurgery_report = report.to_dict()
     config = build_config(model, "converted")
+    state = model.state_dict()
+    check_rebuildable(config, state, "save")
     with atomic_dir(directory, force=force) as tmp:
-        save_safetensors(model.state_dict(), tmp / WEIGHTS_NAME, {"wsurgery": json.dumps(config["wsurgery"])})
+        save_safetensors(state, tmp / WEIGHTS_NAME, {"wsurgery": json.dumps(config["wsurgery"])})
         write_json(tmp / CONFIG_NAME, config)
     return Path(directory)

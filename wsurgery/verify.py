@@ -198,7 +198,10 @@ def verify(
         from . import deploy
 
         img_size = img_size if img_size is not None else deploy.recorded_img_size(candidate)
-        rtol = rtol if rtol is not None else deploy.DEFAULT_RTOL.get(Path(candidate).suffix)
+        if rtol is None:  # the format's, or the reference's precision where that is looser (a bf16 model)
+            rtol = deploy.DEFAULT_RTOL.get(Path(candidate).suffix)
+            if ref_model is not None and rtol is not None:
+                rtol = max(rtol, DEFAULT_RTOL[_dtype_of(reference, ref_model)])
     data_model = ref_model if ref_model is not None else cand_model
     if data_model is None:
         raise InputNotFoundError("verify needs the reference as a model or directory (for its data config)")

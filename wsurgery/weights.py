@@ -110,7 +110,8 @@ def load_efficientnet_lite(variant: str = "lite0", **load_kwargs) -> nn.Module:
         **load_kwargs: passed on to :func:`wsurgery.load` (``num_classes``, ``device`` ...).
 
     Returns:
-        The timm model in eval mode (ImageNet head, mean = std = 0.5).
+        The timm model in eval mode (mean = std = 0.5) with the ImageNet head, or with
+        ``num_classes``: a new head of that many classes (timm's init), or none for 0.
 
     Raises:
         MissingDependencyError: the weight package is not installed.
@@ -119,7 +120,8 @@ def load_efficientnet_lite(variant: str = "lite0", **load_kwargs) -> nn.Module:
 
     info = _variant(variant)
     path = find_efficientnet_lite_checkpoint(info.variant)
-    # with num_classes, load() remaps the ImageNet tensors by order and keeps the new head's own init
+    # with num_classes, load() remaps the ImageNet backbone by order and keeps the new head's own init
+    # (num_classes=0: the checkpoint's head is set aside before matching, and the model has none)
     return load(info.architecture, checkpoint=path, remap_by_order=True, **load_kwargs)
 
 
