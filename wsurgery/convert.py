@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from timm.layers import CondConv2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
+from timm.layers import CondConv2d, MixedConv2d, ScaledStdConv2d, ScaledStdConv2dSame, StdConv2d, StdConv2dSame
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -390,13 +390,16 @@ def _is_norm(module: nn.Module) -> bool:
 
 def _convs_without_norm(model: nn.Module, conv_names: list[str]) -> tuple[list[str] | None, list[str]]:
     """``(convs not followed by a norm, convs the trace does not show)``; ``(None, [])`` if untraceable."""
-    succ = module_successors(model)
+    # a MixedConv2d stays whole in the trace: its branch convs feed only its torch.cat, and what
+    # follows the MixedConv2d (its BN) is what follows each branch
+    succ = module_successors(model, leaf_types=(MixedConv2d,))
     if succ is None:
         return None, []
     modules = dict(model.named_modules())
     out, unseen = [], []
     for name in conv_names:
-        users = succ.get(name)
+        parent = name.rpartition(".")[0]
+        users = succ.get(parent if isinstance(modules.get(parent), MixedConv2d) else name)
         if users is None:  # never called as a module in the trace: not judged, and reported as such
             unseen.append(name)
         elif not any(u in modules and _is_norm(modules[u]) for u in users):

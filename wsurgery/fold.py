@@ -239,6 +239,12 @@ def fold(
             new_convs.append((name, _plain_conv_like(module, weight)))
     if inplace:
         restored: set[int] = set()
+        # a Parameter tied to a module that is not WS-converted (left out with `exclude`) must keep
+        # its raw value there: that conv gets a Parameter of its own instead of the shared one
+        converted = {id(module) for _, module, _ in standardized}
+        shared_outside = {id(p) for m in model.modules()
+                          if id(m) not in converted and not isinstance(m, parametrize.ParametrizationList)
+                          for p in m.parameters(recurse=False)}
         for _, module, weight in standardized:
             # what remove_parametrizations(leave_parametrized=True) does, without computing the
             # standardized weight a second time: restore the original Parameter, then point it
@@ -248,7 +254,7 @@ def fold(
             own_class(module)
             parametrize.remove_parametrizations(module, "weight", leave_parametrized=False)
             original = module.weight
-            if id(original) in restored:  # one Parameter shared by two convs: each gets its own value
+            if id(original) in restored or id(original) in shared_outside:  # shared: each gets its own value
                 module.weight = nn.Parameter(weight, requires_grad=original.requires_grad)
             else:
                 restored.add(id(original))

@@ -78,8 +78,11 @@ def gn_num_groups(
 
 def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     num = bn.num_features if hasattr(bn, "num_features") else bn.weight.shape[0]
-    weight = bn.weight if getattr(bn, "weight", None) is not None else torch.ones(num)
-    bias = bn.bias if getattr(bn, "bias", None) is not None else torch.zeros(num)
+    # a BN without affine: ones and zeros where its statistics live (the model's device and dtype)
+    ref = next(iter(bn.buffers()), None)
+    like = {"device": ref.device, "dtype": ref.dtype} if ref is not None and ref.is_floating_point() else {}
+    weight = bn.weight if getattr(bn, "weight", None) is not None else torch.ones(num, **like)
+    bias = bn.bias if getattr(bn, "bias", None) is not None else torch.zeros(num, **like)
     return weight.detach(), bias.detach()
 
 

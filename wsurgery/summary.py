@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from timm.layers import CondConv2d
 from torch import nn
 from torch.nn.utils import parametrize
 
@@ -64,7 +65,7 @@ def layer_rows(model: nn.Module) -> list[LayerRow]:
                 continue
         if isinstance(m, TIMM_WS_TYPES):
             rows.append(LayerRow(name, type(m).__name__, f"timm WS eps={m.eps:g}", _params(m)))
-        elif isinstance(m, nn.Conv2d):
+        elif isinstance(m, (nn.Conv2d, CondConv2d)):  # timm's CondConv2d (expert banks) is no nn.Conv2d
             rows.append(LayerRow(name, type(m).__name__, "plain" + (" +bias" if m.bias is not None else ""),
                                  _params(m)))
         elif isinstance(m, nn.GroupNorm):

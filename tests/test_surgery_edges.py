@@ -1,0 +1,68 @@
+"""Surgery edge cases found in review: tied weights and in-place fold, affine-free BN, MixedConv2d and CondConv2d."""
+
+from __future__ import annotations
+
+import timm
+import torch
+from timm.layers import MixedConv2d
+from torch import nn
+from torch.testing import assert_close
+
+import wsurgery
+from wsurgery.convert import clone_model, convert
+from wsurgery.fold import fold
+
+
+class _Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(4, 4, 3, padding=1)
+        self.b = nn.Conv2d(4, 4, 3, padding=1)
+        self.b.weight = self.a.weight  # tied: `a` is converted, `b` left out
+
+    def forward(self, x):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_in_place_fold_keeps_a_tied_weight_raw_where_it_was_not_converted():
+    torch.manual_seed(0)
+    converted, _ = convert(_Tied(), exclude=["b"], trace=False)
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = converted(x)
+        raw = converted.b.weight.detach().clone()
+        assert_close(fold(clone_model(converted))(x), expected)
+        folded = fold(clone_model(converted), inplace=True)
+        assert_close(folded(x), expected)
+        assert torch.equal(folded.b.weight, raw)  # b still computes with the unstandardized weight
+
+
+def test_affine_free_batchnorm_becomes_a_groupnorm_on_the_models_dtype():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False), nn.ReLU()).double()
+    converted, _ = wsurgery.convert(net, norm="gn", gn_groups=4, trace=False, probe=False)
+    gn = converted[1]
+    assert isinstance(gn, nn.GroupNorm) and gn.weight.dtype == gn.bias.dtype == torch.float64
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = converted(x)  # raised "mixed dtype" before
+    standardized = converted[0](x)
+    assert_close(y, torch.relu(nn.functional.group_norm(standardized, 4, eps=gn.eps)))
+
+
+def test_mixed_conv_branches_are_followed_by_the_norm_after_the_mixed_conv():
+    model = timm.create_model("mixnet_s", pretrained=False)
+    branches = {f"{n}.{k}" for n, m in model.named_modules() if isinstance(m, MixedConv2d) for k in m._modules}
+    _, report = convert(model, inplace=False)
+    assert branches and not set(report.convs_without_norm) & branches
+    # what is left are the squeeze-and-excitation convs, which feed an activation, not a norm
+    assert report.convs_without_norm and all(".se." in name for name in report.convs_without_norm)
+
+
+def test_inspect_counts_condconv_banks_plain_converted_and_folded():
+    model = timm.create_model("efficientnet_cc_b0_4e", pretrained=False)
+    converted, report = convert(model, inplace=False, norm="gn")
+    plain = wsurgery.inspect(model, check_timm=False).counts
+    ws = wsurgery.inspect(converted, check_timm=False).counts
+    folded = wsurgery.inspect(fold(converted), check_timm=False).counts
+    assert sum(v for k, v in plain.items() if "conv" in k) == report.num_convs
+    assert sum(v for k, v in ws.items() if "conv" in k) == report.num_convs
+    assert sum(v for k, v in folded.items() if "conv" in k) == report.num_convs
