@@ -16,6 +16,11 @@ from . import train as _train
 from . import verify as _verify
 from ._common import DEBUG_ENV, set_debug
 
+# typer re-exports BadParameter (a click UsageError, a ClickException) from whichever click it runs
+# on (its own vendored copy since 0.2x, click itself before): the base classes are taken from it
+UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
 app = typer.Typer(
     name="wsurgery",
     help="Weight Standardization surgery for timm models: convert, calibrate, fine-tune, fold, export, verify.",
@@ -54,7 +59,22 @@ def main(argv: list[str] | None = None) -> None:
     end = args.index("--") if "--" in args else len(args)
     if "--debug" in args[:end]:
         args = ["--debug"] + [a for i, a in enumerate(args) if not (a == "--debug" and i < end)]
-    app(args=args, prog_name="wsurgery")
+    if not args:  # the app's no_args_is_help: the help, as `wsurgery --help` prints it
+        args = ["--help"]
+    # click's own parse errors (unknown or missing option, a value of the wrong type) would print a
+    # five-line usage box; every other error is one line (cli/_common.handle_errors), so these are too
+    try:
+        code = app(args=args, prog_name="wsurgery", standalone_mode=False)
+    except UsageError as e:
+        command = e.ctx.command_path if e.ctx is not None else "wsurgery"
+        print(f"error: {e.format_message()} (see {command} --help)", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except ClickException as e:  # e.g. a file option that cannot be opened
+        print(f"error: {e.format_message()}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Abort:  # Ctrl-C outside a command's own handling
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

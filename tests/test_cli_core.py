@@ -349,3 +349,31 @@ def test_debug_after_the_command_name_shows_the_traceback(capfd):
     with pytest.raises(SystemExit) as exc:
         main(["inspect", "resnet10tt"])
     assert exc.value.code == 1 and "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (["convert", "resnet18", "--bogus"], "No such option: --bogus (see wsurgery convert --help)"),
+    (["convert", "resnet18", "--gn-groups", "abc"], "Invalid value for '--gn-groups'"),
+    (["verify", "somewhere"], "Missing option '--against'"),
+    (["bogus"], "No such command 'bogus'. (see wsurgery --help)"),
+])
+def test_command_line_parse_errors_are_one_line_with_exit_code_2(capfd, argv, fragment):
+    from wsurgery.cli.main import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    captured = capfd.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], captured.err
+    assert "Usage:" not in captured.err + captured.out
+
+
+def test_help_and_no_arguments_print_the_help_and_exit_0(capfd):
+    from wsurgery.cli.main import main
+
+    for argv in ([], ["--help"], ["convert", "--help"]):
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 0, argv
+        assert "Usage: wsurgery" in capfd.readouterr().out
