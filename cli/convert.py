@@ -16,7 +16,7 @@ from wsurgery.calibrate import (
     CalibrationProgress,
     CalibrationResult,
     calibrate,
-    calibration_images,
+    calibration_split,
     preconditioned_convs,
 )
 from wsurgery.compare import CONFIDENT
@@ -167,12 +167,14 @@ def convert(
     images = None
     if method != "none":
         with console.status("reading calibration images"):
-            images = calibration_images(calib_data, net, limit=calib_images, seed=seed, crops_per_image=calib_crops)
+            # with several crops per file, the held-out crops come from photos not calibrated on
+            images, held_out = calibration_split(calib_data, net, calib_held_out, limit=calib_images, seed=seed,
+                                                 crops_per_image=calib_crops)
     student, report = wsurgery.convert(net, config, inplace=method == "none")
     result = None
     if images is not None:
         with CalibrationView() as view:
-            result = calibrate(student, net, images, method=method, held_out=calib_held_out or None, seed=seed,
+            result = calibrate(student, net, images, method=method, held_out=held_out, seed=seed,
                                progress=view, **calib_overrides)
     wsurgery.save(student, output, report=report, force=force)
     console.print(report_table(report))

@@ -61,7 +61,7 @@ from timm.data import create_transform
 from torch import nn
 
 from .compare import Agreement, agreement_from_logits, predict_logits
-from .convert import get_surgery_config, is_converted, placement, unwrap, ws_parametrizations
+from .convert import get_surgery_config, is_converted, modes_kept, placement, unwrap, ws_parametrizations
 from .data import data_config_for, eval_transform, find_images, open_rgb
 from .errors import ConfigError, ConversionError, DatasetError, UsageError
 from .fold import find_conv_bn_pairs
@@ -76,6 +76,7 @@ __all__ = [
     "Method",
     "calibrate",
     "calibration_images",
+    "calibration_split",
     "distill",
     "init_gn_from_teacher",
     "precondition_gn_inputs",
@@ -264,6 +265,41 @@ def calibration_images(
     return batch
 
 
+def calibration_split(
+    spec: ImageSpec,
+    model: nn.Module,
+    held_out: float,
+    *,
+    limit: int | None = 256,
+    seed: int = 0,
+    img_size: int | None = None,
+    crops_per_image: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor | float | None]:
+    """:func:`calibration_images` and what to pass :func:`calibrate` as ``held_out``.
+
+    With one image per file the fraction ``held_out`` is returned as it is (calibrate splits the
+    images). With several crops per file the crops of one photo are alike, so the held-out
+    images are the crops of their own photos (a ``held_out`` fraction of the files, at least one),
+    never of a photo calibrated on; with a single file that is impossible and the crops are split.
+    """
+    if not held_out or crops_per_image == 1:
+        return calibration_images(spec, model, limit=limit, seed=seed, img_size=img_size,
+                                  crops_per_image=crops_per_image), held_out or None
+    paths = find_images(spec)
+    if len(paths) < 2:
+        return calibration_images(paths, model, limit=limit, seed=seed, img_size=img_size,
+                                  crops_per_image=crops_per_image), held_out
+    order = random.Random(seed + 1).sample(paths, len(paths))
+    k = min(max(1, round(held_out * len(paths))), len(paths) - 1)
+    held_limit = None if limit is None else max(1, round(held_out * limit))
+    calib_limit = None if limit is None else max(1, limit - held_limit)
+    calib = calibration_images(sorted(order[k:]), model, limit=calib_limit, seed=seed, img_size=img_size,
+                               crops_per_image=crops_per_image)
+    held = calibration_images(sorted(order[:k]), model, limit=held_limit, seed=seed + 1, img_size=img_size,
+                              crops_per_image=crops_per_image)
+    return calib, held
+
+
 def _as_batch(images: torch.Tensor | ImageSpec, model: nn.Module, seed: int) -> torch.Tensor:
     if isinstance(images, torch.Tensor):
         if images.dim() != 4 or images.shape[0] == 0:
@@ -361,21 +397,23 @@ def reestimate_bn_stats(model: nn.Module, images: torch.Tensor, batch_size: int 
     """
     bns = [m for m in model.modules() if is_batchnorm(m) and getattr(m, "running_mean", None) is not None
            and isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    saved = [(m.momentum, m.training) for m in bns]
-    was_training = model.training
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average over all batches
-        m.train()
-    try:
-        for i in range(0, images.shape[0], batch_size):
-            model(images[i:i + batch_size])
-    finally:
-        for m, (momentum, training) in zip(bns, saved):
-            m.momentum = momentum
-            m.train(training)
-        model.train(was_training)
+    saved = [m.momentum for m in bns]
+    with modes_kept(model):
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.train()
+        try:
+            seen = 0
+            for i in range(0, images.shape[0], batch_size):
+                batch = images[i:i + batch_size]
+                for m in bns:  # each image weighs the same, the last (partial) batch included
+                    m.momentum = batch.shape[0] / (seen + batch.shape[0])
+                model(batch)
+                seen += batch.shape[0]
+        finally:
+            for m, momentum in zip(bns, saved):
+                m.momentum = momentum
     return len(bns)
 
 
@@ -534,12 +572,9 @@ def _run_with_pre_hooks(model: nn.Module, hooks: list, images: torch.Tensor) -> 
 
 @torch.no_grad()
 def _run_eval(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    was_training = model.training
-    model.eval()
-    try:
+    with modes_kept(model):
+        model.eval()
         return model(images)
-    finally:
-        model.train(was_training)
 
 
 def _trainable(student: nn.Module, train: str) -> list[nn.Parameter]:
@@ -622,44 +657,43 @@ def distill(
     for p in params:
         p.requires_grad_(True)
     optimizer = create_optimizer_v2(params, opt="adamw", lr=lr, weight_decay=0.0)
-    was_training = student.training
-    student.eval()
-    losses: list[float] = []
-    start = time.perf_counter()
-    order = torch.empty(0, dtype=torch.long)
-    try:
-        for step in range(config.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = _lr_at(step, config.steps, config.warmup_steps, lr)
-            if order.numel() < config.batch_size:
-                order = torch.cat([order, torch.randperm(x_all.shape[0], generator=gen)])
-            idx, order = order[:config.batch_size], order[config.batch_size:]
-            if config.augment:
-                x = _augment(x_all[idx], config.distill_size, config.mix_fraction, gen)
-            else:
-                x = _resize(x_all[idx], config.distill_size)
-            if features:
-                loss = _feature_step(student, teacher, x, features, config)
-            elif config.augment:
-                loss = _kl(student(x), _run_eval(teacher, x), config.temperature)
-            else:
-                loss = _kl(student(x), teacher_logits[idx], config.temperature)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(float(loss.detach()))
-            if progress is not None:
-                progress(CalibrationProgress("distill", step + 1, config.steps, losses[-1]))
-            if not math.isfinite(losses[-1]):
-                raise UsageError(f"distillation diverged at step {step + 1} (loss {losses[-1]}); "
-                                 "lower `lr` (CLI: --calib-lr)")
-            if config.max_seconds is not None and time.perf_counter() - start > config.max_seconds:
-                break
-    finally:
-        for p in student.parameters():
-            p.requires_grad_(saved_flags.get(id(p), True))
-            p.grad = None
-        student.train(was_training)
+    with modes_kept(student):
+        student.eval()
+        losses: list[float] = []
+        start = time.perf_counter()
+        order = torch.empty(0, dtype=torch.long)
+        try:
+            for step in range(config.steps):
+                for group in optimizer.param_groups:
+                    group["lr"] = _lr_at(step, config.steps, config.warmup_steps, lr)
+                if order.numel() < config.batch_size:
+                    order = torch.cat([order, torch.randperm(x_all.shape[0], generator=gen)])
+                idx, order = order[:config.batch_size], order[config.batch_size:]
+                if config.augment:
+                    x = _augment(x_all[idx], config.distill_size, config.mix_fraction, gen)
+                else:
+                    x = _resize(x_all[idx], config.distill_size)
+                if features:
+                    loss = _feature_step(student, teacher, x, features, config)
+                elif config.augment:
+                    loss = _kl(student(x), _run_eval(teacher, x), config.temperature)
+                else:
+                    loss = _kl(student(x), teacher_logits[idx], config.temperature)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+                if progress is not None:
+                    progress(CalibrationProgress("distill", step + 1, config.steps, losses[-1]))
+                if not math.isfinite(losses[-1]):
+                    raise UsageError(f"distillation diverged at step {step + 1} (loss {losses[-1]}); "
+                                     "lower `lr` (CLI: --calib-lr)")
+                if config.max_seconds is not None and time.perf_counter() - start > config.max_seconds:
+                    break
+        finally:
+            for p in student.parameters():
+                p.requires_grad_(saved_flags.get(id(p), True))
+                p.grad = None
     return losses
 
 
@@ -749,16 +783,13 @@ def _check_outputs(student: nn.Module, teacher: nn.Module, batch: torch.Tensor) 
     """Both models take these images and give outputs of one shape (one image each), before anything changes."""
     outputs = []
     for model in (student, teacher):
-        was_training = model.training
-        model.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), modes_kept(model):
+                model.eval()
                 outputs.append(model(batch[:1]))
         except RuntimeError as e:
             raise UsageError(f"a calibration image of shape {tuple(batch.shape[1:])} does not fit the model "
                              f"({str(e).splitlines()[0][:160]}); pass RGB images the model's size") from None
-        finally:
-            model.train(was_training)
     if outputs[0].shape != outputs[1].shape:
         raise UsageError(f"the student gives {tuple(outputs[0].shape[1:])} outputs per image and the teacher "
                          f"{tuple(outputs[1].shape[1:])}; calibrate a converted model against its own original")
@@ -811,12 +842,24 @@ def calibrate(
         student, teacher = unwrap(student), unwrap(teacher)
     _check_models(student, teacher)
     start = time.perf_counter()
-    teacher_training = teacher.training
-    teacher.eval()
-    try:
-        result = _calibrate(student, teacher, images, cfg, held_out, seed, progress)
-    finally:
-        teacher.train(teacher_training)
+    # a diverged distillation (or any failure) leaves the student as it came, so a retry starts clean:
+    # its weights, and no conv biases or record from a preconditioning that ran before the failure
+    before = {k: v.detach().clone() for k, v in student.state_dict().items()}
+    biasless = [m for m in student.modules() if isinstance(m, nn.Conv2d) and m.bias is None]
+    record = getattr(student, PRECONDITIONED_ATTR, None)
+    with modes_kept(teacher), modes_kept(student):
+        teacher.eval()
+        try:
+            result = _calibrate(student, teacher, images, cfg, held_out, seed, progress)
+        except BaseException:
+            for conv in biasless:
+                conv.bias = None
+            student.load_state_dict(before)
+            if record is None and hasattr(student, PRECONDITIONED_ATTR):
+                delattr(student, PRECONDITIONED_ATTR)
+            elif record is not None:
+                setattr(student, PRECONDITIONED_ATTR, record)
+            raise
     result.seconds = time.perf_counter() - start
     student.wsurgery_calibration = result.to_dict()
     return result

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .convert import placement
+from .convert import modes_kept, placement
 from .errors import UsageError
 
 __all__ = ["CONFIDENT", "Agreement", "agreement_from_logits", "compare", "predict_logits"]
@@ -78,14 +78,11 @@ def agreement_from_logits(logits: torch.Tensor, reference: torch.Tensor) -> Agre
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
     """``model``'s logits for ``images`` in eval mode, in batches; the mode is restored after."""
-    was_training = model.training
-    model.eval()
     device, dtype = placement(model)
-    try:
+    with modes_kept(model):
+        model.eval()
         outs = [model(images[i:i + batch_size].to(device=device, dtype=dtype)).float().cpu()
                 for i in range(0, images.shape[0], batch_size)]
-    finally:
-        model.train(was_training)
     return torch.cat(outs)
 
 

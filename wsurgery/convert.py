@@ -12,9 +12,11 @@ a failure never leaves a half-converted model.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -41,6 +43,7 @@ __all__ = [
     "get_surgery_config",
     "input_channels",
     "is_converted",
+    "modes_kept",
     "plan_surgery",
     "pooled_norms",
     "unwrap",
@@ -329,6 +332,21 @@ def placement(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     if param is None:
         return torch.device("cpu"), torch.float32
     return param.device, param.dtype
+
+
+@contextlib.contextmanager
+def modes_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """Give every submodule its own train/eval flag back afterwards.
+
+    ``model.train(was_training)`` would set them all alike, unfreezing a BatchNorm the caller
+    froze with ``.eval()`` inside a model in training mode.
+    """
+    saved = [(m, m.training) for m in model.modules()]
+    try:
+        yield model
+    finally:
+        for m, training in saved:
+            m.training = training
 
 
 def input_channels(model: nn.Module) -> int | None:
