@@ -6,10 +6,9 @@ import shutil
 import sys
 
 import pytest
-import timm
-import torch
 from _cli import invoke, one_error
 from _data import CLASSES, make_train_val
+from test_train import FAST, tiny
 
 import wsurgery
 from wsurgery.errors import RecipeError, UsageError
@@ -17,21 +16,12 @@ from wsurgery.io import read_json
 from wsurgery.recipes import Recipe, load_recipe, resolve_recipe
 from wsurgery.train import TrainingInterrupted, train
 
-FAST = ["img_size=32", "batch_size=4", "epochs=2", "lr=0.01", "warmup_steps=2", "workers=0", "label_smoothing=0",
-        "aug_scale=[0.8, 1.0]"]
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return make_train_val(tmp_path_factory.mktemp("data"))
-
-
-def tiny():
-    torch.manual_seed(0)
-    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=len(CLASSES))
-    return wsurgery.convert(model, mode="aws", norm="gn")[0]
 
 
 def _interrupted(data, run, step, overrides=FAST):

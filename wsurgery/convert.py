@@ -364,9 +364,10 @@ def with_input_channels(model: nn.Module, size: tuple[int, ...]) -> tuple[int, .
 def _probe_input(model: nn.Module) -> torch.Tensor | None:
     """One zero image of the model's default input size (timm's ``pretrained_cfg``, else 224 px)."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
-    if input_channels(model) is None:
+    channels = input_channels(model)
+    if channels is None:
         return None
-    size = with_input_channels(model, tuple(cfg.get("input_size") or (3, 224, 224)))
+    size = (channels, *tuple(cfg.get("input_size") or (3, 224, 224))[1:])
     if next(model.parameters(), None) is None:
         return None
     device, dtype = placement(model)

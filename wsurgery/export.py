@@ -20,7 +20,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import timm
 import torch
 from torch import nn
 
@@ -28,7 +27,7 @@ from .convert import all_finite, get_surgery_config, placement, unwrap, with_inp
 from .errors import ConfigError, NonFiniteWeightsError
 from .fold import FOLD_ATTR, fold, is_folded
 from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_dir, save_safetensors, write_json
-from .load import SkipInitOnMeta, model_record
+from .load import build_on_meta, model_record
 from .save import build_config, check_rebuildable
 from .verify import VerifyResult
 from .verify import verify as verify_directory
@@ -71,15 +70,6 @@ def _module_signature(model: nn.Module) -> list[tuple[str, str, tuple]]:
             extra = (m.stride, m.padding, m.dilation, m.groups, m.bias is not None)
         sig.append((name, type(m).__name__, extra))
     return sig
-
-
-def _build_on_meta(architecture: str, args: dict[str, Any]) -> nn.Module | None:
-    """The stock timm model for ``args``, built on the meta device (no memory, no init)."""
-    try:
-        with torch.device("meta"), SkipInitOnMeta():
-            return timm.create_model(architecture, pretrained=False, **args)
-    except Exception:  # noqa: BLE001 - a constructor that refuses the args is just "not compatible"
-        return None
 
 
 def _materialize(stock: nn.Module, folded: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -134,7 +124,7 @@ def stock_timm_args(folded: nn.Module, record: dict[str, Any], norm: str | None)
     target = _module_signature(folded)
     state = folded.state_dict()
     for args in candidates:
-        stock = _build_on_meta(record["architecture"], args)
+        stock = build_on_meta(record["architecture"], args)
         if stock is None or _module_signature(stock) != target:
             continue
         stock_state = stock.state_dict()

@@ -124,11 +124,11 @@ def _headed_keys(model: nn.Module) -> list[str] | None:
     ``num_classes=0``): where a full checkpoint's head tensors sit. None if it cannot be rebuilt."""
     try:
         record = model_record(model)
-        args = {**record["model_args"], "num_classes": record["pretrained_cfg"].get("num_classes") or 1000}
-        with torch.device("meta"), SkipInitOnMeta():
-            return list(timm.create_model(record["architecture"], pretrained=False, **args).state_dict())
-    except Exception:  # noqa: BLE001 - no rebuild, no head positions: the count check reports the mismatch
+    except ConversionError:  # not a timm model: no head positions, the count check reports the mismatch
         return None
+    args = {**record["model_args"], "num_classes": record["pretrained_cfg"].get("num_classes") or 1000}
+    headed = build_on_meta(record["architecture"], args)
+    return list(headed.state_dict()) if headed is not None else None
 
 
 def _remap_by_order(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
@@ -143,6 +143,7 @@ def _remap_by_order(model: nn.Module, state_dict: dict[str, torch.Tensor], sourc
     ckpt = list(state_dict.items())
     model_keys = list(expected)
     heads = set(_classifier_keys(model)) if new_head else set()
+    head_keys = [k for k in model_keys if k in heads]
     body_keys = [k for k in model_keys if k not in heads]
     ckpt_head: list[tuple[str, torch.Tensor]] = []
     ckpt_body = ckpt
@@ -172,8 +173,8 @@ def _remap_by_order(model: nn.Module, state_dict: dict[str, torch.Tensor], sourc
             )
         remapped[mk] = cv
     head_fits = len(ckpt_head) == len(heads) and all(
-        expected[mk].numel() == cv.numel() for mk, (_, cv) in zip([k for k in model_keys if k in heads], ckpt_head))
-    for mk, (_, cv) in zip([k for k in model_keys if k in heads], ckpt_head if head_fits else []):
+        expected[mk].numel() == cv.numel() for mk, (_, cv) in zip(head_keys, ckpt_head))
+    for mk, (_, cv) in zip(head_keys, ckpt_head if head_fits else []):
         remapped[mk] = cv  # the same number of classes: the checkpoint's trained head
     for mk in heads - remapped.keys():
         remapped[mk] = expected[mk]  # --num-classes: the new head keeps its own init
@@ -300,6 +301,15 @@ class SkipInitOnMeta(TorchFunctionMode):
                 and args[0].is_meta):
             return args[0]
         return func(*args, **(kwargs or {}))
+
+
+def build_on_meta(architecture: str, args: dict[str, Any]) -> nn.Module | None:
+    """The stock timm model for ``args``, built on the meta device (no memory, no init); None if refused."""
+    try:
+        with torch.device("meta"), SkipInitOnMeta():
+            return timm.create_model(architecture, pretrained=False, **args)
+    except Exception:  # noqa: BLE001 - a constructor that refuses the args is just "not compatible"
+        return None
 
 
 def model_record(model: nn.Module) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .convert import placement, unwrap
+from .convert import modes_kept, placement, unwrap
 from .data import eval_transform, find_images, open_rgb
 from .errors import DatasetError, UsageError
 
@@ -60,28 +60,26 @@ def _borrowed(model: nn.Module, device: torch.device) -> Iterator[None]:
     """Run ``model`` in eval mode on ``device``, then restore every submodule's train/eval flag and,
     if it had to be moved, every parameter's and buffer's device (a model already on ``device``
     is not moved at all)."""
-    modes = [(m, m.training) for m in model.modules()]
     homes = [(m, store, name, t.device) for m in model.modules() for store in (m._parameters, m._buffers)
              for name, t in store.items() if t is not None]
     moved = any(not _same_device(home, device) for *_, home in homes)
-    model.eval()
-    try:
-        if moved:
-            model.to(device)
-        yield
-    finally:
-        if moved:
-            if len({home for *_, home in homes}) == 1:
-                model.to(homes[0][3])
-            else:  # spread over several devices by the caller: each tensor goes back where it was
-                with torch.no_grad():
-                    for m, store, name, home in homes:
-                        if store is m._parameters:
-                            store[name].data = store[name].data.to(home)
-                        else:
-                            store[name] = store[name].to(home)
-        for m, mode in modes:
-            m.training = mode
+    with modes_kept(model):
+        model.eval()
+        try:
+            if moved:
+                model.to(device)
+            yield
+        finally:
+            if moved:
+                if len({home for *_, home in homes}) == 1:
+                    model.to(homes[0][3])
+                else:  # spread over several devices by the caller: each tensor goes back where it was
+                    with torch.no_grad():
+                        for m, store, name, home in homes:
+                            if store is m._parameters:
+                                store[name].data = store[name].data.to(home)
+                            else:
+                                store[name] = store[name].to(home)
 
 
 @torch.no_grad()

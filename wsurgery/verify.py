@@ -198,10 +198,9 @@ def verify(
         from . import deploy
 
         img_size = img_size if img_size is not None else deploy.recorded_img_size(candidate)
-        if rtol is None:  # the format's, or the reference's precision where that is looser (a bf16 model)
-            rtol = deploy.DEFAULT_RTOL.get(Path(candidate).suffix)
-            if ref_model is not None and rtol is not None:
-                rtol = max(rtol, DEFAULT_RTOL[_dtype_of(reference, ref_model)])
+        cand_rtol = deploy.DEFAULT_RTOL.get(Path(candidate).suffix, 1e-4)
+    else:
+        cand_rtol = DEFAULT_RTOL[_dtype_of(candidate, cand_model)]
     data_model = ref_model if ref_model is not None else cand_model
     if data_model is None:
         raise InputNotFoundError("verify needs the reference as a model or directory (for its data config)")
@@ -217,6 +216,5 @@ def verify(
                          f"{tuple(ref.shape[1:])}; verify an export against the model it was exported from")
     max_abs, max_rel, agree = compare_outputs(out, ref)
     if rtol is None:  # the looser of the two precisions: an fp32 export of a half model differs from it as much
-        rtol = max(DEFAULT_RTOL[_dtype_of(candidate, cand_model)] if cand_model is not None else 1e-4,
-                   DEFAULT_RTOL[_dtype_of(reference, ref_model)] if ref_model is not None else 0.0)
+        rtol = max(cand_rtol, DEFAULT_RTOL[_dtype_of(reference, ref_model)] if ref_model is not None else 0.0)
     return VerifyResult(max_abs, max_rel, agree, int(x.shape[0]), rtol, max_rel <= rtol, cand_name, ref_name)
