@@ -113,6 +113,7 @@ def test_odd_image_modes_become_rgb(tmp_path):
     ("empty", "holds no images"),
     ("one_class", "only one class"),
     ("loose", "outside class folders"),
+    ("loose_val", "val has images outside class folders"),
 ])
 def test_dataset_errors(tmp_path, layout, message):
     root = tmp_path / "d"
@@ -122,6 +123,10 @@ def test_dataset_errors(tmp_path, layout, message):
     if layout == "loose":
         make_folder(root, per_class=2, classes=("a", "b"))
         Image.new("RGB", (8, 8)).save(root / "loose.png")
+    if layout == "loose_val":  # validation refuses them too (they were dropped silently)
+        make_folder(root / "train", per_class=2, classes=("a", "b"))
+        make_folder(root / "val", per_class=1, classes=("a", "b"))
+        Image.new("RGB", (8, 8)).save(root / "val" / "loose.png")
     with pytest.raises(DatasetError, match=message):
         build_datasets(root)
 

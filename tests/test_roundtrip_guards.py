@@ -142,3 +142,25 @@ def test_models_built_with_one_input_channel_export_and_verify(tmp_path):
     onnx = deploy.export_onnx(converted, tmp_path / "m.onnx", verify=True)
     assert onnx.input_size[0] == 1 and onnx.verification.passed
     assert deploy.export_program(converted, tmp_path / "m.pt2", verify=True).verification.passed
+
+
+def test_image_commands_refuse_a_one_channel_model_in_one_line(tmp_path):
+    """Image files are read as RGB: train, predict, compare and calibration name in_chans (was torch's raw error)."""
+    make_folder(tmp_path / "data", per_class=2, classes=("a", "b"))
+    model = wsurgery.load("test_efficientnet", pretrained=False, num_classes=2, model_args={"in_chans": 1})
+    converted = wsurgery.convert(model, mode="aws", inplace=False)[0]
+    images = str(tmp_path / "data")
+    calls = {
+        "predict": lambda: wsurgery.predict(model, images),
+        "compare": lambda: wsurgery.compare(model, converted, images),
+        "calibrate": lambda: wsurgery.calibrate(converted, model, images),
+        "train": lambda: wsurgery.train(model, images, tmp_path / "run", overrides={"epochs": 1}),
+    }
+    for name, call in calls.items():
+        with pytest.raises(UsageError, match=r"1-channel input .* in_chans=3") as info:
+            call()
+        assert "\n" not in str(info.value), name
+    assert not (tmp_path / "run").exists()
+    wsurgery.save(model, tmp_path / "m1")
+    result = invoke("predict", str(tmp_path / "m1"), images)
+    assert result.exit_code != 0 and "in_chans=3" in result.stderr and "Traceback" not in result.stderr

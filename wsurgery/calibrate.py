@@ -62,7 +62,7 @@ from torch import nn
 
 from .compare import Agreement, agreement_from_logits, predict_logits
 from .convert import get_surgery_config, is_converted, modes_kept, placement, unwrap, ws_parametrizations
-from .data import data_config_for, eval_transform, find_images, open_rgb
+from .data import eval_transform, find_images, image_config_for, open_rgb
 from .errors import ConfigError, ConversionError, DatasetError, UsageError
 from .fold import find_conv_bn_pairs
 from .norm import _bn_affine, is_batchnorm
@@ -197,7 +197,7 @@ def _train_crop_transform(model: nn.Module, img_size: int | None):
     few photos; colour jitter, auto-augment and random erasing would change what the teacher
     sees, which a label-free calibration does not need.
     """
-    cfg = data_config_for(model, img_size)
+    cfg = image_config_for(model, img_size)
     return create_transform(**cfg, is_training=True, scale=(0.25, 1.0), hflip=0.5, color_jitter=None,
                             auto_augment=None, re_prob=0.0)
 

@@ -21,11 +21,12 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
-from .errors import ArgumentTypeError, DatasetError, InputNotFoundError
+from .errors import ArgumentTypeError, DatasetError, InputNotFoundError, UsageError
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "data_config_for",
+    "image_config_for",
     "eval_transform",
     "find_images",
     "load_images",
@@ -101,9 +102,22 @@ def data_config_for(model: nn.Module, img_size: int | None = None) -> dict[str, 
         return resolve_data_config(args or {}, model=model)
 
 
+def image_config_for(model: nn.Module, img_size: int | None = None) -> dict[str, Any]:
+    """:func:`data_config_for` for reading image files, which become RGB: refuses a model that is not 3-channel."""
+    from .convert import input_channels
+
+    channels = input_channels(model)
+    if channels not in (None, 3):
+        raise UsageError(
+            f"the model takes {channels}-channel input but image files are read as RGB; "
+            "train, predict, compare and calibration need a model built with in_chans=3"
+        )
+    return data_config_for(model, img_size)
+
+
 def eval_transform(model: nn.Module, img_size: int | None = None):
     """timm's eval transform for ``model`` (resize, center crop, normalize)."""
-    return create_transform(**data_config_for(model, img_size), is_training=False)
+    return create_transform(**image_config_for(model, img_size), is_training=False)
 
 
 def load_images(

@@ -41,7 +41,7 @@ from timm.data.readers.reader import Reader
 from timm.utils.misc import natural_key
 from torch import nn
 
-from .data import IMAGE_SUFFIXES, data_config_for, open_rgb
+from .data import IMAGE_SUFFIXES, image_config_for, open_rgb
 from .errors import DatasetError, InputNotFoundError
 
 __all__ = [
@@ -302,6 +302,9 @@ def _load_split(path: Path, class_to_idx: dict[str, int] | None) -> tuple[list[t
     if class_to_idx is None:
         class_to_idx = {c: i for i, c in enumerate(sorted({c for _, c in images}, key=natural_key))}
     else:
+        if any(c == "" for _, c in images):
+            # training refuses these too; dropping them silently would shrink validation unnoticed
+            raise DatasetError(f"{path} has images outside class folders; put each image in {path}/<class>/")
         # only folders holding images are classes, as in training: an empty folder is no class
         extra = sorted({c for _, c in images if c and c not in class_to_idx}, key=natural_key)
         if extra:
@@ -388,7 +391,7 @@ def build_datasets(
 
 def train_transform(model: nn.Module, img_size: int | None, augment: AugmentConfig) -> Callable[[Any], torch.Tensor]:
     """timm's training transform for ``model``'s data config, at ``img_size`` if given."""
-    cfg = data_config_for(model, img_size)
+    cfg = image_config_for(model, img_size)
     return create_transform(
         input_size=cfg["input_size"],
         is_training=True,
@@ -406,7 +409,7 @@ def train_transform(model: nn.Module, img_size: int | None, augment: AugmentConf
 
 def eval_transform_for(model: nn.Module, img_size: int | None) -> Callable[[Any], torch.Tensor]:
     """timm's eval transform (resize, center crop, normalize) for ``model`` at ``img_size``."""
-    cfg = data_config_for(model, img_size)
+    cfg = image_config_for(model, img_size)
     return create_transform(**cfg, is_training=False)
 
 
