@@ -244,3 +244,25 @@ def test_standardize_once_bf16_autocast_channels_last_on_cuda():
                 loss.backward()
     for (name, a), (_, b) in zip(naive.named_parameters(), once.named_parameters()):
         assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_torch_compile_of_models_with_different_eps_in_one_process():
+    """torch.compile of a timm-convention model, then a paper one, failed in dynamo's recompile
+    (the eps passed to the autograd.Function became a dynamic float); each convention's eps is now a
+    constant of its own Function. aot_eager runs dynamo and autograd's tracing without inductor's
+    slow C++ compile; the failure was in dynamo."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for convention in ("timm", "paper", "seed", "paper:1e-4"):
+        name, _, eps = convention.partition(":")
+        net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 1))
+        model = wsurgery.convert(net, mode="ws", norm="gn", gn_groups=4, convention=name,
+                                 eps=float(eps) if eps else None)[0].train()
+        twin = clone_model(model)
+        model(x).square().sum().backward()
+        torch.compile(twin, backend="aot_eager")(x).square().sum().backward()
+        for a, b in zip(model.parameters(), twin.parameters(), strict=True):
+            assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-6)
+    torch._dynamo.reset()

@@ -263,3 +263,53 @@ def test_parametrization_classes_and_repr():
     assert "convention=paper" in repr(ws) and "num_filters=4" in repr(aws)
     mean, scale = filter_stats(_weight((4, 1, 3, 3)), 9, c)
     assert mean.shape == scale.shape == (4,)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_second_derivatives_float64(name):
+    """A Hessian through the closed-form paths (paper/seed) was silently missing every term through W."""
+    conv = get_convention(name)
+    w = _weight((3, 2, 2, 2), seed=6, scale=1.0).double().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda t: standardize_weight(t, 8, conv), (w,), eps=1e-6, atol=1e-5)
+    # a Hessian-vector product against the independent formula's
+    v = torch.randn(w.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    target = torch.randn(w.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+
+    def hvp(f):
+        x = w.detach().clone().requires_grad_()
+        (grad,) = torch.autograd.grad((f(x) * target).sin().sum(), x, create_graph=True)
+        return torch.autograd.grad((grad * v).sum(), x)[0]
+
+    assert_close(hvp(lambda t: standardize_weight(t, 8, conv)), hvp(lambda t: independent_ws(t, *EXPECTED[name])))
+
+
+@pytest.mark.parametrize("name", ["paper", "seed"])
+def test_backward_inside_autocast_stays_float32(name):
+    """The closed-form backward's per-filter dot product (a bmm) ran in bfloat16 under CPU autocast."""
+    w = _weight((64, 64, 3, 3), seed=9, scale=1.0)
+    g = torch.randn(w.shape, generator=torch.Generator().manual_seed(10))
+    a = w.clone().requires_grad_()
+    out = standardize_weight(a, 576, name)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out.backward(g)
+    c = w.double().requires_grad_()
+    independent_ws(c, *EXPECTED[name]).backward(g.double())
+    assert_close(a.grad.double(), c.grad, rtol=1e-5, atol=2e-6)
+
+
+def test_copy_made_inside_standardize_once_is_not_frozen():
+    """An EMA or teacher copied inside the block kept the block's W_hat for good (and refused a later block)."""
+    import copy
+
+    from wsurgery.accumulate import standardize_once
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1))
+    converted = wsurgery.convert(model, mode="ws", convention="paper")[0]
+    with standardize_once(converted):
+        twin = copy.deepcopy(converted)
+    with torch.no_grad():
+        twin[0].parametrizations.weight.original.mul_(3).add_(1)
+    expected = independent_ws(twin[0].parametrizations.weight.original.detach(), *EXPECTED["paper"])
+    assert_close(twin[0].weight.double(), expected)
+    with standardize_once(twin):  # refused as "already active" before
+        pass

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -167,11 +168,60 @@ def _standardize_batch_norm(
     return _from_rows(out.squeeze(0), weight.shape, cl)
 
 
+def _closed_form_forward(ctx, weight: torch.Tensor, fan_in: int, unbiased: bool, eps_in_sqrt: bool, eps: float):
+    cl = _is_channels_last(weight)
+    w = _to_rows(weight, fan_in, cl)
+    compute = w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
+    var, mean = torch.var_mean(compute, dim=1, correction=1 if unbiased else 0, keepdim=True)
+    if eps_in_sqrt:
+        scale = torch.sqrt(var + eps)
+        ratio = None
+    else:
+        sigma = torch.sqrt(var)
+        scale = sigma + eps
+        ratio = torch.where(sigma > 0, scale / sigma, torch.zeros_like(sigma))
+    w_hat = torch.sub(compute, mean).div_(scale)
+    # the input too (no copy: it is the caller's tensor), for a second derivative (see backward)
+    ctx.save_for_backward(w_hat, scale, ratio, weight)
+    ctx.fan_in = fan_in
+    ctx.convention = (unbiased, eps_in_sqrt, eps)
+    ctx.shape = weight.shape
+    ctx.in_dtype = weight.dtype
+    ctx.channels_last = cl
+    return _from_rows(w_hat.to(weight.dtype), weight.shape, cl)
+
+
+def _closed_form_backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
+    w_hat, scale, ratio, weight = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # backward(create_graph=True): the closed form below treats W_hat and s as constants, so its
+        # own gradient would miss every term through W (a silently wrong Hessian). Differentiate the
+        # plain formula instead, in float32 or wider as the forward computed it.
+        unbiased, eps_in_sqrt, eps = ctx.convention
+        conv = WSConvention("", unbiased, eps_in_sqrt, eps)
+        compute = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+        out = standardize_weight_reference(compute, ctx.fan_in, conv).to(weight.dtype)
+        return torch.autograd.grad(out, weight, grad_out, create_graph=True)[0]
+    device = grad_out.device.type
+    # inside an autocast region (a backward called under autocast), bmm would run in half precision
+    with torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext():
+        g = _to_rows(grad_out, ctx.fan_in, ctx.channels_last).to(w_hat.dtype)
+        # per-filter dot product without a full-size (g * W_hat) temporary
+        denom = ctx.fan_in - 1 if ctx.convention[0] else ctx.fan_in
+        proj = torch.bmm(g.unsqueeze(1), w_hat.unsqueeze(2)).squeeze(2) / denom
+        if ratio is not None:
+            proj = proj * ratio
+        inv = scale.reciprocal()
+        grad = torch.addcmul(g.mean(dim=1, keepdim=True).mul_(inv).neg_(), g, inv)
+        grad.addcmul_(w_hat, proj.mul_(inv).neg_())
+    return _from_rows(grad.to(ctx.in_dtype), ctx.shape, ctx.channels_last)
+
+
 class _StandardizeFn(torch.autograd.Function):
     """Standardization with a closed-form backward (every convention; used where batch norm cannot be).
 
     Autograd through ``var_mean``/``sqrt``/``div`` saves several intermediates and runs
-    about six kernels backward; the closed form below needs ``W_hat`` and ``s`` only. With
+    about six kernels backward; the closed form needs ``W_hat`` and ``s`` only. With
     ``g`` the incoming gradient, ``D = n`` (biased) or ``n - 1`` (unbiased), and ``c = 1``
     (eps inside the sqrt) or ``s / sigma`` (eps added to the std)::
 
@@ -181,42 +231,47 @@ class _StandardizeFn(torch.autograd.Function):
     ``c`` is taken as 0 for a zero-variance filter, whose ``W_hat`` is 0 anyway (autograd
     would return NaN there). The forward computes ``(W - mean) / s`` with one output
     allocation (subtract, then divide in place): bit-identical to the plain expression.
+    A second derivative (``create_graph=True``) differentiates the plain formula instead.
+
+    The models use :func:`_closed_form`, which gives each convention its own subclass.
     """
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, fan_in: int, unbiased: bool, eps_in_sqrt: bool, eps: float):
-        cl = _is_channels_last(weight)
-        w = _to_rows(weight, fan_in, cl)
-        compute = w.float() if w.dtype in (torch.float16, torch.bfloat16) else w
-        var, mean = torch.var_mean(compute, dim=1, correction=1 if unbiased else 0, keepdim=True)
-        if eps_in_sqrt:
-            scale = torch.sqrt(var + eps)
-            ratio = None
-        else:
-            sigma = torch.sqrt(var)
-            scale = sigma + eps
-            ratio = torch.where(sigma > 0, scale / sigma, torch.zeros_like(sigma))
-        w_hat = torch.sub(compute, mean).div_(scale)
-        ctx.save_for_backward(w_hat, scale, ratio)
-        ctx.fan_in = fan_in
-        ctx.denom = fan_in - 1 if unbiased else fan_in
-        ctx.shape = weight.shape
-        ctx.in_dtype = weight.dtype
-        ctx.channels_last = cl
-        return _from_rows(w_hat.to(weight.dtype), weight.shape, cl)
+        return _closed_form_forward(ctx, weight, fan_in, unbiased, eps_in_sqrt, eps)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        w_hat, scale, ratio = ctx.saved_tensors
-        g = _to_rows(grad_out, ctx.fan_in, ctx.channels_last).to(w_hat.dtype)
-        # per-filter dot product without a full-size (g * W_hat) temporary
-        proj = torch.bmm(g.unsqueeze(1), w_hat.unsqueeze(2)).squeeze(2) / ctx.denom
-        if ratio is not None:
-            proj = proj * ratio
-        inv = scale.reciprocal()
-        grad = torch.addcmul(g.mean(dim=1, keepdim=True).mul_(inv).neg_(), g, inv)
-        grad.addcmul_(w_hat, proj.mul_(inv).neg_())
-        return _from_rows(grad.to(ctx.in_dtype), ctx.shape, ctx.channels_last), None, None, None, None
+        return _closed_form_backward(ctx, grad_out), None, None, None, None
+
+
+#: one autograd.Function per (unbiased, eps_in_sqrt, eps); see :func:`_closed_form`
+_CLOSED_FORMS: dict[tuple[bool, bool, float], type[torch.autograd.Function]] = {}
+
+
+def _closed_form(weight: torch.Tensor, fan_in: int, unbiased: bool, eps_in_sqrt: bool, eps: float) -> torch.Tensor:
+    """:class:`_StandardizeFn` with the convention fixed in the Function rather than passed to it.
+
+    Why: when ``torch.compile`` meets a second model whose eps differs (a ``timm`` then a ``paper``
+    model in one process), dynamo turns the eps argument of an autograd.Function into a dynamic
+    float and then fails on it (``lift_tracked_freevar_to_input should not be called on root
+    SubgraphTracer``, torch 2.14). A constant inside the Function's own code is never an argument.
+    """
+    key = (unbiased, eps_in_sqrt, eps)
+    fn = _CLOSED_FORMS.get(key)
+    if fn is None:
+
+        class _Fixed(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, weight: torch.Tensor, fan_in: int):
+                return _closed_form_forward(ctx, weight, fan_in, unbiased, eps_in_sqrt, eps)
+
+            @staticmethod
+            def backward(ctx, grad_out: torch.Tensor):
+                return _closed_form_backward(ctx, grad_out), None
+
+        fn = _CLOSED_FORMS[key] = _Fixed
+    return fn.apply(weight, fan_in)
 
 
 def _standardize_impl(
@@ -239,7 +294,7 @@ def _standardize_impl(
         and (gamma is None or (gamma.dtype == weight.dtype and beta.dtype == weight.dtype))
     ):
         return _standardize_batch_norm(weight, fan_in, eps, gamma, beta)
-    w_hat = _StandardizeFn.apply(weight, fan_in, unbiased, eps_in_sqrt, eps)
+    w_hat = _closed_form(weight, fan_in, unbiased, eps_in_sqrt, eps)
     if gamma is None:
         return w_hat
     return _affine(w_hat, fan_in, gamma, beta)
@@ -320,6 +375,12 @@ class WeightStandardization(nn.Module):
         # Set by :func:`wsurgery.accumulate.compile_standardization`: a torch.compile'd
         # ``_standardize_impl``. None: the eager kernels.
         self._kernel: Callable[..., torch.Tensor] | None = None
+
+    def __getstate__(self) -> dict:
+        # a copy made inside ``standardize_once`` (an EMA, a teacher) must not stay frozen at this W_hat
+        state = dict(super().__getstate__())
+        state["_frozen"] = None
+        return state
 
     def _run(self, weight: torch.Tensor, gamma: torch.Tensor | None = None, beta: torch.Tensor | None = None):
         c = self.convention
