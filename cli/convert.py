@@ -22,6 +22,7 @@ from wsurgery.calibrate import (
 from wsurgery.compare import CONFIDENT
 from wsurgery.config import SurgeryConfig
 from wsurgery.errors import ConfigError, UsageError
+from wsurgery.io import CONFIG_NAME
 
 from ._common import check_at_least, confident_cell, console, handle_errors, kv_table
 
@@ -160,7 +161,8 @@ def convert(
     if not 0 <= calib_held_out < 1:
         raise UsageError(f"--calib-held-out must be a fraction in [0, 1), got {calib_held_out}")
     check_at_least(("--calib-images", calib_images, 1), ("--calib-crops", calib_crops, 1))
-    wsurgery.io.check_output(output, force)  # fail before the (slow) load
+    # fail before the (slow) load; --force never deletes the model, checkpoint or images it reads
+    wsurgery.io.check_output(output, force, inputs=(model, checkpoint, *(calib_data or ())), markers=(CONFIG_NAME,))
     with console.status(f"loading {escape(model)}"):
         net = wsurgery.load(model, pretrained=pretrained, checkpoint=checkpoint,
                             remap_by_order=remap_by_order, num_classes=num_classes)

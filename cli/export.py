@@ -11,6 +11,7 @@ from rich.markup import escape
 
 import wsurgery
 from wsurgery.errors import UsageError
+from wsurgery.io import CONFIG_NAME
 
 from ._common import console, fail, handle_errors, kv_table
 
@@ -40,16 +41,6 @@ def _add_check(rows: list[tuple[str, Any]], failures: list[str], label: str, nam
              (f"{prefix}verified", "pass" if check.passed else "FAIL")]
     if not check.passed:
         failures.append(f"{name} export: max rel diff {check.max_rel:.3g} > {check.rtol:g}")
-
-
-def _write_deployment(fmt: str, model: Any, output: Path, fold_bn: bool, img_size: int | None,
-                      opset: int, verify: bool) -> wsurgery.deploy.DeployResult:
-    path = output / wsurgery.deploy.FILE_NAMES[fmt]
-    # the export directory was just written whole, so these files are new: force only matters for them
-    kw = dict(fold_bn=fold_bn, img_size=img_size, force=True, verify=verify)
-    if fmt == "onnx":
-        return wsurgery.deploy.export_onnx(model, path, opset=opset, **kw)
-    return wsurgery.deploy.export_program(model, path, **kw)
 
 
 @handle_errors
@@ -84,14 +75,15 @@ def export(
         wsurgery.deploy.check_opset(opset)
     if img_size is not None and img_size < 1:
         raise UsageError(f"--img-size must be a positive number of pixels, got {img_size}")
-    wsurgery.io.check_output(output, force)
+    wsurgery.io.check_output(output, force, inputs=(source, checkpoint), markers=(CONFIG_NAME,))
     if timm.is_model(source) and not Path(source).exists() and checkpoint is None and pretrained is None:
         raise UsageError(f"{source} is a model name, and exporting it needs its weights: pass --checkpoint PATH, "
                          "--pretrained (fetches timm's, needs a network) or --no-pretrained (random, for testing)")
     with console.status(f"loading {escape(source)}"):
         model = wsurgery.load(source, checkpoint=checkpoint, remap_by_order=remap_by_order, pretrained=pretrained)
     with console.status("folding and writing"):
-        result = wsurgery.export(model, output, fold_bn=fold_bn, dtype=dtype, force=force, verify=verify)
+        result = wsurgery.export(model, output, fold_bn=fold_bn, dtype=dtype, force=force, verify=verify,
+                                 formats=extra, img_size=img_size, opset=opset)
     rows: list[tuple[str, Any]] = [
         ("written", result.directory),
         ("dtype", result.dtype),
@@ -101,16 +93,12 @@ def export(
     ]
     failures: list[str] = []
     _add_check(rows, failures, "safetensors" if extra else "", "safetensors", result.verification)
-    for fmt in extra:
-        with console.status(f"writing {fmt}"):
-            try:
-                deployed = _write_deployment(fmt, model, output, fold_bn, img_size, opset, verify)
-            except wsurgery.WSurgeryError as e:
-                raise type(e)(f"{e} (the safetensors export in {output} is complete)") from None
+    for deployed in result.deployments:
         size = "x".join(map(str, deployed.input_size))
         detail = f"opset {deployed.opset}, " if deployed.opset else ""
-        rows.append((fmt, f"{deployed.path} ({detail}input {'N' if deployed.dynamic_batch else 'fixed batch'}x{size})"))
-        _add_check(rows, failures, fmt, fmt, deployed.verification)
+        rows.append((deployed.format, f"{deployed.path} ({detail}input "
+                                      f"{'N' if deployed.dynamic_batch else 'fixed batch'}x{size})"))
+        _add_check(rows, failures, deployed.format, deployed.format, deployed.verification)
     console.print(kv_table("export", rows))
     if failures:
         raise fail(f"export differs from its source: {'; '.join(failures)}")

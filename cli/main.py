@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 import typer
 
@@ -48,6 +50,10 @@ app.command("demo")(_demo.demo)
 app.command("compare")(_compare.compare)
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point.
 
@@ -61,6 +67,10 @@ def main(argv: list[str] | None = None) -> None:
         args = ["--debug"] + [a for i, a in enumerate(args) if not (a == "--debug" and i < end)]
     if not args:  # the app's no_args_is_help: the help, as `wsurgery --help` prints it
         args = ["--help"]
+    # SIGTERM (kill, timeout, docker stop, Slurm) ends a command as Ctrl-C does, so the temporary
+    # outputs are removed on the way out (Python's default would exit without running any cleanup)
+    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+        signal.signal(signal.SIGTERM, _terminate)
     # click's own parse errors (unknown or missing option, a value of the wrong type) would print a
     # five-line usage box; every other error is one line (cli/_common.handle_errors), so these are too
     try:

@@ -26,9 +26,9 @@ from .errors import ArgumentTypeError, DatasetError, InputNotFoundError, UsageEr
 __all__ = [
     "IMAGE_SUFFIXES",
     "data_config_for",
-    "image_config_for",
     "eval_transform",
     "find_images",
+    "image_config_for",
     "load_images",
     "open_rgb",
     "random_inputs",
@@ -96,6 +96,8 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
 
 def data_config_for(model: nn.Module, img_size: int | None = None) -> dict[str, Any]:
     """timm's resolved data config of ``model``, optionally at another input size."""
+    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
+        raise UsageError(f"img_size (--img-size) must be a positive number of pixels, got {img_size!r}")
     args = {"input_size": (3, img_size, img_size)} if img_size else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

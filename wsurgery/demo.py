@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from .errors import ConfigError, InputNotFoundError, OutputExistsError, UsageError
-from .io import atomic_dir, atomic_file, write_json
+from .io import atomic_dir, atomic_file, check_replaceable, write_json
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -54,6 +54,8 @@ FASHION_MNIST_DIR = Path(os.environ.get("WSURGERY_FASHION_MNIST", "/usr/share/da
 #: Fashion-MNIST's labels 0..9 (folder names; "/" replaced)
 FASHION_MNIST_CLASSES = ("T-shirt-top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                          "Ankle-boot")
+#: in a demo work directory until demo.json is written: a rerun may replace it without force
+UNFINISHED = ".unfinished"
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -160,7 +162,7 @@ class DemoConfig:
         # Fashion-MNIST has 6,000 training and 1,000 test images per class; train and val share the first
         limits = {"img_size": (16, None), "train_per_class": (1, 5999), "val_per_class": (1, 5999),
                   "test_per_class": (1, 1000), "calib_images": (1, None), "calib_steps": (0, None),
-                  "predict_images": (0, None)}
+                  "predict_images": (0, None), "seed": (0, 2**32 - 1)}
         for name, (lo, hi) in limits.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < lo or (hi is not None and value > hi):
@@ -276,7 +278,8 @@ def run_demo(
     cfg = config or (DemoConfig.quick() if quick else DemoConfig())
     cfg.__post_init__()  # a config edited after it was made (the CLI sets img_size) is checked again
     work = Path(workdir)
-    if work.exists() and not force:
+    unfinished = (work / UNFINISHED).exists()  # a demo that failed or was interrupted: nothing to keep
+    if os.path.lexists(work) and not force and not unfinished:
         raise OutputExistsError(f"{work} already exists; pass force=True (CLI: --force) to redo the demo")
     # everything the demo needs is checked before an old work directory is deleted
     from .recipes import load_recipe, parse_override
@@ -288,9 +291,14 @@ def run_demo(
                          + " and ".join(f"--{k.replace('_', '-')} (DemoConfig.{k})" for k in own))
     ckpt = _lite0_checkpoint()
     fashion_mnist_source()
-    if work.exists():
+    if os.path.lexists(work):  # never a folder the demo did not make, the current one or one above it
+        check_replaceable(work, markers=("demo.json", UNFINISHED))
+    if work.is_symlink() or work.is_file():
+        work.unlink()
+    elif work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
+    (work / UNFINISHED).touch()  # removed once demo.json is written
     result = DemoResult(workdir=work, config=asdict(cfg))
     timer = _Timer(result, callback or (lambda name, step: None))
     t_all = time.perf_counter()
@@ -379,4 +387,5 @@ def run_demo(
     result.seconds = time.perf_counter() - t_all
     with atomic_file(work / "demo.json", force=True) as tmp:
         write_json(tmp, result.to_dict())
+    (work / UNFINISHED).unlink()
     return result

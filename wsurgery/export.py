@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .convert import all_finite, get_surgery_config, placement, unwrap, with_input_channels
-from .errors import ConfigError, NonFiniteWeightsError
+from .errors import ConfigError, NonFiniteWeightsError, VerificationError
 from .fold import FOLD_ATTR, fold, is_folded
 from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_dir, save_safetensors, write_json
 from .load import build_on_meta, model_record
@@ -50,11 +50,20 @@ class ExportResult:
     files: list[Path] = field(default_factory=list)
     #: the check of the written directory against the model (``export(..., verify=True)``); see ``passed``
     verification: VerifyResult | None = None
+    #: the ONNX / ``.pt2`` files written into the directory (``export(..., formats=...)``)
+    deployments: list[Any] = field(default_factory=list)
+
+    @property
+    def checks(self) -> list[tuple[str, VerifyResult]]:
+        """``(format, verification)`` of every file checked: safetensors first, then each deployment."""
+        found = [("safetensors", self.verification)] + [(d.format, d.verification) for d in self.deployments]
+        return [(name, check) for name, check in found if check is not None]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["directory"] = str(self.directory)
         d["files"] = [str(f) for f in self.files]
+        d["deployments"] = [x.to_dict() for x in self.deployments]
         return d
 
 
@@ -156,6 +165,9 @@ def export(
     dtype: Dtype = "fp32",
     force: bool = False,
     verify: bool = False,
+    formats: tuple[str, ...] | list[str] = (),
+    img_size: int | None = None,
+    opset: int | None = None,
 ) -> ExportResult:
     """Fold ``model`` and write it for deployment, atomically.
 
@@ -171,7 +183,12 @@ def export(
         force: replace an existing output.
         verify: reload the written directory and compare its outputs with ``model``'s
             (:func:`wsurgery.verify`, the tolerance of ``dtype``); the result is in
-            ``verification`` (check ``verification.passed``; a failed check does not raise).
+            ``verification`` (check ``verification.passed``). Every check runs before the
+            directory is put in place: a failed check does not raise, except where it would
+            replace an existing output (``force``), which is then kept.
+        formats: also write ``onnx`` (``model.onnx``) and/or ``torch-export`` (``model.pt2``) into the
+            directory, before it is put in place (:mod:`wsurgery.deploy`; fp32 graphs, verified with
+            ``verify``); ``img_size`` and ``opset`` are theirs.
 
     Returns:
         An :class:`ExportResult`; ``timm_compatible`` says whether stock timm loads it.
@@ -179,9 +196,18 @@ def export(
     Raises:
         NonFiniteWeightsError: a weight is NaN or inf (nothing is written).
         OutputExistsError: ``directory`` exists and ``force`` is False.
+        VerificationError: with ``force``, a check failed (the existing output was kept).
     """
+    from . import deploy  # deploy builds on this module
+
     if dtype not in DTYPES:
         raise ConfigError(f"`dtype` (--dtype) must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    unknown = [f for f in formats if f not in deploy.FORMATS]
+    if unknown:
+        raise ConfigError(f"unknown deployment format {unknown[0]!r}; choose from {', '.join(deploy.FORMATS)}")
+    if "onnx" in formats:
+        deploy.require_onnx()  # before anything is folded or written
+        deploy.check_opset(opset if opset is not None else deploy.DEFAULT_OPSET)
     model = unwrap(model)
     record = model_record(model)
     folded = model if is_folded(model) and not fold_bn else fold(model, fold_bn=fold_bn)
@@ -196,15 +222,31 @@ def export(
     _check_finite_state(folded.state_dict(), state, dtype)
     check_rebuildable(config, state, "export")
     directory = Path(directory)
-    with atomic_dir(directory, force=force) as tmp:
+    replaces = os.path.lexists(directory)
+    result = ExportResult(directory=directory, timm_compatible=args is not None, model_args=config["model_args"],
+                          fold_bn=pairs, dtype=dtype, files=[directory / CONFIG_NAME, directory / WEIGHTS_NAME])
+    with atomic_dir(directory, force=force, markers=(CONFIG_NAME,)) as tmp:
         save_safetensors(state, tmp / WEIGHTS_NAME, {"wsurgery": json.dumps(config["wsurgery"], sort_keys=True)})
         write_json(tmp / CONFIG_NAME, config)
-    return ExportResult(
-        directory=directory,
-        timm_compatible=args is not None,
-        model_args=config["model_args"],
-        fold_bn=pairs,
-        dtype=dtype,
-        files=[directory / CONFIG_NAME, directory / WEIGHTS_NAME],
-        verification=verify_directory(directory, model) if verify else None,
-    )
+        # checked here, before the directory is put in place: a failed check never replaces a good export
+        result.verification = verify_directory(tmp, model) if verify else None
+        for fmt in deploy.FORMATS:
+            if fmt in formats:
+                kw = {"opset": opset if opset is not None else deploy.DEFAULT_OPSET} if fmt == "onnx" else {}
+                write = deploy.export_onnx if fmt == "onnx" else deploy.export_program
+                result.deployments.append(write(model, tmp / deploy.FILE_NAMES[fmt], fold_bn=fold_bn,
+                                                img_size=img_size, verify=verify, **kw))
+        failed = [f"{name} (max rel diff {check.max_rel:.3g} > {check.rtol:g})"
+                  for name, check in result.checks if not check.passed]
+        if failed and replaces:
+            raise VerificationError(f"the new export differs from the model: {', '.join(failed)}; "
+                                    f"{directory} was left as it was")
+    # they were written and checked inside the temporary directory
+    if result.verification is not None:
+        result.verification.candidate = str(directory)
+    for d in result.deployments:
+        d.path = directory / d.path.name
+        result.files.append(d.path)
+        if d.verification is not None:
+            d.verification.candidate = str(d.path)
+    return result

@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import CheckpointError, InputNotFoundError, OutputExistsError, UnsafeCheckpointError
+from .errors import CheckpointError, InputNotFoundError, OutputExistsError, UnsafeCheckpointError, UsageError
 
 __all__ = [
     "CONFIG_NAME",
@@ -36,6 +36,7 @@ __all__ = [
     "atomic_dir",
     "atomic_file",
     "check_output",
+    "check_replaceable",
     "fsync_dir",
     "load_safetensors",
     "load_state_dict_file",
@@ -60,13 +61,59 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def check_output(path: str | os.PathLike, force: bool) -> Path:
-    """Refuse to overwrite ``path`` unless ``force``; make sure its parent exists."""
+def check_output(
+    path: str | os.PathLike,
+    force: bool,
+    *,
+    inputs: tuple[str | os.PathLike | None, ...] = (),
+    markers: tuple[str, ...] = (),
+) -> Path:
+    """Refuse to overwrite ``path`` unless ``force``; make sure its parent exists.
+
+    With ``force``, :func:`check_replaceable` decides whether ``path`` may be replaced at all.
+    """
     path = Path(path)
-    if path.exists() and not force:
-        raise OutputExistsError(f"{path} already exists; pass --force (force=True) to overwrite it")
+    if os.path.lexists(path):  # lexists: a symlink to nothing is an existing entry too
+        if not force:
+            what = "is a symlink to a missing path" if not path.exists() else "already exists"
+            raise OutputExistsError(f"{path} {what}; pass --force (force=True) to overwrite it")
+        check_replaceable(path, inputs=inputs, markers=markers)
     path.parent.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def check_replaceable(
+    path: str | os.PathLike,
+    *,
+    inputs: tuple[str | os.PathLike | None, ...] = (),
+    markers: tuple[str, ...] = (),
+) -> None:
+    """Refuse to replace (delete) ``path`` where that would lose more than an earlier output.
+
+    Refused: the current directory or a folder above it, the home directory, a path that is or
+    holds one of ``inputs`` (``export runs/m -o runs --force`` would delete ``runs/m`` before using
+    it), and, when ``markers`` are given, a non-empty directory holding none of them (not an
+    earlier output of this kind: ``-o ~/projects --force`` would delete everything in it).
+    """
+    path = Path(path)
+    if path.is_symlink() or not os.path.lexists(path):
+        return  # --force replaces the link itself, never its target
+    target = path.resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents or target == Path.home().resolve():
+        raise UsageError(f"{path} is the current directory, a folder above it or the home directory; "
+                         "--force would delete everything in it: write to a new directory (-o DIR)")
+    for inp in inputs:
+        if inp is None or not os.path.lexists(inp):
+            continue
+        source = Path(inp).resolve()
+        # the input, a folder holding it, or one of the input directory's files
+        if target == source or target in source.parents or (source in target.parents and not target.is_dir()):
+            raise UsageError(f"{path} holds the input {inp}; --force would delete it before it is read: "
+                             "write to another directory (-o)")
+    if markers and target.is_dir() and any(target.iterdir()) and not any((target / m).exists() for m in markers):
+        raise UsageError(f"{path} is not an earlier output of this command (it has no {' or '.join(markers)}) and "
+                         "--force would delete everything in it: write to a new directory (-o) or empty it yourself")
 
 
 def _current_umask() -> int:
@@ -132,20 +179,21 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def atomic_dir(path: str | os.PathLike, force: bool = False, *, markers: tuple[str, ...] = ()) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path`` whole.
 
-    Files written into it should be fsynced by their writers (the helpers here do).
+    Files written into it should be fsynced by their writers (the helpers here do). ``markers``: see
+    :func:`check_replaceable`.
     """
-    path = check_output(path, force)
+    path = check_output(path, force, markers=markers)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, _umask_mode(directory=True))
         fsync_dir(tmp)
-        if path.exists() and _exchange(tmp, path):  # --force: swap atomically, then delete the old
+        if os.path.lexists(path) and _exchange(tmp, path):  # --force: swap atomically, then delete the old
             _remove(tmp)
-        elif path.exists():  # no atomic swap here: move the old output aside, put the new one in
+        elif os.path.lexists(path):  # no atomic swap here: move the old output aside, put the new one in
             old = path.with_name(f".{path.name}.{os.getpid()}.old")
             os.replace(path, old)
             os.replace(tmp, path)

@@ -126,7 +126,7 @@ def save(
     config = build_config(model, "converted")
     state = model.state_dict()
     check_rebuildable(config, state, "save")
-    with atomic_dir(directory, force=force) as tmp:
+    with atomic_dir(directory, force=force, markers=(CONFIG_NAME,)) as tmp:
         save_safetensors(state, tmp / WEIGHTS_NAME, {"wsurgery": json.dumps(config["wsurgery"])})
         write_json(tmp / CONFIG_NAME, config)
     return Path(directory)

@@ -74,6 +74,7 @@ from .io import (
     WEIGHTS_NAME,
     atomic_dir,
     atomic_file,
+    check_replaceable,
     load_safetensors,
     read_json,
     save_safetensors,
@@ -95,6 +96,7 @@ __all__ = [
 ]
 
 LAST_DIR = "last"
+TRAIN_JSON = "train.json"
 STATE_JSON = "train_state.json"
 STATE_TENSORS = "train_state.safetensors"
 METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "val_loss", "top1", "top5", "seconds", "images_per_s")
@@ -970,6 +972,12 @@ def train(
                                  f"(`{flag}`); export to a directory of its own, e.g. {run_dir / 'export'}")
     if export is not None and not force and Path(export).exists():
         raise OutputExistsError(f"{export} already exists; pass force=True (--force) to overwrite it")
+    # --force never deletes what the run reads (the model, the data), nor a folder that is no run
+    inputs = (model if isinstance(model, (str, os.PathLike)) else None, data, val_data)
+    if force and export is not None:
+        check_replaceable(export, inputs=inputs, markers=(CONFIG_NAME,))
+    if force and out is not None and not _same_path(resume_dir, out):
+        check_replaceable(out, inputs=(*inputs, resume_dir), markers=(TRAIN_JSON, LAST_DIR, CONFIG_NAME))
     recipe_obj = load_recipe(recipe, overrides)
     dev = pick_device(device)
     _init_distributed(dev)
@@ -1079,6 +1087,6 @@ def _write_summary(out: Path, run: _Run, bundle: DataBundle, notes: list[str], d
         "device": str(run.device),
         "world_size": run.world,
     }
-    with atomic_file(out / "train.json", force=True) as tmp:
+    with atomic_file(out / TRAIN_JSON, force=True) as tmp:
         write_json(tmp, summary)
 

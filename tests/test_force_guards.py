@@ -1,0 +1,210 @@
+"""--force replaces an earlier output, never what a command reads or a folder it did not make.
+
+And the ways an output could be lost or left half-made: an export is checked (and its ONNX / .pt2
+files written) before it is put in place, so a failed check keeps the export it would replace; a
+SIGTERM cleans up like Ctrl-C; a demo that stopped part-way does not block the next one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from _cli import invoke, ok, one_error
+from _data import make_folder
+
+import wsurgery
+from wsurgery.errors import ConfigError, OutputExistsError, UsageError, VerificationError
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory) -> Path:
+    model = wsurgery.load("test_efficientnet", pretrained=False, num_classes=3)
+    return wsurgery.save(wsurgery.convert(model, mode="aws")[0], tmp_path_factory.mktemp("saved") / "m")
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_force_never_replaces_a_folder_holding_the_input(tmp_path, saved):
+    project = tmp_path / "proj"
+    src = _copy(saved, project / "src")
+    (project / "notes.txt").write_text("mine")
+    before = _snapshot(project)
+    # onto the folder above the source, onto the source itself, onto a file inside it
+    for out in (project, src, src / "model.safetensors"):
+        one_error(invoke("export", src, "-o", out, "--force"), 2, "holds the input", "--force would delete it")
+        one_error(invoke("convert", src, "-o", out, "--force"), 2, "holds the input")
+    assert _snapshot(project) == before
+
+
+def test_force_never_replaces_a_folder_the_command_did_not_write(tmp_path, saved):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("precious")
+    one_error(invoke("export", saved, "-o", mine, "--force"), 2, "not an earlier output", "config.json")
+    assert (mine / "thesis.tex").read_text() == "precious"
+    # an earlier export (config.json) and an empty folder are replaced
+    ok(invoke("export", saved, "-o", tmp_path / "e"))
+    ok(invoke("export", saved, "-o", tmp_path / "e", "--force"))
+    (tmp_path / "empty").mkdir()
+    ok(invoke("export", saved, "-o", tmp_path / "empty", "--force"))
+    assert (tmp_path / "empty" / "config.json").is_file()
+    # the library refuses the same, for save and export
+    model = wsurgery.load(saved)
+    with pytest.raises(UsageError, match="not an earlier output"):
+        wsurgery.save(model, mine, force=True)
+    with pytest.raises(UsageError, match="not an earlier output"):
+        wsurgery.export(model, mine, force=True)
+    assert (mine / "thesis.tex").read_text() == "precious"
+
+
+def test_force_never_replaces_the_current_directory(tmp_path, saved, monkeypatch):
+    work = tmp_path / "work"
+    _copy(saved, work)  # even one that looks like an output
+    monkeypatch.chdir(work)
+    before = _snapshot(work)
+    for out in (".", str(work), str(tmp_path)):
+        one_error(invoke("export", saved, "-o", out, "--force"), 2, "current directory")
+    assert _snapshot(work) == before
+
+
+def test_train_force_never_deletes_its_data(tmp_path, saved):
+    data = make_folder(tmp_path / "runs" / "data", per_class=2, classes=("a", "b"))
+    with pytest.raises(UsageError, match="holds the input"):
+        wsurgery.train(saved, data, tmp_path / "runs", overrides={"epochs": 1}, force=True)
+    with pytest.raises(UsageError, match="holds the input"):
+        wsurgery.train(saved, data, tmp_path / "r", overrides={"epochs": 1}, export=tmp_path / "runs", force=True)
+    assert len(list(data.rglob("*.png"))) == 4
+
+
+def test_dangling_symlink_output(tmp_path, saved):
+    link = tmp_path / "dangling"
+    link.symlink_to(tmp_path / "nowhere")
+    one_error(invoke("export", saved, "-o", link), 1, "symlink to a missing path", "--force")
+    ok(invoke("export", saved, "-o", link, "--force"))
+    assert link.is_dir() and not link.is_symlink() and not (tmp_path / "nowhere").exists()
+
+
+def _broken(fold):
+    def broken(model, **kwargs):
+        out = fold(model, **kwargs)
+        with torch.no_grad():
+            next(m for m in out.modules() if isinstance(m, torch.nn.Conv2d)).weight.mul_(3)
+        return out
+
+    return broken
+
+
+def test_failed_check_keeps_the_export_it_would_replace(tmp_path, saved, monkeypatch):
+    model = wsurgery.load(saved)
+    good = wsurgery.export(model, tmp_path / "e", verify=True)
+    assert good.verification.passed
+    before = _snapshot(tmp_path / "e")
+    export_module = sys.modules["wsurgery.export"]  # `wsurgery.export` is the function
+    monkeypatch.setattr(export_module, "fold", _broken(export_module.fold))
+    with pytest.raises(VerificationError, match="was left as it was"):
+        wsurgery.export(model, tmp_path / "e", verify=True, force=True)
+    assert _snapshot(tmp_path / "e") == before
+    assert not list(tmp_path.glob(".e.*"))
+    # into a new directory the failed export is written, and reported (the CLI exits 1)
+    fresh = wsurgery.export(model, tmp_path / "new", verify=True)
+    assert not fresh.verification.passed and fresh.verification.candidate == str(tmp_path / "new")
+
+
+def test_deployment_files_are_written_and_checked_before_the_directory_appears(tmp_path, saved, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from wsurgery import deploy
+
+    model = wsurgery.load(saved)
+    result = wsurgery.export(model, tmp_path / "e", verify=True, formats=("onnx", "torch-export"), img_size=64)
+    names = sorted(p.name for p in (tmp_path / "e").iterdir())
+    assert names == ["config.json", "model.onnx", "model.pt2", "model.safetensors"]
+    assert [d.path for d in result.deployments] == [tmp_path / "e" / "model.onnx", tmp_path / "e" / "model.pt2"]
+    assert set(result.files) == {tmp_path / "e" / n for n in names}
+    assert [name for name, check in result.checks if check.passed] == ["safetensors", "onnx", "torch-export"]
+    assert all(check.candidate.startswith(str(tmp_path / "e")) for _, check in result.checks)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(deploy, "export_program", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        wsurgery.export(model, tmp_path / "e2", formats=("onnx", "torch-export"), img_size=64)
+    assert not (tmp_path / "e2").exists() and not list(tmp_path.glob(".e2.*"))
+    with pytest.raises(ConfigError, match="unknown deployment format"):
+        wsurgery.export(model, tmp_path / "e3", formats=("tflite",))
+
+
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, saved):
+    """SIGTERM (kill, timeout, docker stop) ended the process without cleanup: a hidden temporary output stayed."""
+    from test_interrupt import _HOLD_AFTER_WRITE
+
+    shim = Path(tempfile.mkdtemp(prefix="wsurgery-shim-", dir=tmp_path))
+    (shim / "sitecustomize.py").write_text(_HOLD_AFTER_WRITE)
+    written = shim / "written"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(shim), os.environ.get("PYTHONPATH")))),
+           "WSURGERY_TEST_WRITTEN": str(written), "HF_HUB_OFFLINE": "1"}
+    args = [sys.executable, "-m", "wsurgery.cli.main", "export", str(saved), "-o", str(tmp_path / "e")]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not written.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert written.exists(), proc.stderr.read() if proc.poll() is not None else "not written in 120 s"
+    assert list(tmp_path.glob(".e.*.tmp"))  # caught mid-write
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and err.strip() == "error: interrupted", (proc.returncode, err)
+    assert not list(tmp_path.glob(".e.*")) and not (tmp_path / "e").exists()
+
+
+def test_demo_workdir_guards(tmp_path, monkeypatch):
+    import wsurgery.demo as demo
+
+    with pytest.raises(ConfigError, match="seed"):
+        demo.DemoConfig(seed=-1)
+    # the data and weights checks pass without them; the first step fails, as a broken data file would
+    monkeypatch.setattr(demo, "_lite0_checkpoint", lambda: tmp_path / "ckpt.pth")
+    monkeypatch.setattr(demo, "fashion_mnist_source", lambda *a, **k: tmp_path)
+
+    def broken(*args, **kwargs):
+        raise ConfigError("broken data")
+
+    monkeypatch.setattr(demo, "fashion_mnist_folder", broken)
+    work = tmp_path / "d"
+    for _ in range(2):  # the unfinished workdir of the first run does not block the second
+        with pytest.raises(ConfigError, match="broken data"):
+            demo.run_demo(work, quick=True)
+        assert (work / demo.UNFINISHED).exists()
+    (work / demo.UNFINISHED).unlink()  # as a finished demo leaves it (with demo.json)
+    with pytest.raises(OutputExistsError):
+        demo.run_demo(work, quick=True)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    monkeypatch.chdir(mine)
+    for target in (mine, Path(".")):
+        with pytest.raises(UsageError, match=r"current directory|not an earlier output"):
+            demo.run_demo(target, quick=True, force=True)
+    assert (mine / "notes.txt").read_text() == "mine"
+
+
+def test_img_size_must_be_positive(saved, tmp_path):
+    wsurgery.export(wsurgery.load(saved), tmp_path / "e")
+    for size in ("0", "-5"):
+        one_error(invoke("verify", tmp_path / "e", "--against", saved, "--img-size", size), 2, "img_size")
