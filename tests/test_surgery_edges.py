@@ -66,3 +66,70 @@ def test_inspect_counts_condconv_banks_plain_converted_and_folded():
     assert sum(v for k, v in plain.items() if "conv" in k) == report.num_convs
     assert sum(v for k, v in ws.items() if "conv" in k) == report.num_convs
     assert sum(v for k, v in folded.items() if "conv" in k) == report.num_convs
+
+
+def test_fold_bn_leaves_a_shared_batchnorm_or_conv_alone():
+    """A BN called on a conv's output and again elsewhere was folded into the conv, breaking the other call."""
+    from wsurgery.fold import find_conv_bn_pairs
+
+    class SharedBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.bn(x * 2)
+
+    class SharedConv(SharedBN):
+        def __init__(self):
+            super().__init__()
+            self.other = nn.BatchNorm2d(4)
+
+        def forward(self, x):
+            return self.bn(self.conv(x)) + self.other(self.conv(x * 2))
+
+    class Plain(SharedBN):
+        def forward(self, x):
+            return self.bn(self.conv(x)) + x
+
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    for cls, expected in ((SharedBN, []), (SharedConv, []), (Plain, [("conv", "bn")])):
+        torch.manual_seed(0)
+        model = cls()
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_()
+                m.running_var.uniform_(0.5, 2)
+        model.eval()
+        assert find_conv_bn_pairs(model) == expected, cls.__name__
+        with torch.no_grad():
+            assert_close(wsurgery.fold(model, fold_bn=True)(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_small_api_edges_are_clear_errors():
+    """From a review: each of these was a wrong result or a raw TypeError/ZeroDivisionError."""
+    import pytest
+
+    from wsurgery.errors import ArgumentTypeError, ConversionError
+    from wsurgery.norm import gn_num_groups
+
+    for kwargs in ({"groups": -8}, {"groups": 0}, {"group_size": -16}, {"group_size": 0}, {"rule": "nearest"}):
+        with pytest.raises(ConversionError):
+            gn_num_groups(64, **kwargs)
+    assert gn_num_groups(64, groups=8) == 8 and gn_num_groups(24, 32, rule="gcd") == 8
+    assert wsurgery.SurgeryConfig(include=None).include == []
+    for bad in ([1], 3):
+        with pytest.raises(ArgumentTypeError, match="include"):
+            wsurgery.SurgeryConfig(include=bad)
+    from wsurgery.weights import sample_photos
+
+    with pytest.raises(ArgumentTypeError, match="list of photo names"):
+        sample_photos("chelsea")
+    # a BN with neither affine nor statistics, in a float64 model, becomes a float64 GroupNorm
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8, affine=False, track_running_stats=False)).double()
+    converted = convert(model, mode="ws", norm="gn", gn_groups=4, inplace=False)[0]
+    assert converted[1].weight.dtype == torch.float64
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    y = converted[0](x)
+    expected = nn.functional.group_norm(y, 4, eps=1e-5)
+    assert_close(converted(x), expected)

@@ -6,9 +6,12 @@ import shutil
 import sys
 
 import pytest
+import timm
+import torch
 from _cli import invoke, one_error
-from _data import CLASSES, make_train_val
+from _data import CLASSES, make_folder, make_train_val
 from test_train import FAST, tiny
+from torch.testing import assert_close
 
 import wsurgery
 from wsurgery.errors import RecipeError, UsageError
@@ -125,3 +128,27 @@ def test_output_that_is_a_file_is_a_one_line_error(data, tmp_path):
               2, "is a file")
     assert (tmp_path / "afile").read_text() == "keep"
 
+
+
+def test_a_short_last_micro_batch_weighs_by_its_images(tmp_path):
+    """Accumulated micro-batches of 2, 2, 2, 2 and 1 images take the step one batch of 9 takes (the lone
+    image weighed as much as two before: each micro-batch's loss was divided by their count)."""
+    data = make_folder(tmp_path / "d", per_class=3, classes=("a", "b", "c"))
+    common = ["img_size=32", "workers=0", "epochs=1", "optimizer=sgd", "weight_decay=0", "lr=0.5",
+              "warmup_steps=0", "label_smoothing=0", "val_split=0", "ema=false", "aug_scale=[0.8, 1.0]"]
+    trained = {}
+    for name, batching in {"one batch": ["batch_size=9", "accum_steps=1"],
+                           "micro-batches": ["batch_size=2", "accum_steps=5"]}.items():
+        torch.manual_seed(0)
+        model = timm.create_model("test_efficientnet", pretrained=False, num_classes=3)
+        model = wsurgery.convert(model, mode="ws", norm="gn")[0]
+        result = train(model, data, None, "cpu-quick", overrides=common + batching, device="cpu")
+        assert result.steps == 1, name
+        trained[name] = result.model
+    start = wsurgery.convert(
+        (torch.manual_seed(0), timm.create_model("test_efficientnet", pretrained=False, num_classes=3))[1],
+        mode="ws", norm="gn")[0]
+    moved = [(a - s).abs().max().item() for a, s in zip(trained["one batch"].parameters(), start.parameters())]
+    assert max(moved) > 1e-3  # the step did something
+    for a, b in zip(trained["one batch"].parameters(), trained["micro-batches"].parameters(), strict=True):
+        assert_close(b, a, rtol=1e-4, atol=1e-5)

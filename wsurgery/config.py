@@ -71,8 +71,14 @@ class SurgeryConfig:
         if not (self.gn_eps > 0 and math.isfinite(self.gn_eps)):
             raise ConfigError(f"`gn_eps` must be positive, got {self.gn_eps}")
         # one pattern given as a string is one pattern, not a list of its characters
-        self.include = [self.include] if isinstance(self.include, str) else list(self.include)
-        self.exclude = [self.exclude] if isinstance(self.exclude, str) else list(self.exclude)
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if value is None:
+                value = []
+            patterns = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+            if patterns is None or not all(isinstance(p, str) for p in patterns):
+                raise ArgumentTypeError(f"`{name}` must be a pattern or a list of patterns (strings), got {value!r}")
+            setattr(self, name, patterns)
 
     @property
     def ws_convention(self) -> WSConvention:

@@ -310,8 +310,9 @@ def apply_surgery(model: nn.Module, config: SurgeryConfig, plan: _Plan) -> Surge
         report.changes.append(change)
         if zero_var:
             report.zero_variance_filters[name] = zero_var
+    like = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
     for name, bn, groups in plan.norms:
-        gn = batchnorm_to_groupnorm(bn, groups, eps=config.gn_eps)
+        gn = batchnorm_to_groupnorm(bn, groups, eps=config.gn_eps, like=like)
         model.set_submodule(name, gn)
         note = "1 group (sees 1x1 maps)" if name in plan.pooled else f"{groups} groups"
         report.changes.append(LayerChange(name, type(bn).__name__, type(gn).__name__, _numel(bn), _numel(gn), note))

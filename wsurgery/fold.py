@@ -38,7 +38,7 @@ from .convert import (
     ws_parametrizations,
 )
 from .errors import ConversionError, NonFiniteWeightsError, UsageError
-from .graph import module_successors
+from .graph import trace_calls
 from .norm import carries_activation, is_batchnorm
 
 __all__ = ["FOLD_ATTR", "find_conv_bn_pairs", "fold", "fold_conv_bn", "is_folded", "timm_std_conv_weight"]
@@ -92,10 +92,11 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     Raises:
         ConversionError: the model cannot be traced with torch.fx.
     """
-    succ = module_successors(model)
-    if succ is None:
+    traced = trace_calls(model)
+    if traced is None:
         raise ConversionError("fold_bn needs a torch.fx trace of the model and this one cannot be traced; "
                               "export without fold_bn")
+    succ, calls = traced
     modules = dict(model.named_modules())
     feeders: dict[str, int] = {}
     for users in succ.values():
@@ -109,7 +110,8 @@ def find_conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
         bn = modules.get(users[0])
         if bn is None or not is_batchnorm(bn) or getattr(bn, "running_mean", None) is None:
             continue
-        if feeders.get(users[0]) != 1:
+        # a module called twice (a BN shared by two branches) folded into one of its callers breaks the other
+        if feeders.get(users[0]) != 1 or calls.get(name) != 1 or calls.get(users[0]) != 1:
             continue
         pairs.append((name, users[0]))
     return pairs

@@ -15,7 +15,7 @@ from torch import nn
 
 from .norm import is_batchnorm
 
-__all__ = ["module_successors"]
+__all__ = ["module_successors", "trace_calls"]
 
 
 _ALWAYS_LEAF: tuple[type, ...] = (nn.Conv2d, nn.modules.batchnorm._BatchNorm, nn.GroupNorm)
@@ -39,18 +39,27 @@ class _LeafTracer(torch.fx.Tracer):
 def module_successors(model: nn.Module, leaf_types: tuple[type, ...] = ()) -> dict[str, list[str]] | None:
     """Map each called module's name to the modules (or ops) that consume its output.
 
-    Consumers that are not modules are named ``"<op:NAME>"``. Returns ``None`` when the model
-    cannot be traced symbolically.
+    Consumers that are not modules are named ``"<op:NAME>"``. A module called more than once
+    lists the consumers of every call. Returns ``None`` when the model cannot be traced symbolically.
 
     Args:
         model: the model to trace (not modified).
         leaf_types: extra module types to keep as leaves (e.g. BatchNorm subclasses).
     """
+    traced = trace_calls(model, leaf_types)
+    return None if traced is None else traced[0]
+
+
+def trace_calls(
+    model: nn.Module, leaf_types: tuple[type, ...] = ()
+) -> tuple[dict[str, list[str]], dict[str, int]] | None:
+    """:func:`module_successors` and how many times each module is called, from one trace (or None)."""
     try:
         graph = _LeafTracer(leaf_types).trace(model)
     except Exception:  # noqa: BLE001 - any trace failure means "unknown", never a crash
         return None
     succ: dict[str, list[str]] = {}
+    calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op != "call_module":
             continue
@@ -61,4 +70,5 @@ def module_successors(model: nn.Module, leaf_types: tuple[type, ...] = ()) -> di
             else:
                 users.append(f"<op:{getattr(user.target, '__name__', user.target)}>")
         succ.setdefault(str(node.target), []).extend(users)
-    return succ
+        calls[str(node.target)] = calls.get(str(node.target), 0) + 1
+    return succ, calls

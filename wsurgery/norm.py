@@ -57,6 +57,11 @@ def gn_num_groups(
     Raises:
         ConversionError: the channels cannot be split as asked.
     """
+    if rule not in ("gcd", "divisor", "error"):
+        raise ConversionError(f"gn_group_rule must be gcd, divisor or error, got {rule!r}")
+    if (group_size is not None and group_size < 1) or (group_size is None and groups < 1):
+        raise ConversionError(f"GroupNorm groups and group sizes must be at least 1, got groups={groups}, "
+                              f"group_size={group_size}")
     if group_size is not None:
         if num_channels % group_size:
             raise ConversionError(
@@ -76,11 +81,12 @@ def gn_num_groups(
     )
 
 
-def _bn_affine(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+def _bn_affine(bn: nn.Module, like: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     num = bn.num_features if hasattr(bn, "num_features") else bn.weight.shape[0]
-    # a BN without affine: ones and zeros where its statistics live (the model's device and dtype)
-    ref = next(iter(bn.buffers()), None)
-    like = {"device": ref.device, "dtype": ref.dtype} if ref is not None and ref.is_floating_point() else {}
+    # a BN without affine: ones and zeros where its statistics live (the model's device and dtype),
+    # or, with no statistics either, where ``like`` (a tensor of the model) lives
+    ref = next((t for t in (*bn.parameters(), *bn.buffers()) if t.is_floating_point()), like)
+    like = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
     weight = bn.weight if getattr(bn, "weight", None) is not None else torch.ones(num, **like)
     bias = bn.bias if getattr(bn, "bias", None) is not None else torch.zeros(num, **like)
     return weight.detach(), bias.detach()
@@ -90,14 +96,17 @@ def _num_channels(bn: nn.Module) -> int:
     return int(getattr(bn, "num_features", None) or bn.weight.shape[0])
 
 
-def batchnorm_to_groupnorm(bn: nn.Module, num_groups: int, eps: float = 1e-5) -> nn.Module:
+def batchnorm_to_groupnorm(
+    bn: nn.Module, num_groups: int, eps: float = 1e-5, like: torch.Tensor | None = None
+) -> nn.Module:
     """A GroupNorm (or GroupNormAct) replacing ``bn``; the affine is copied.
 
     The activation and dropout of an act-carrying BN are moved over as they are.
-    The new module is on ``bn``'s device and dtype and has its ``training`` flag.
+    The new module is on ``bn``'s device and dtype (``like``'s, for a BN that holds no tensor at
+    all) and has its ``training`` flag.
     """
     channels = _num_channels(bn)
-    weight, bias = _bn_affine(bn)
+    weight, bias = _bn_affine(bn, like)
     if carries_activation(bn):
         gn: nn.Module = GroupNormAct(channels, num_groups, eps=eps, affine=True, apply_act=False)
         gn.act = bn.act

@@ -664,6 +664,11 @@ class _Run:
         # standardize_once pushes the gradients to the weights after the last backward, outside DDP's
         # hooks, so under DDP the micro-batches all run without sync and the gradients are averaged here
         manual_reduce = use_once and self.ddp is not None
+        # each micro-batch's mean loss weighs by its share of the step's images, so that a step is the
+        # mean over all of them, as one big batch would be, also where an epoch's short last batch
+        # joins full ones (loss / n_micro would give its few images the weight of a full batch)
+        odd = self.mixup is not None  # timm's Mixup mixes pairs: an odd batch loses its last image
+        total = sum(len(y) - (len(y) % 2 if odd else 0) for _, y in batches)
         with _standardize_once_ctx(self.model, use_once):
             for i, (x, y) in enumerate(batches):
                 x = x.to(self.device, non_blocking=True)
@@ -673,25 +678,27 @@ class _Run:
                 if self.mixup is not None:
                     if len(x) % 2:  # timm's Mixup mixes pairs: the one odd batch of a set smaller than batch_size
                         x, y = x[:-1], y[:-1]
+                    if not len(y):
+                        continue
                     x, y = self.mixup(x, y)
                 sync = self.ddp is None or (i == n_micro - 1 and not manual_reduce)
                 with (contextlib.nullcontext() if sync else self.ddp.no_sync()):
                     with self._autocast():
                         out = self.train_model(x)
                         loss = self.criterion(out.float(), y)
-                    scaled = loss / n_micro
+                    scaled = loss * (len(x) / total)
                     if self.scaler is not None:
                         self.scaler.scale(scaled).backward()
                     else:
                         scaled.backward()
-                losses.append(loss.detach())
+                losses.append(loss.detach() * (len(x) / total))
                 images += len(x)
         if manual_reduce:
             for p in self.model.parameters():
                 if p.grad is not None:
                     dist.all_reduce(p.grad)
                     p.grad /= self.world
-        mean_loss = torch.stack(losses).mean()
+        mean_loss = torch.stack(losses).sum()
         if self.distributed:
             dist.all_reduce(mean_loss)
             mean_loss /= self.world

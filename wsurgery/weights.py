@@ -21,7 +21,7 @@ from pathlib import Path
 
 from torch import nn
 
-from .errors import ConfigError, MissingDependencyError
+from .errors import ArgumentTypeError, ConfigError, MissingDependencyError
 
 __all__ = [
     "EFFICIENTNET_LITE",
@@ -169,6 +169,8 @@ def sample_photos(names: list[str] | None = None) -> dict[str, Path]:
     Raises:
         ConfigError: a name is not in :data:`SAMPLE_PHOTOS`.
     """
+    if isinstance(names, (str, bytes)):
+        raise ArgumentTypeError(f"`names` must be a list of photo names, got the string {names!r} (pass [{names!r}])")
     wanted = list(SAMPLE_PHOTOS) if names is None else list(names)
     unknown = [n for n in wanted if n not in SAMPLE_PHOTOS]
     if unknown:
