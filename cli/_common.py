@@ -76,6 +76,12 @@ def handle_errors(fn: F) -> F:
             if debug_enabled():
                 traceback.print_exc(file=sys.stderr)
             raise fail(_one_line(e), e.exit_code) from None
+        except OSError as e:  # a full disk, a read-only folder, a name too long: the system's words, and a fix
+            if debug_enabled():
+                traceback.print_exc(file=sys.stderr)
+            where = f" ({e.filename})" if e.filename else ""
+            raise fail(f"{e.strerror or _one_line(e)}{where}; free space, fix the permissions or choose another "
+                       f"path (-o), then run the command again (--debug shows the traceback)") from None
         except Exception as e:  # noqa: BLE001 - the CLI never shows a bare traceback
             if debug_enabled():
                 traceback.print_exc(file=sys.stderr)

@@ -208,3 +208,28 @@ def test_img_size_must_be_positive(saved, tmp_path):
     wsurgery.export(wsurgery.load(saved), tmp_path / "e")
     for size in ("0", "-5"):
         one_error(invoke("verify", tmp_path / "e", "--against", saved, "--img-size", size), 2, "img_size")
+
+
+def test_system_errors_are_one_line_with_a_fix(tmp_path, saved, monkeypatch):
+    """A full disk or a read-only folder printed e.g. `OSError: [Errno 30] ...` with no fix named."""
+    import errno
+
+    export_module = sys.modules["wsurgery.export"]
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / ".e.tmp"))
+
+    monkeypatch.setattr(export_module, "save_safetensors", full)
+    line = one_error(invoke("export", saved, "-o", tmp_path / "e"), 1, "No space left on device", "free space")
+    assert str(tmp_path / ".e.tmp") in line and not list(tmp_path.glob(".e.*"))
+
+
+def test_damaged_fashion_mnist_names_the_fix(tmp_path):
+    from wsurgery.demo import read_idx
+    from wsurgery.errors import DatasetError
+
+    (tmp_path / "x.gz").write_bytes(b"not gzip at all")
+    (tmp_path / "short").write_bytes(b"\x00\x00\x08\x03\x00")
+    for name in ("x.gz", "short"):
+        with pytest.raises(DatasetError, match="reinstall"):
+            read_idx(tmp_path / name)

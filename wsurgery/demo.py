@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import ConfigError, InputNotFoundError, OutputExistsError, UsageError
+from .errors import ConfigError, DatasetError, InputNotFoundError, OutputExistsError, UsageError
 from .io import atomic_dir, atomic_file, check_replaceable, write_json
 
 __all__ = [
@@ -68,15 +68,19 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     its own folder layout).
     """
     path = Path(path)
+    damaged = DatasetError(f"{path} is not a readable IDX file (damaged or truncated?); reinstall it "
+                           "(apt-get install --reinstall dataset-fashion-mnist) or set WSURGERY_FASHION_MNIST")
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code not in _IDX_DTYPES:
-        raise InputNotFoundError(f"{path} is not an IDX file")
-    dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    array = np.frombuffer(data, dtype=_IDX_DTYPES[dtype_code], offset=4 + 4 * ndim)
-    return array.reshape(dims)
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+        zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype_code not in _IDX_DTYPES:
+            raise damaged
+        dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+        return np.frombuffer(data, dtype=_IDX_DTYPES[dtype_code], offset=4 + 4 * ndim).reshape(dims)
+    except (OSError, EOFError, struct.error, ValueError) as e:  # gzip.BadGzipFile is an OSError
+        raise damaged from e
 
 
 def _pick(labels: np.ndarray, per_class: int, rng: np.random.Generator, exclude: set[int]) -> list[int]:
