@@ -155,6 +155,47 @@ def test_gn_init_matches_teacher_channel_moments(teacher):
     torch.testing.assert_close(s_var, t_var, rtol=1e-3, atol=1e-4)
 
 
+def test_gn_init_calibrates_deeper_norms_on_the_students_own_input(teacher):
+    """Each GN is matched from the input it receives in the student (after the GNs before it), not the teacher's:
+    at the last norm the two inputs differ, and the student's GN output has the teacher BN output's moments."""
+    student = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=4, inplace=False)[0]
+    assert isinstance(student[7], nn.GroupNorm) and isinstance(teacher[7], nn.BatchNorm2d)
+    x = _images(32, seed=3)
+    assert init_gn_from_teacher(student, teacher, x) == 3
+    inputs = {}
+
+    def keep(name):
+        def hook(module, args):
+            inputs[name] = args[0].detach().clone()
+        return hook
+
+    handles = [student[7].register_forward_pre_hook(keep("student")),
+               teacher[7].register_forward_pre_hook(keep("teacher"))]
+    try:
+        with torch.no_grad():
+            student(x)
+            teacher(x)
+    finally:
+        for h in handles:
+            h.remove()
+    s_in, t_in = inputs["student"].double(), inputs["teacher"].double()
+    # the inputs differ (GN normalizes each image by itself), so which one is used matters
+    assert (s_in - t_in).abs().max() > 0.1 * t_in.abs().max()
+    # independently: the teacher's eval-mode BN output on its input, the student's GN output on its input
+    bn = teacher[7]
+    t = (t_in - bn.running_mean.double().view(1, -1, 1, 1)) / torch.sqrt(bn.running_var.double().view(1, -1, 1, 1)
+                                                                         + bn.eps)
+    t = t * bn.weight.double().view(1, -1, 1, 1) + bn.bias.double().view(1, -1, 1, 1)
+    gn = student[7]
+    g = s_in.reshape(s_in.shape[0], gn.num_groups, -1)
+    g = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, correction=0, keepdim=True) + gn.eps)
+    s = g.reshape(s_in.shape) * gn.weight.double().view(1, -1, 1, 1) + gn.bias.double().view(1, -1, 1, 1)
+    t_mean, s_mean = t.mean(dim=(0, 2, 3)), s.mean(dim=(0, 2, 3))
+    t_var, s_var = t.var(dim=(0, 2, 3), correction=0), s.var(dim=(0, 2, 3), correction=0)
+    torch.testing.assert_close(s_mean, t_mean, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(s_var, t_var, rtol=1e-3, atol=1e-4)
+
+
 def test_bn_stats_are_the_data_statistics(teacher):
     student = wsurgery.convert(teacher, mode="ws", inplace=False)[0]
     x = _images(48, seed=4)

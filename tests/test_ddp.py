@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -12,6 +13,33 @@ import torch.multiprocessing as mp
 from _data import CLASSES, make_train_val
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+# the recipe both the ranks and the single-process comparison train with
+SHARED_OVERRIDES = ["img_size=32", "epochs=4", "lr=0.01", "warmup_steps=2", "label_smoothing=0", "aug_scale=[0.8, 1.0]"]
+# the update after which the ranks' weights are compared with one process's: the end of the first epoch.
+# Later the two drift apart by more than rounding (two runs in one process with 2x4 and 8x1 images per update,
+# equal to 1e-7 after 5 updates, differ by 2e-5 after 6 and 5e-3 after 7: this tiny model amplifies the
+# last-bit differences of summing the gradients in another order)
+COMPARED_STEP = 3
+
+
+class _Stop(Exception):
+    """Raised by the single-process run's callback once it has the weights compared."""
+
+
+def _save_at(model, step: int, tmp: str, tag, stop: bool = False) -> Callable:
+    """A train() callback writing ``model``'s weights after optimizer update ``step`` to ``tmp/step_<tag>``
+    (and ending the run there with :class:`_Stop` if ``stop``)."""
+    from wsurgery.io import save_safetensors
+
+    def callback(event) -> None:
+        if event.kind == "step" and event.step == step:
+            save_safetensors({k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+                             os.path.join(tmp, f"step_{tag}.safetensors"))
+            if stop:
+                raise _Stop
+
+    return callback
 
 
 def _worker(rank: int, world: int, data: str, out: str, tmp: str, backend: str = "gloo") -> None:
@@ -37,9 +65,8 @@ def _worker(rank: int, world: int, data: str, out: str, tmp: str, backend: str =
     torch.manual_seed(rank)  # different on purpose: DDP must broadcast rank 0's weights
     model = timm.create_model("test_efficientnet", pretrained=False, num_classes=len(CLASSES))
     model, _ = wsurgery.convert(model, mode="aws", norm="gn")
-    result = train(model, data, out, "cpu-quick", device=device,
-                   overrides=["img_size=32", "batch_size=2", "accum_steps=2", "epochs=4", "lr=0.01", "warmup_steps=2",
-                              "label_smoothing=0", "aug_scale=[0.8, 1.0]",
+    result = train(model, data, out, "cpu-quick", device=device, callback=_save_at(model, COMPARED_STEP, tmp, rank),
+                   overrides=[*SHARED_OVERRIDES, "batch_size=2", "accum_steps=2",
                               *(["amp=bf16"] if backend == "nccl" else [])])
     save_safetensors({k: v.cpu() for k, v in model.state_dict().items()}, os.path.join(tmp, f"rank{rank}.safetensors"))
     save_safetensors({k: v.cpu() for k, v in result.model.state_dict().items()},
@@ -49,8 +76,36 @@ def _worker(rank: int, world: int, data: str, out: str, tmp: str, backend: str =
     dist.destroy_process_group()
 
 
-def test_ddp_two_processes_gloo(tmp_path):
+def test_ddp_two_processes_gloo(tmp_path, one_thread):
     check_two_ranks(tmp_path, "gloo")
+    # the gradients are averaged over the ranks: 2 ranks x 2 micro-batches of 2 train as one process with
+    # 4 micro-batches of 2 on the same global batch. DistributedSampler deals rank r the positions r, r+2, ...
+    # of the epoch's permutation (the same one for 1 process), so each update sees the same 8 images, each
+    # with the same augmentation (seeded per image), and a GN model does not care how they are split
+    import timm
+
+    import wsurgery
+    from wsurgery.io import load_safetensors
+    from wsurgery.train import train
+
+    torch.manual_seed(0)  # rank 0's initial weights, the ones DDP broadcast
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=len(CLASSES))
+    model, _ = wsurgery.convert(model, mode="aws", norm="gn")
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(_Stop):  # the same recipe, so the same schedule (lr per update) as the ranks'
+        train(model, str(tmp_path / "data"), None, "cpu-quick", device="cpu",
+              callback=_save_at(model, COMPARED_STEP, str(tmp_path), "single", stop=True),
+              overrides=[*SHARED_OVERRIDES, "batch_size=2", "accum_steps=4"])
+    ddp = load_safetensors(tmp_path / "step_0.safetensors")
+    assert load_safetensors(tmp_path / "step_1.safetensors").keys() == ddp.keys()
+    single = load_safetensors(tmp_path / "step_single.safetensors")
+    assert ddp.keys() == single.keys() == initial.keys()
+    moved = 0.0
+    for k in ddp:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{k}: {m}")
+        if single[k].is_floating_point():
+            moved = max(moved, (single[k] - initial[k]).abs().max().item())
+    assert moved > 1e-3  # the runs trained: equal weights are not just the initial ones
 
 
 def check_two_ranks(tmp_path, backend: str) -> None:

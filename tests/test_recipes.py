@@ -40,15 +40,37 @@ def test_every_key_is_documented():
 
 
 def test_recipe_contents_match_their_promises():
+    """Every value README's recipe table states (section "Recipes": | recipe | what |)."""
+    # bit-hyperrule: SGD momentum 0.9, lr 0.003 per 512 images (scaled to the effective batch), no weight
+    # decay, warmup then /10 at 40/60/80% of 500 steps (under 20k images) or 30/60/90% of 10k-20k steps,
+    # zero head; steps, resolution and mixup chosen from the dataset size
     bit = load_recipe("bit-hyperrule")
-    assert (bit.optimizer, bit.lr, bit.lr_base_batch, bit.momentum, bit.weight_decay, bit.head_init) == \
-        ("momentum", 0.003, 512, 0.9, 0.0, "zero")
-    assert bit.sched == "multistep" and bit.decay_rate == 0.1 and bit.steps == "auto" and bit.img_size == "auto"
+    assert (bit.optimizer, bit.momentum, bit.lr, bit.lr_base_batch, bit.weight_decay, bit.head_init) == \
+        ("momentum", 0.9, 0.003, 512, 0.0, "zero")
+    assert (bit.sched, bit.decay_rate) == ("multistep", 0.1)
+    assert bit.steps == bit.warmup_steps == bit.decay_milestones == bit.img_size == bit.mixup_alpha == "auto"
+    for images, steps, milestones, mixup in [(1_000, 500, [0.4, 0.6, 0.8], 0.0),
+                                             (19_999, 500, [0.4, 0.6, 0.8], 0.0),
+                                             (20_000, 10_000, [0.3, 0.6, 0.9], 0.1),
+                                             (600_000, 20_000, [0.3, 0.6, 0.9], 0.1)]:
+        resolved, _ = resolve_recipe(bit, images, (32, 32))
+        assert resolved.steps == steps, images
+        assert 0 < resolved.warmup_steps < resolved.steps * milestones[0], images  # warmup, then the decays
+        assert resolved.decay_milestones == pytest.approx(milestones), images
+        assert resolved.mixup_alpha == mixup, images
+    assert resolve_recipe(bit, 1_000, (32, 32))[0].img_size != resolve_recipe(bit, 1_000, (300, 300))[0].img_size
+    # micro-batch: batch 2 x 8 accumulated (effective 16), lr 0.01 per 32 images, cosine, label smoothing 0.1,
+    # standardize once per step
     mb = load_recipe("micro-batch")
-    assert 1 <= mb.batch_size <= 4 and mb.accum_steps > 1 and mb.standardize_once
-    assert load_recipe("linear-probe").freeze_backbone
+    assert (mb.batch_size, mb.accum_steps, mb.effective_batch) == (2, 8, 16)
+    assert (mb.lr, mb.lr_base_batch, mb.sched, mb.label_smoothing, mb.standardize_once) == \
+        (0.01, 32, "cosine", 0.1, True)
+    # linear-probe: frozen backbone, zero-initialised head, lr 0.1 per 32 images
+    probe = load_recipe("linear-probe")
+    assert (probe.freeze_backbone, probe.head_init, probe.lr, probe.lr_base_batch) == (True, "zero", 0.1, 32)
+    # cpu-quick: 64 px, 3 epochs, batch 16, cosine
     quick = load_recipe("cpu-quick")
-    assert quick.img_size <= 64 and quick.epochs <= 3
+    assert (quick.img_size, quick.epochs, quick.batch_size, quick.sched) == (64, 3, 16, "cosine")
 
 
 @pytest.mark.parametrize("data, message", [

@@ -16,7 +16,11 @@ The fast subset runs by default; the rest is marked ``sweep`` (``pytest --sweep`
 
 from __future__ import annotations
 
+import re
+import shutil
 from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
 
 import pytest
 import timm
@@ -82,6 +86,34 @@ ARCHS: list[Arch] = [
 FAST = {"resnet18", "tf_efficientnet_lite0", "mixnet_s", "nf_regnet_b0"}
 
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+# None: not exported that way (README writes an en dash, fold-only rows)
+LOADERS = {"stock timm": True, "wsurgery.load": False, "\u2013": None}
+
+
+@cache
+def readme_table() -> dict[str, dict[str, object]]:
+    """README's "Architectures tested" table: per architecture, whether its BN-kept and its ``--norm gn``
+    exports load with stock timm (True), only with wsurgery.load (False), or are not made (None), and
+    whether the row is marked * (runs in the fast test run)."""
+    text = README.read_text(encoding="utf-8")
+    section = text.split("## Architectures tested", 1)[1].split("\n#", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        m = re.match(r"\| `([^`]+)`([^|]*)\|[^|]*\|([^|]+)\|([^|]+)\|\s*$", line)
+        if not m:
+            continue
+        name, marks, keep, gn = m.group(1), m.group(2), m.group(3).strip(), m.group(4).strip()
+
+        def loader(cell: str, name=name) -> bool | None:
+            found = [v for k, v in LOADERS.items() if cell == k or cell.startswith(k + " ")]
+            assert len(found) == 1, f"README row {name}: cannot read {cell!r}"
+            return found[0]
+
+        rows[name] = {"keep": loader(keep), "gn": loader(gn), "fast": "*" in marks}
+    return rows
+
+
 def _params():
     for a in ARCHS:
         marks = [] if a.name in FAST else [pytest.mark.sweep]
@@ -114,6 +146,8 @@ def _check_export(model, x, ref, tmp_path, tag: str, fold_bn: bool = False) -> b
     reloaded.eval()
     assert_no_standardization(reloaded, f"{tag} reloaded export")
     assert_rel_close(reloaded(x), ref, 1e-5, f"{tag} reloaded export vs unfolded")
+    del reloaded
+    shutil.rmtree(out_dir)  # checked: the sweep's exports took ~3 GB of /tmp (a failed check keeps its own)
     return result.timm_compatible
 
 
@@ -131,7 +165,10 @@ def _check_fold_only(arch: Arch, model, x, tmp_path) -> None:
     assert_no_standardization(folded, f"{arch.name} fold")
     assert_rel_close(folded(x), ref, 1e-5, f"{arch.name} fold vs timm WS")
     assert all(isinstance(model.get_submodule(n), TIMM_WS_TYPES) for n in ws_modules)  # original untouched
-    _check_export(model, x, ref, tmp_path, "fold_only")
+    compatible = _check_export(model, x, ref, tmp_path, "fold_only")
+    loader = "stock timm" if compatible else "wsurgery.load"
+    assert compatible is readme_table()[arch.name]["keep"], f"{arch.name}: the folded export loads with {loader}, " \
+        "not as README says"
 
 
 @torch.no_grad()
@@ -170,8 +207,9 @@ def _check_convert(arch: Arch, model, x, tmp_path) -> None:
             assert torch.equal(converted(x), y), f"{tag}: fold changed the unfolded model"
             if (mode, norm) in (("aws", "keep"), ("ws", "gn")):
                 compatible = _check_export(converted, x, y, tmp_path, f"{mode}-{norm}")
-                if norm == "keep":
-                    assert compatible, f"{tag}: BN-kept export should load with stock timm"
+                # README's "Export loads with" column for this architecture and norm
+                assert compatible is readme_table()[arch.name][norm], \
+                    f"{tag}: export loads with {'stock timm' if compatible else 'wsurgery.load'}, not as README says"
 
 
 @pytest.mark.parametrize("arch", list(_params()))
@@ -181,6 +219,16 @@ def test_architecture(arch: Arch, tmp_path):
         _check_fold_only(arch, model, x, tmp_path)
     else:
         _check_convert(arch, model, x, tmp_path)
+
+
+def test_readme_table_lists_the_sweep():
+    """README's table has one row per architecture swept, * on the fast ones, and a loader for each export made."""
+    table = readme_table()
+    assert list(table) == [a.name for a in ARCHS]
+    assert {n for n, row in table.items() if row["fast"]} == FAST
+    for a in ARCHS:
+        assert table[a.name]["keep"] is not None, a.name
+        assert (table[a.name]["gn"] is None) == (a.kind == "fold_only"), a.name
 
 
 def test_table_covers_the_required_families():
