@@ -162,7 +162,8 @@ def convert(
         raise UsageError(f"--calib-held-out must be a fraction in [0, 1), got {calib_held_out}")
     check_at_least(("--calib-images", calib_images, 1), ("--calib-crops", calib_crops, 1))
     # fail before the (slow) load; --force never deletes the model, checkpoint or images it reads
-    wsurgery.io.check_output(output, force, inputs=(model, checkpoint, *(calib_data or ())), markers=(CONFIG_NAME,))
+    wsurgery.io.check_output(output, force, inputs=(model, checkpoint, *(calib_data or ())),
+                             markers=(CONFIG_NAME,), create_parent=False)
     with console.status(f"loading {escape(model)}"):
         net = wsurgery.load(model, pretrained=pretrained, checkpoint=checkpoint,
                             remap_by_order=remap_by_order, num_classes=num_classes)

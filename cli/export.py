@@ -11,6 +11,7 @@ from rich.markup import escape
 
 import wsurgery
 from wsurgery.errors import UsageError
+from wsurgery.export import DTYPES
 from wsurgery.io import CONFIG_NAME
 
 from ._common import console, fail, handle_errors, kv_table
@@ -75,7 +76,10 @@ def export(
         wsurgery.deploy.check_opset(opset)
     if img_size is not None and img_size < 1:
         raise UsageError(f"--img-size must be a positive number of pixels, got {img_size}")
-    wsurgery.io.check_output(output, force, inputs=(source, checkpoint), markers=(CONFIG_NAME,))
+    if dtype not in DTYPES:  # before the (slow) load
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    wsurgery.io.check_output(output, force, inputs=(source, checkpoint), markers=(CONFIG_NAME,),
+                             create_parent=False)
     if timm.is_model(source) and not Path(source).exists() and checkpoint is None and pretrained is None:
         raise UsageError(f"{source} is a model name, and exporting it needs its weights: pass --checkpoint PATH, "
                          "--pretrained (fetches timm's, needs a network) or --no-pretrained (random, for testing)")

@@ -233,3 +233,10 @@ def test_damaged_fashion_mnist_names_the_fix(tmp_path):
     for name in ("x.gz", "short"):
         with pytest.raises(DatasetError, match="reinstall"):
             read_idx(tmp_path / name)
+
+
+def test_a_failed_command_leaves_no_empty_folders(tmp_path, saved):
+    one_error(invoke("export", saved, "-o", tmp_path / "new" / "a" / "e", "--dtype", "fp64"), 2, "--dtype")
+    one_error(invoke("convert", "no_such_model_xyz", "-o", tmp_path / "new" / "b" / "c", "--no-pretrained"), 1)
+    assert not (tmp_path / "new").exists()
+    ok(invoke("export", saved, "-o", tmp_path / "new" / "a" / "e"))  # a command that works makes them

@@ -67,10 +67,13 @@ def check_output(
     *,
     inputs: tuple[str | os.PathLike | None, ...] = (),
     markers: tuple[str, ...] = (),
+    create_parent: bool = True,
 ) -> Path:
-    """Refuse to overwrite ``path`` unless ``force``; make sure its parent exists.
+    """Refuse to overwrite ``path`` unless ``force``; make sure its parent exists (``create_parent``).
 
-    With ``force``, :func:`check_replaceable` decides whether ``path`` may be replaced at all.
+    With ``force``, :func:`check_replaceable` decides whether ``path`` may be replaced at all. An early
+    check (before a slow load that may still fail) passes ``create_parent=False``, so a failed command
+    leaves no empty folders behind.
     """
     path = Path(path)
     if os.path.lexists(path):  # lexists: a symlink to nothing is an existing entry too
@@ -78,7 +81,8 @@ def check_output(
             what = "is a symlink to a missing path" if not path.exists() else "already exists"
             raise OutputExistsError(f"{path} {what}; pass --force (force=True) to overwrite it")
         check_replaceable(path, inputs=inputs, markers=markers)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if create_parent:
+        path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
