@@ -40,14 +40,11 @@ def _root(
     set_debug(debug)
 
 
-app.command("convert")(_convert.convert)
-app.command("inspect")(_inspect.inspect)
-app.command("export")(_export.export)
-app.command("verify")(_verify.verify)
-app.command("train")(_train.train)
-app.command("predict")(_predict.predict)
-app.command("demo")(_demo.demo)
-app.command("compare")(_compare.compare)
+COMMANDS = {"convert": _convert.convert, "inspect": _inspect.inspect, "export": _export.export,
+            "verify": _verify.verify, "train": _train.train, "predict": _predict.predict, "demo": _demo.demo,
+            "compare": _compare.compare}
+for _name, _fn in COMMANDS.items():
+    app.command(_name)(_fn)
 
 
 def _terminate(signum: int, frame: object) -> None:
@@ -77,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         code = app(args=args, prog_name="wsurgery", standalone_mode=False)
     except UsageError as e:
         command = e.ctx.command_path if e.ctx is not None else "wsurgery"
+        if command == "wsurgery":  # click reports an option's missing value in the app's context: name the command
+            typed = next((a for a in args if a in COMMANDS), None)  # the first: options come after it
+            command = f"wsurgery {typed}" if typed else command
         print(f"error: {e.format_message()} (see {command} --help)", file=sys.stderr)
         sys.exit(e.exit_code)
     except ClickException as e:  # e.g. a file option that cannot be opened

@@ -356,6 +356,9 @@ def test_debug_after_the_command_name_shows_the_traceback(capfd):
     (["convert", "resnet18", "--gn-groups", "abc"], "Invalid value for '--gn-groups'"),
     (["verify", "somewhere"], "Missing option '--against'"),
     (["bogus"], "No such command 'bogus'. (see wsurgery --help)"),
+    # click raises this one in the app's context; the pointer names the command all the same
+    (["verify", "x", "--img-size"], "Option '--img-size' requires an argument. (see wsurgery verify --help)"),
+    (["--debug", "convert", "r", "--mode"], "(see wsurgery convert --help)"),
 ])
 def test_command_line_parse_errors_are_one_line_with_exit_code_2(capfd, argv, fragment):
     from wsurgery.cli.main import main
