@@ -57,6 +57,10 @@ def check_at_least(*checks: tuple[str, int | None, int]) -> None:
             raise UsageError(f"{flag} must be at least {lowest}, got {value}")
 
 
+#: numpy's seeds are 32-bit (torch's 64-bit): --seed takes 0 to 2**32 - 1 everywhere
+SEED_MAX = 2**32 - 1
+
+
 def handle_errors(fn: F) -> F:
     """Map every exception to one line on stderr and an exit code (no traceback).
 

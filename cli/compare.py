@@ -13,7 +13,7 @@ from wsurgery.compare import CONFIDENT
 from wsurgery.data import find_images
 from wsurgery.errors import NetworkUnavailableError
 
-from ._common import check_at_least, confident_cell, console, handle_errors, kv_table
+from ._common import SEED_MAX, check_at_least, confident_cell, console, handle_errors, kv_table
 
 
 def _load(source: str, checkpoint: Path | None, remap_by_order: bool, which: str):
@@ -38,7 +38,7 @@ def compare(
     crops_per_image: int = typer.Option(
         1, "--crops-per-image", help="1: center crop of each file; N: N random resized crops/flips of each."),
     img_size: int | None = typer.Option(None, "--img-size", help="Input size (default: B's data config)."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the choice of images and the crops."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seeds the choice of images and the crops."),
     as_json: bool = typer.Option(False, "--json", help="Print the agreement as JSON."),
 ) -> None:
     """Print top-1 agreement, top-5 overlap and KL(B || A) of model A against reference B."""

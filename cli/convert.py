@@ -24,7 +24,7 @@ from wsurgery.config import SurgeryConfig
 from wsurgery.errors import ConfigError, UsageError
 from wsurgery.io import CONFIG_NAME
 
-from ._common import check_at_least, confident_cell, console, handle_errors, kv_table
+from ._common import SEED_MAX, check_at_least, confident_cell, console, handle_errors, kv_table
 
 #: config fields -> the flags that set them, so a bad value is reported by the name the user typed
 FLAGS = {"steps": "--calib-steps", "batch_size": "--calib-batch", "train": "--calib-train", "lr": "--calib-lr",
@@ -137,7 +137,8 @@ def convert(
         False, "--calib-precondition/--no-calib-precondition",
         help="gn-init: first standardize each adaptive-WS conv output with the replaced BatchNorm's running statistics "
              "(adds a bias to those convs; closer to the original, but fine-tune it at lr <= 0.003: see the README)."),
-    seed: int = typer.Option(0, "--seed", help="Seeds the image choice, crops, held-out split and batch order."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX,
+                             help="Seeds the image choice, crops, held-out split and batch order."),
     force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
 ) -> None:
     """Convert every conv of a timm model to Weight Standardization (optionally BN -> GN), calibrate, save."""

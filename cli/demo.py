@@ -10,7 +10,7 @@ from rich.table import Table
 
 from wsurgery.demo import DemoConfig, DemoStep, run_demo
 
-from ._common import check_at_least, console, fail, handle_errors
+from ._common import SEED_MAX, check_at_least, console, fail, handle_errors
 from .train import ProgressView
 
 
@@ -20,7 +20,8 @@ def demo(
     quick: bool = typer.Option(False, "--quick", help="A tiny version (tests, CI): under a minute, low accuracy."),
     img_size: int | None = typer.Option(None, "--img-size", help="Resolution (default 48, quick 32)."),
     train_per_class: int | None = typer.Option(None, "--train-per-class", help="Training images per class."),
-    seed: int | None = typer.Option(None, "--seed", help="Seeds the data subset, calibration, fine-tune (default 0)."),
+    seed: int | None = typer.Option(None, "--seed", min=0, max=SEED_MAX,
+                                    help="Seeds the data subset, calibration, fine-tune (default 0)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice; "
                                           "1 is faster on a busy machine)."),
     calib_precondition: bool = typer.Option(

@@ -8,7 +8,7 @@ import typer
 
 import wsurgery
 
-from ._common import console, fail, handle_errors, kv_table
+from ._common import SEED_MAX, console, fail, handle_errors, kv_table
 
 
 @handle_errors
@@ -19,7 +19,7 @@ def verify(
     num_random: int = typer.Option(4, "--num-random", help="Random inputs to compare on."),
     rtol: float | None = typer.Option(
         None, "--rtol", help="Max relative difference (default by dtype, fp32 1e-5; .onnx 1e-4; .pt2 1e-5)."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the random inputs."),
+    seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed of the random inputs."),
     img_size: int | None = typer.Option(
         None, "--img-size", help="Input size (default: the model's data config; for .onnx/.pt2 the exported size)."),
 ) -> None:

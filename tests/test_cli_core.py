@@ -359,6 +359,8 @@ def test_debug_after_the_command_name_shows_the_traceback(capfd):
     # click raises this one in the app's context; the pointer names the command all the same
     (["verify", "x", "--img-size"], "Option '--img-size' requires an argument. (see wsurgery verify --help)"),
     (["--debug", "convert", "r", "--mode"], "(see wsurgery convert --help)"),
+    (["verify", "x", "--against", "y", "--seed", str(2**64)], "Invalid value for '--seed'"),  # was an overflow
+    (["demo", "--seed", "-1"], "Invalid value for '--seed'"),  # was numpy's error, after the data was read
 ])
 def test_command_line_parse_errors_are_one_line_with_exit_code_2(capfd, argv, fragment):
     from wsurgery.cli.main import main
