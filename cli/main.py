@@ -66,8 +66,16 @@ def main(argv: list[str] | None = None) -> None:
         args = ["--help"]
     # SIGTERM (kill, timeout, docker stop, Slurm) ends a command as Ctrl-C does, so the temporary
     # outputs are removed on the way out (Python's default would exit without running any cleanup)
-    if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-        signal.signal(signal.SIGTERM, _terminate)
+    own_signals = threading.current_thread() is threading.main_thread()  # handlers live in the main thread
+    previous = signal.signal(signal.SIGTERM, _terminate) if own_signals else None
+    try:
+        _run(args)
+    finally:
+        if own_signals:  # main() called in-process (tests, a notebook) leaves SIGTERM as it found it
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: list[str]) -> None:
     # click's own parse errors (unknown or missing option, a value of the wrong type) would print a
     # five-line usage box; every other error is one line (cli/_common.handle_errors), so these are too
     try:

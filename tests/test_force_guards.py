@@ -240,3 +240,31 @@ def test_a_failed_command_leaves_no_empty_folders(tmp_path, saved):
     one_error(invoke("convert", "no_such_model_xyz", "-o", tmp_path / "new" / "b" / "c", "--no-pretrained"), 1)
     assert not (tmp_path / "new").exists()
     ok(invoke("export", saved, "-o", tmp_path / "new" / "a" / "e"))  # a command that works makes them
+
+
+def test_train_force_over_its_own_runs_and_never_onto_its_checkpoint(tmp_path, saved):
+    data = make_folder(tmp_path / "data", per_class=2, classes=("a", "b"))
+    fast = {"epochs": 1, "img_size": 32, "workers": 0, "val_split": 0}
+    # a run that failed before its first checkpoint holds only recipe.yaml: --force may replace it
+    (tmp_path / "failed").mkdir()
+    (tmp_path / "failed" / "recipe.yaml").write_text("lr: 1.0e+30\n")
+    wsurgery.train(saved, data, tmp_path / "failed", overrides=fast, force=True)
+    assert (tmp_path / "failed" / "train.json").is_file()
+    # a timm/HF model directory (config.json only) is no run
+    with pytest.raises(UsageError, match="not an earlier output"):
+        wsurgery.train(saved, data, _copy(saved, tmp_path / "model2"), overrides=fast, force=True)
+    # the export never replaces the checkpoint that resumes the run
+    for target in (tmp_path / "failed" / "last", tmp_path / "failed" / "last" / "x"):
+        with pytest.raises(UsageError, match="checkpoint"):
+            wsurgery.train(None, None, None, resume=tmp_path / "failed", export=target, force=True)
+    assert (tmp_path / "failed" / "last" / "train_state.json").is_file()
+    # -o a symlink with --force replaces the link, not the run it points to
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "failed")
+    wsurgery.train(saved, data, link, overrides=fast, force=True)
+    assert not link.is_symlink() and (link / "train.json").is_file()
+    assert (tmp_path / "failed" / "train.json").is_file()
+    # a plain file is no earlier output of a command that writes directories
+    (tmp_path / "notes.txt").write_text("mine")
+    one_error(invoke("export", saved, "-o", tmp_path / "notes.txt", "--force"), 2, "is a file")
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -75,12 +75,12 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
         zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-        if zero != 0 or dtype_code not in _IDX_DTYPES:
-            raise damaged
-        dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-        return np.frombuffer(data, dtype=_IDX_DTYPES[dtype_code], offset=4 + 4 * ndim).reshape(dims)
+        if zero == 0 and dtype_code in _IDX_DTYPES:
+            dims = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+            return np.frombuffer(data, dtype=_IDX_DTYPES[dtype_code], offset=4 + 4 * ndim).reshape(dims)
     except (OSError, EOFError, struct.error, ValueError) as e:  # gzip.BadGzipFile is an OSError
         raise damaged from e
+    raise damaged  # no IDX magic number
 
 
 def _pick(labels: np.ndarray, per_class: int, rng: np.random.Generator, exclude: set[int]) -> list[int]:

@@ -115,7 +115,10 @@ def check_replaceable(
         if target == source or target in source.parents or (source in target.parents and not target.is_dir()):
             raise UsageError(f"{path} holds the input {inp}; --force would delete it before it is read: "
                              "write to another directory (-o)")
-    if markers and target.is_dir() and any(target.iterdir()) and not any((target / m).exists() for m in markers):
+    if markers and not target.is_dir():  # these commands write directories: a file is no earlier output
+        raise UsageError(f"{path} is a file, not an earlier output of this command (a directory), and --force "
+                         "would delete it: write to a new directory (-o)")
+    if markers and any(target.iterdir()) and not any((target / m).exists() for m in markers):
         raise UsageError(f"{path} is not an earlier output of this command (it has no {' or '.join(markers)}) and "
                          "--force would delete everything in it: write to a new directory (-o) or empty it yourself")
 

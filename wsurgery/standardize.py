@@ -44,6 +44,28 @@ __all__ = [
 ]
 
 
+#: one autograd.Function per (unbiased, eps_in_sqrt, eps); see :func:`_closed_form`
+_CLOSED_FORMS: dict[tuple[bool, bool, float], type[torch.autograd.Function]] = {}
+
+
+def _closed_form_class(unbiased: bool, eps_in_sqrt: bool, eps: float) -> type[torch.autograd.Function]:
+    key = (unbiased, eps_in_sqrt, eps)
+    fn = _CLOSED_FORMS.get(key)
+    if fn is None:  # made once per convention, in eager code (a class made inside a trace recompiles each call)
+
+        class _Fixed(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, weight: torch.Tensor, fan_in: int):
+                return _closed_form_forward(ctx, weight, fan_in, unbiased, eps_in_sqrt, eps)
+
+            @staticmethod
+            def backward(ctx, grad_out: torch.Tensor):
+                return _closed_form_backward(ctx, grad_out), None
+
+        fn = _CLOSED_FORMS[key] = _Fixed
+    return fn
+
+
 @dataclass(frozen=True)
 class WSConvention:
     """One formula for the per-filter scale ``s``.
@@ -61,6 +83,9 @@ class WSConvention:
     eps_in_sqrt: bool
     eps: float
     source: str = ""
+
+    def __post_init__(self) -> None:
+        _closed_form_class(self.unbiased, self.eps_in_sqrt, self.eps)  # before any torch.compile trace
 
     def with_eps(self, eps: float | None) -> WSConvention:
         if eps is None or eps == self.eps:
@@ -245,10 +270,6 @@ class _StandardizeFn(torch.autograd.Function):
         return _closed_form_backward(ctx, grad_out), None, None, None, None
 
 
-#: one autograd.Function per (unbiased, eps_in_sqrt, eps); see :func:`_closed_form`
-_CLOSED_FORMS: dict[tuple[bool, bool, float], type[torch.autograd.Function]] = {}
-
-
 def _closed_form(weight: torch.Tensor, fan_in: int, unbiased: bool, eps_in_sqrt: bool, eps: float) -> torch.Tensor:
     """:class:`_StandardizeFn` with the convention fixed in the Function rather than passed to it.
 
@@ -256,22 +277,10 @@ def _closed_form(weight: torch.Tensor, fan_in: int, unbiased: bool, eps_in_sqrt:
     model in one process), dynamo turns the eps argument of an autograd.Function into a dynamic
     float and then fails on it (``lift_tracked_freevar_to_input should not be called on root
     SubgraphTracer``, torch 2.14). A constant inside the Function's own code is never an argument.
+    The class exists before any trace (:class:`WSConvention` makes it), so a compiled caller only
+    looks it up.
     """
-    key = (unbiased, eps_in_sqrt, eps)
-    fn = _CLOSED_FORMS.get(key)
-    if fn is None:
-
-        class _Fixed(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, weight: torch.Tensor, fan_in: int):
-                return _closed_form_forward(ctx, weight, fan_in, unbiased, eps_in_sqrt, eps)
-
-            @staticmethod
-            def backward(ctx, grad_out: torch.Tensor):
-                return _closed_form_backward(ctx, grad_out), None
-
-        fn = _CLOSED_FORMS[key] = _Fixed
-    return fn.apply(weight, fan_in)
+    return _closed_form_class(unbiased, eps_in_sqrt, eps).apply(weight, fan_in)
 
 
 def _standardize_impl(

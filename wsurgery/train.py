@@ -97,6 +97,7 @@ __all__ = [
 
 LAST_DIR = "last"
 TRAIN_JSON = "train.json"
+RECIPE_YAML = "recipe.yaml"
 STATE_JSON = "train_state.json"
 STATE_TENSORS = "train_state.safetensors"
 METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "val_loss", "top1", "top5", "seconds", "images_per_s")
@@ -784,8 +785,8 @@ class _Run:
             self.state.batch = pos
             self.rng_at_boundary = _capture_rng(self.cuda)
             dt = time.perf_counter() - t0
-            st.epoch_loss_sum += loss
-            st.epoch_loss_n += 1
+            st.epoch_loss_sum += loss * images  # per image: an epoch's short last step is not a full one
+            st.epoch_loss_n += images
             st.epoch_images += images * self.world
             st.epoch_seconds += dt
             self.callback(TrainEvent("step", epoch=epoch, epochs=self.epochs, step=self.state.step,
@@ -896,7 +897,10 @@ def _prepare_output(output: Path | None, resume: Path | None, force: bool, is_ma
         if not force:
             raise OutputExistsError(f"{output} already exists; pass force=True (--force) to start over, "
                                     f"or resume it (--resume {output})")
-        shutil.rmtree(output)
+        if output.is_symlink():  # --force replaces the link, never what it points to
+            output.unlink()
+        else:
+            shutil.rmtree(output)
     output.mkdir(parents=True, exist_ok=True)
 
 
@@ -977,6 +981,11 @@ def train(
                                         or Path(export).resolve() in run_dir.resolve().parents):
                 raise UsageError(f"`export` (--export) {export} would replace the run directory {run_dir} "
                                  f"(`{flag}`); export to a directory of its own, e.g. {run_dir / 'export'}")
+            last_dir = run_dir.resolve() / LAST_DIR if run_dir is not None else None
+            target = Path(export).resolve()
+            if last_dir is not None and (target == last_dir or last_dir in target.parents):
+                raise UsageError(f"`export` (--export) {export} would replace the checkpoint {run_dir / LAST_DIR} that "
+                                 f"resumes the run; export to a directory of its own, e.g. {run_dir / 'export'}")
     if export is not None and not force and Path(export).exists():
         raise OutputExistsError(f"{export} already exists; pass force=True (--force) to overwrite it")
     # --force never deletes what the run reads (the model, the data), nor a folder that is no run
@@ -984,7 +993,8 @@ def train(
     if force and export is not None:
         check_replaceable(export, inputs=inputs, markers=(CONFIG_NAME,))
     if force and out is not None and not _same_path(resume_dir, out):
-        check_replaceable(out, inputs=(*inputs, resume_dir), markers=(TRAIN_JSON, LAST_DIR, CONFIG_NAME))
+        # not config.json: any model directory has one; recipe.yaml is there from a run's first moment
+        check_replaceable(out, inputs=(*inputs, resume_dir), markers=(TRAIN_JSON, LAST_DIR, RECIPE_YAML))
     recipe_obj = load_recipe(recipe, overrides)
     dev = pick_device(device)
     _init_distributed(dev)
@@ -1033,7 +1043,7 @@ def train(
             run.load_checkpoint(resume_dir / LAST_DIR)
             notes.append(f"resumed at epoch {run.state.epoch + 1}, step {run.state.step}")
         if is_main and out is not None:
-            with atomic_file(out / "recipe.yaml", force=True) as tmp:
+            with atomic_file(out / RECIPE_YAML, force=True) as tmp:
                 tmp.write_text(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
         run.run()
     best_model = run._eval_model()
