@@ -21,14 +21,19 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import os
+import platform
+import shutil
+import sys
 import time
 from pathlib import Path
 
+import timm
 import torch
 
+import wsurgery
 from wsurgery.demo import DemoConfig, run_demo
+from wsurgery.io import atomic_file, write_json
 
 # (tag, seed, extra recipe overrides, WSURGERY_DEVICE, TF32 for cuDNN convs, preconditioning)
 PRESETS = {
@@ -49,7 +54,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None, help="JSON to write (default benchmarks/results/demo_PRESET.json)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp"), help="where each variant's demo directory goes")
     args = p.parse_args()
-    out = args.out or Path(f"benchmarks/results/demo_{args.preset}.json")
+    if args.preset == "gpu" and not torch.cuda.is_available():  # its cuda_* variants would run on the CPU
+        raise SystemExit("error: the gpu preset needs CUDA (torch.cuda.is_available() is False); use --preset lr")
+    out = args.out or Path(__file__).parent / "results" / f"demo_{args.preset}.json"
+    meta = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv[1:], "torch": torch.__version__,
+            "timm": timm.__version__, "wsurgery": wsurgery.__version__, "python": platform.python_version(),
+            "machine": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     rows = []
     for tag, seed, extra, device, tf32, precondition in PRESETS[args.preset]:
         if device:
@@ -66,9 +78,14 @@ def main() -> None:
         rows.append({"tag": tag, "seed": seed, "overrides": extra, "precondition": precondition,
                      "after": r.accuracy_after, "calib_top1": after.get("top1"), "ft": fine_tune,
                      "s": time.perf_counter() - t})
+        shutil.rmtree(args.workdir / f"d_{tag}", ignore_errors=True)  # ~70 MB a variant
         print(rows[-1], flush=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(rows, indent=1))
+        with atomic_file(out, force=True) as tmp:  # after every variant: a long run keeps what it measured
+            write_json(tmp, {"meta": meta, "rows": rows})
+    print(f"{'variant':<24} {'seed':>4} {'test top-1':>10} {'calib top-1':>11} {'s':>6}")
+    for r in rows:
+        calib = f"{r['calib_top1']:.3f}" if r["calib_top1"] is not None else "-"
+        print(f"{r['tag']:<24} {r['seed']:>4} {r['after']:>10.3f} {calib:>11} {r['s']:>6.0f}")
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@
 #   4. suite: the rest of the test suite with the GPU visible, in whatever time is left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT_DIR=${1:-benchmarks/results/gpu}
+# a new dated folder by default: benchmarks/results/gpu holds the committed runs and their notes
+OUT_DIR=${1:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}
 DEADLINE_S=${DEADLINE_S:-600}
 mkdir -p "$OUT_DIR"
 start=$(date +%s)

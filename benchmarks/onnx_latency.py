@@ -61,6 +61,13 @@ def _time_call(fn: Callable[[], object], iters: int) -> float:
     return (time.perf_counter() - start) / iters
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def bench_model(name: str, *, img_size: int | None, threads: int, repeats: int, iters: int, warmup: int,
                 workdir: Path) -> dict:
     import onnxruntime as ort
@@ -96,9 +103,10 @@ def bench_model(name: str, *, img_size: int | None, threads: int, repeats: int, 
         for _ in range(warmup):
             fn()
     samples: dict[str, list[float]] = {k: [] for k in runners}
-    for _ in range(repeats):
-        for key, fn in runners.items():
-            samples[key].append(_time_call(fn, iters))
+    keys = list(runners)
+    for r in range(repeats):  # each round starts with the next runner, so drift falls on all of them alike
+        for key in keys[r % len(keys):] + keys[:r % len(keys)]:
+            samples[key].append(_time_call(runners[key], iters))
     median = {k: statistics.median(v) * 1e3 for k, v in samples.items()}
     return {
         "model": name,
@@ -121,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--img-size", type=int, default=None, help="default: each model's data config")
     parser.add_argument("--threads", type=int, default=1,
                         help="threads for both runtimes (default 1: batch-1 latency, and robust on a shared CPU)")
-    parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (median reported)")
-    parser.add_argument("--iters", type=int, default=10, help="calls per round")
+    parser.add_argument("--repeats", type=_at_least_one, default=7, help="interleaved rounds (median reported)")
+    parser.add_argument("--iters", type=_at_least_one, default=10, help="calls per round")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)

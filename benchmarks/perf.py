@@ -174,7 +174,8 @@ def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
     """Peak memory above the level at entry: resident set (CPU) or allocated (CUDA), in MB.
 
     On Linux the kernel's RSS high-water mark is reset first (``/proc/self/clear_refs``), so
-    the peak is exact; elsewhere a 1 ms sampling thread approximates it.
+    the peak is exact; elsewhere a 1 ms sampling thread approximates it. (On the CPU the surgery
+    section uses ``benchmarks/surgery_speed.py``'s own measure, RSS sampled every 2 ms.)
     """
     out: dict[str, float] = {}
     if device.type == "cuda":
@@ -507,23 +508,31 @@ def bench_surgery(args, timer: Timer, tmp: Path) -> list[dict]:
     rows = []
     samples: dict[str, list[float]] = {"convert": [], "fold": [], "export": []}
     peaks: dict[str, float] = {}
+
+    def sync() -> None:  # the GPU's queued work belongs to the step that queued it
+        if args.device.type == "cuda":
+            torch.cuda.synchronize(args.device)
+
     for r in range(args.surgery_rounds):
         torch.manual_seed(0)
         model = timm.create_model(arch, pretrained=False).to(args.device)
         with peak_memory(args.device) as mem:
             t = time.perf_counter()
             model, _ = wsurgery.convert(model, mode="aws", norm="gn")
+            sync()
             samples["convert"].append(time.perf_counter() - t)
         peaks["convert"] = max(peaks.get("convert", 0.0), mem["peak_mb"])
         with peak_memory(args.device) as mem:
             t = time.perf_counter()
             folded = wsurgery.fold(model)
+            sync()
             samples["fold"].append(time.perf_counter() - t)
         peaks["fold"] = max(peaks.get("fold", 0.0), mem["peak_mb"])
         del folded
         with peak_memory(args.device) as mem:
             t = time.perf_counter()
             wsurgery.export(model, tmp / f"surgery-{r}", force=True)
+            sync()
             samples["export"].append(time.perf_counter() - t)
         peaks["export"] = max(peaks.get("export", 0.0), mem["peak_mb"])
         del model

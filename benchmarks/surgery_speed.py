@@ -88,9 +88,15 @@ def _time(fn: Callable[[], Any]) -> tuple[float, float, int]:
     return wall, cpu, mem.peak
 
 
+def _at_least_one(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def run(model_name: str, repeat: int, mode: str, norm: str) -> dict[str, Any]:
     steps: dict[str, list[tuple[float, float, int]]] = {"convert": [], "fold": [], "export": []}
-    tmp = Path(tempfile.mkdtemp(prefix="wsurgery-bench-"))
     for i in range(repeat + 1):  # the first round warms caches and is not counted
         model = timm.create_model(model_name, pretrained=False).eval()
         result: dict[str, Any] = {}
@@ -98,7 +104,8 @@ def run(model_name: str, repeat: int, mode: str, norm: str) -> dict[str, Any]:
         convert_t = _time(lambda: result.update(  # noqa: B023
             zip(("model", "report"), wsurgery.convert(model, mode=mode, norm=norm))))  # noqa: B023
         fold_t = _time(lambda: fold(result["model"]))  # noqa: B023
-        export_t = _time(lambda: wsurgery.export(result["model"], tmp / f"e{i}"))  # noqa: B023
+        with tempfile.TemporaryDirectory(prefix="wsurgery-bench-") as tmp:  # an export per round: ~100 MB each
+            export_t = _time(lambda: wsurgery.export(result["model"], Path(tmp) / "e"))  # noqa: B023
         if i:
             steps["convert"].append(convert_t)
             steps["fold"].append(fold_t)
@@ -139,7 +146,7 @@ def _print_table(rows: dict[str, Any], meta: dict[str, Any]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="resnet50")
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=_at_least_one, default=5)
     parser.add_argument("--mode", default="ws", choices=["ws", "aws"])
     parser.add_argument("--norm", default="gn", choices=["keep", "gn"])
     parser.add_argument("--threads", type=int, default=2)
