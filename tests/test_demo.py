@@ -90,7 +90,7 @@ def test_quick_demo_end_to_end(tmp_path):
     threads = torch.get_num_threads()
     try:
         res = CliRunner().invoke(app, ["demo", "--quick", "--threads", "1", "-o", str(tmp_path / "demo"),
-                                       "--set", "lr=0.003"])
+                                       "--set", "lr=0.002"])
     finally:
         torch.set_num_threads(threads)
     assert res.exit_code == 0, res.output
@@ -109,8 +109,8 @@ def test_quick_demo_end_to_end(tmp_path):
         assert (tmp_path / "demo" / sub).exists(), sub
     assert "test accuracy after fine-tuning" in res.output
     # --set reached the fine-tune's recipe, after the demo's own overrides
-    assert result["config"]["overrides"][-1] == "lr=0.003"
-    assert yaml.safe_load((tmp_path / "demo" / "run" / "recipe.yaml").read_text())["lr"] == 0.003
+    assert result["config"]["overrides"][-1] == "lr=0.002"
+    assert yaml.safe_load((tmp_path / "demo" / "run" / "recipe.yaml").read_text())["lr"] == 0.002
     # a second run refuses to overwrite without --force
     res = CliRunner().invoke(app, ["demo", "--quick", "-o", str(tmp_path / "demo")])
     assert res.exit_code == 1 and "--force" in res.output
