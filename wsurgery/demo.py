@@ -157,7 +157,7 @@ class DemoConfig:
     calib_steps: int = 40
     recipe: str = "micro-batch"
     #: lr 0.003 (the micro-batch recipe's is 0.01): on seeds 0 and 1, on two machines, 0.003 gave 72.7-76.0%
-    #: test top-1 and 0.01 53.7-70.7%, the lower the less reproducible (README, demo_variants.py --preset lr)
+    #: test top-1 and 0.01 53.7-70.7%, not reproducible across machines (README, demo_variants.py --preset lr)
     overrides: list[str] = field(default_factory=lambda: ["epochs=2", "warmup_steps=5", "lr=0.003"])
     seed: int = 0
     predict_images: int = 5
