@@ -61,6 +61,12 @@ def check_at_least(*checks: tuple[str, int | None, int]) -> None:
 SEED_MAX = 2**32 - 1
 
 
+def flag(*args: Any, **kwargs: Any) -> Any:
+    """``typer.Option`` for an on/off flag: no ``<bool>`` in the help (typer shows each option's type, and a
+    flag takes no value)."""
+    return typer.Option(*args, metavar="", **kwargs)
+
+
 def handle_errors(fn: F) -> F:
     """Map every exception to one line on stderr and an exit code (no traceback).
 

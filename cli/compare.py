@@ -13,7 +13,7 @@ from wsurgery.compare import CONFIDENT
 from wsurgery.data import find_images
 from wsurgery.errors import NetworkUnavailableError
 
-from ._common import SEED_MAX, check_at_least, confident_cell, console, handle_errors, kv_table
+from ._common import SEED_MAX, check_at_least, confident_cell, console, flag, handle_errors, kv_table
 
 
 def _load(source: str, checkpoint: Path | None, remap_by_order: bool, which: str):
@@ -30,16 +30,16 @@ def compare(
     a: str = typer.Argument(..., help="Model to judge: timm name, saved/exported directory, or hf-hub id."),
     b: str = typer.Argument(..., help="Reference model (e.g. the original): timm name, directory, or hf-hub id."),
     images: list[Path] = typer.Option(
-        ..., "--images", help="Images to compare on (files, folders, globs; repeatable)."),
+        ..., "--images", metavar="PATH", help="Images to compare on (files, folders, globs; repeatable)."),
     a_checkpoint: Path | None = typer.Option(None, "--a-checkpoint", help="Weights file for A (when A is a name)."),
     b_checkpoint: Path | None = typer.Option(None, "--b-checkpoint", help="Weights file for B (when B is a name)."),
-    remap_by_order: bool = typer.Option(False, "--remap-by-order", help="Match checkpoint tensors in order."),
+    remap_by_order: bool = flag(False, "--remap-by-order", help="Match checkpoint tensors in order."),
     limit: int | None = typer.Option(None, "--limit", help="Use at most N images (or crops)."),
     crops_per_image: int = typer.Option(
         1, "--crops-per-image", help="1: center crop of each file; N: N random resized crops/flips of each."),
     img_size: int | None = typer.Option(None, "--img-size", help="Input size (default: B's data config)."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seeds the choice of images and the crops."),
-    as_json: bool = typer.Option(False, "--json", help="Print the agreement as JSON."),
+    as_json: bool = flag(False, "--json", help="Print the agreement as JSON."),
 ) -> None:
     """Print top-1 agreement, top-5 overlap and KL(B || A) of model A against reference B."""
     check_at_least(("--limit", limit, 1), ("--crops-per-image", crops_per_image, 1))

@@ -24,7 +24,7 @@ from wsurgery.config import SurgeryConfig
 from wsurgery.errors import ConfigError, UsageError
 from wsurgery.io import CONFIG_NAME
 
-from ._common import SEED_MAX, check_at_least, confident_cell, console, handle_errors, kv_table
+from ._common import SEED_MAX, check_at_least, confident_cell, console, flag, handle_errors, kv_table
 
 #: config fields -> the flags that set them, so a bad value is reported by the name the user typed
 FLAGS = {"steps": "--calib-steps", "batch_size": "--calib-batch", "train": "--calib-train", "lr": "--calib-lr",
@@ -35,8 +35,8 @@ FLAGS = {"steps": "--calib-steps", "batch_size": "--calib-batch", "train": "--ca
 
 def _flag_error(e: ConfigError) -> ConfigError:
     message = str(e)
-    for field, flag in FLAGS.items():
-        message = message.replace(f"`{field}`", flag)
+    for field, option in FLAGS.items():
+        message = message.replace(f"`{field}`", option)
     return ConfigError(message)
 
 
@@ -91,18 +91,20 @@ def calibration_table(result: CalibrationResult) -> Table:
 def convert(
     model: str = typer.Argument(..., help="timm model name, hf-hub:org/name, or a saved directory."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write the converted model to."),
-    pretrained: bool | None = typer.Option(
+    pretrained: bool | None = flag(
         None, "--pretrained/--no-pretrained", help="Fetch timm's pretrained weights (needs a network). "
         "Default: yes, unless --checkpoint is given."),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help=".safetensors, .pth, .bin or .pt weights."),
-    remap_by_order: bool = typer.Option(
+    remap_by_order: bool = flag(
         False, "--remap-by-order", help="Match checkpoint tensors to the model in order."),
     num_classes: int | None = typer.Option(None, "--num-classes", help="Replace the classifier with N classes."),
     mode: str = typer.Option("ws", "--mode", help="ws: plain standardization; aws: adaptive (exact at conversion)."),
     convention: str = typer.Option("timm", "--convention", help="WS formula: timm, bit, paper or seed."),
     eps: float | None = typer.Option(None, "--eps", help="Override the convention's eps."),
-    include: list[str] = typer.Option([], "--include", help="Only convert convs matching this pattern (repeatable)."),
-    exclude: list[str] = typer.Option([], "--exclude", help="Skip convs matching this pattern (repeatable)."),
+    include: list[str] = typer.Option([], "--include", metavar="PATTERN",
+        help="Only convert convs matching this pattern (repeatable)."),
+    exclude: list[str] = typer.Option([], "--exclude", metavar="PATTERN",
+        help="Skip convs matching this pattern (repeatable)."),
     norm: str = typer.Option("keep", "--norm", help="keep: keep BatchNorm; gn: replace it with GroupNorm."),
     gn_groups: int = typer.Option(32, "--gn-groups", help="Target GroupNorm groups."),
     gn_group_size: int | None = typer.Option(None, "--gn-group-size", help="Channels per group (overrides groups)."),
@@ -112,7 +114,7 @@ def convert(
         None, "--calibrate", help=f"Calibrate against the original: {', '.join(METHODS)} "
         "(default: auto when --calib-data is given, else none)."),
     calib_data: list[str] = typer.Option(
-        [], "--calib-data",
+        [], "--calib-data", metavar="PATH",
         help="Unlabeled calibration images: files, a folder, a dataset folder or a glob (repeatable)."),
     calib_images: int = typer.Option(256, "--calib-images", help="Use at most N calibration images (or crops)."),
     calib_crops: int = typer.Option(
@@ -130,16 +132,16 @@ def convert(
     calib_temperature: float | None = typer.Option(
         None, "--calib-temperature",
         help=f"Softmax temperature of the distillation KL (default: {CalibrationConfig.temperature:g})."),
-    calib_augment: bool = typer.Option(
+    calib_augment: bool = flag(
         False, "--calib-augment/--no-calib-augment",
         help="Distill on fresh random crops, flips and blends of the images each step instead of the fixed images."),
-    calib_precondition: bool = typer.Option(
+    calib_precondition: bool = flag(
         False, "--calib-precondition/--no-calib-precondition",
         help="gn-init: first standardize each adaptive-WS conv output with the replaced BatchNorm's running statistics "
              "(adds a bias to those convs; closer to the original, but fine-tune it at lr <= 0.003: see the README)."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX,
                              help="Seeds the image choice, crops, held-out split and batch order."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
+    force: bool = flag(False, "--force", help="Overwrite the output if it exists."),
 ) -> None:
     """Convert every conv of a timm model to Weight Standardization (optionally BN -> GN), calibrate, save."""
     try:

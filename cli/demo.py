@@ -10,27 +10,28 @@ from rich.table import Table
 
 from wsurgery.demo import DemoConfig, DemoStep, run_demo
 
-from ._common import SEED_MAX, check_at_least, console, fail, handle_errors
+from ._common import SEED_MAX, check_at_least, console, fail, flag, handle_errors
 from .train import ProgressView
 
 
 @handle_errors
 def demo(
     workdir: Path = typer.Option(Path("runs/demo"), "--workdir", "-o", help="Where data, runs and export go."),
-    quick: bool = typer.Option(False, "--quick", help="A tiny version (tests, CI): under a minute, low accuracy."),
+    quick: bool = flag(False, "--quick", help="A tiny version (tests, CI): under a minute, low accuracy."),
     img_size: int | None = typer.Option(None, "--img-size", help="Resolution (default 48, quick 32)."),
     train_per_class: int | None = typer.Option(None, "--train-per-class", help="Training images per class."),
     seed: int | None = typer.Option(None, "--seed", min=0, max=SEED_MAX,
                                     help="Seeds the data subset, calibration, fine-tune (default 0)."),
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice; "
                                           "1 is faster on a busy machine)."),
-    calib_precondition: bool = typer.Option(
+    calib_precondition: bool = flag(
         False, "--calib-precondition", help="Calibrate with gn-init's preconditioning (see convert; the README "
         "measures what it does to this demo)."),
     set_: list[str] = typer.Option(
-        [], "--set", help="Override a key of the fine-tune's recipe (micro-batch), after the demo's own: "
+        [], "--set", metavar="KEY=VALUE",
+            help="Override a key of the fine-tune's recipe (micro-batch), after the demo's own: "
         "--set lr=0.001 (repeatable; the demo sets epochs=2, warmup_steps=5, lr=0.003)."),
-    force: bool = typer.Option(False, "--force", help="Delete and redo an existing work directory."),
+    force: bool = flag(False, "--force", help="Delete and redo an existing work directory."),
 ) -> None:
     """EfficientNet-Lite0 (real ImageNet weights) -> adaptive WS + GN -> calibrate -> micro-batch fine-tune on
     Fashion-MNIST -> export -> verify -> predict, with timings."""

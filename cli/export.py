@@ -14,7 +14,7 @@ from wsurgery.errors import UsageError
 from wsurgery.export import DTYPES
 from wsurgery.io import CONFIG_NAME
 
-from ._common import console, fail, handle_errors, kv_table
+from ._common import console, fail, flag, handle_errors, kv_table
 
 ALL_FORMATS = ("safetensors", "onnx", "torch-export")
 
@@ -50,20 +50,21 @@ def export(
     output: Path = typer.Option(..., "--output", "-o", help="Export directory to write."),
     checkpoint: Path | None = typer.Option(
         None, "--checkpoint", help="Weights for SOURCE when it is a timm name (.safetensors/.pth/.bin)."),
-    remap_by_order: bool = typer.Option(False, "--remap-by-order", help="Match checkpoint tensors in order."),
-    pretrained: bool | None = typer.Option(
+    remap_by_order: bool = flag(False, "--remap-by-order", help="Match checkpoint tensors in order."),
+    pretrained: bool | None = flag(
         None, "--pretrained/--no-pretrained", help="For a timm name: fetch timm's weights (needs a network), "
         "or export random weights (for testing)."),
-    fold_bn: bool = typer.Option(False, "--fold-bn", help="Also fold each BatchNorm that follows a conv into it."),
+    fold_bn: bool = flag(False, "--fold-bn", help="Also fold each BatchNorm that follows a conv into it."),
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (safetensors; ONNX and .pt2 are fp32)."),
     formats: list[str] = typer.Option(
-        [], "--format", "-f", help="Also write onnx (OUT/model.onnx) and/or torch-export (OUT/model.pt2); "
+        [], "--format", "-f", metavar="onnx,torch-export",
+            help="Also write onnx (OUT/model.onnx) and/or torch-export (OUT/model.pt2); "
         "repeatable or comma-separated. safetensors is always written."),
     img_size: int | None = typer.Option(
         None, "--img-size", help="Input height/width of the ONNX / .pt2 graph (default: the model's data config)."),
     opset: int = typer.Option(wsurgery.deploy.DEFAULT_OPSET, "--opset", help="ONNX opset version."),
-    verify: bool = typer.Option(True, "--verify/--no-verify", help="Reload each export and compare with the source."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the output if it exists."),
+    verify: bool = flag(True, "--verify/--no-verify", help="Reload each export and compare with the source."),
+    force: bool = flag(False, "--force", help="Overwrite the output if it exists."),
 ) -> None:
     """Fold the standardization into plain conv weights and export config.json + model.safetensors.
 

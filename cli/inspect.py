@@ -10,14 +10,14 @@ from rich.table import Table
 
 import wsurgery
 
-from ._common import console, handle_errors, kv_table
+from ._common import console, flag, handle_errors, kv_table
 
 
 @handle_errors
 def inspect(
     path: str = typer.Argument(..., help="A surgery directory, an export directory, or a timm model name."),
-    all_layers: bool = typer.Option(False, "--all", help="List every layer (default: the first 40)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    all_layers: bool = flag(False, "--all", help="List every layer (default: the first 40)."),
+    as_json: bool = flag(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Show each conv and norm layer: type, standardization, groups; and how an export loads."""
     source = path if Path(path).exists() else wsurgery.load(path, pretrained=False)

@@ -16,7 +16,7 @@ from . import inspect as _inspect
 from . import predict as _predict
 from . import train as _train
 from . import verify as _verify
-from ._common import DEBUG_ENV, set_debug
+from ._common import DEBUG_ENV, flag, set_debug
 
 # typer re-exports BadParameter (a click UsageError, a ClickException) from whichever click it runs
 # on (its own vendored copy since 0.2x, click itself before): the base classes are taken from it
@@ -35,7 +35,7 @@ app = typer.Typer(
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help=f"Show tracebacks on errors (same as {DEBUG_ENV}=1)."),
+    debug: bool = flag(False, "--debug", help=f"Show tracebacks on errors (same as {DEBUG_ENV}=1)."),
 ) -> None:
     set_debug(debug)
 

@@ -12,7 +12,7 @@ from rich.table import Table
 from wsurgery.errors import DatasetError, NetworkUnavailableError
 from wsurgery.predict import predict as predict_images
 
-from ._common import console, err_console, handle_errors
+from ._common import console, err_console, flag, handle_errors
 
 
 @handle_errors
@@ -22,7 +22,7 @@ def predict(
     topk: int = typer.Option(5, "--topk", "-k", help="Classes to show per image."),
     img_size: int | None = typer.Option(None, "--img-size", help="Input size (default: the model's)."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
-    as_json: bool = typer.Option(False, "--json", help="Print the predictions as JSON (one object per image)."),
+    as_json: bool = flag(False, "--json", help="Print the predictions as JSON (one object per image)."),
 ) -> None:
     """Print the top-k class names and probabilities for each image."""
     try:

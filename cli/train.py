@@ -13,7 +13,7 @@ from wsurgery.recipes import recipe_reference
 from wsurgery.train import TrainEvent
 from wsurgery.train import train as train_model
 
-from ._common import console, fail, handle_errors, kv_table
+from ._common import console, fail, flag, handle_errors, kv_table
 
 
 def recipe_table() -> Table:
@@ -77,7 +77,8 @@ def train(
                                           "metrics)."),
     recipe: str | None = typer.Option(None, "--recipe", "-r", help="Recipe YAML, or a shipped name: "
                                          "bit-hyperrule, micro-batch, linear-probe, cpu-quick."),
-    set_: list[str] = typer.Option([], "--set", help="Override a recipe key: --set batch_size=2 (repeatable)."),
+    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
+        help="Override a recipe key: --set batch_size=2 (repeatable)."),
     val_data: Path | None = typer.Option(None, "--val-data", help="Validation folder or CSV."),
     val_split: float | None = typer.Option(None, "--val-split", help="Hold out this fraction of each class "
                                               "when there is no validation set (recipe key val_split)."),
@@ -86,12 +87,12 @@ def train(
         None, "--device", help="cuda, mps or cpu (default: $WSURGERY_DEVICE, else the best available)."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run exactly."),
     export: Path | None = typer.Option(None, "--export", help="After training, fold, export and verify here."),
-    pretrained: bool | None = typer.Option(None, "--pretrained/--no-pretrained",
+    pretrained: bool | None = flag(None, "--pretrained/--no-pretrained",
                                               help="For a timm name: fetch timm's weights (needs a network)."),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="For a timm name: local weights."),
-    remap_by_order: bool = typer.Option(False, "--remap-by-order", help="For --checkpoint: match tensors in order."),
-    force: bool = typer.Option(False, "--force", help="Overwrite the output (and export) if they exist."),
-    help_recipe: bool = typer.Option(False, "--help-recipe", help="List every recipe key and exit."),
+    remap_by_order: bool = flag(False, "--remap-by-order", help="For --checkpoint: match tensors in order."),
+    force: bool = flag(False, "--force", help="Overwrite the output (and export) if they exist."),
+    help_recipe: bool = flag(False, "--help-recipe", help="List every recipe key and exit."),
 ) -> None:
     """Fine-tune a model on your images; writes the best model (a surgery directory), checkpoints and metrics."""
     if help_recipe:
