@@ -382,3 +382,14 @@ def test_help_and_no_arguments_print_the_help_and_exit_0(capfd):
             main(argv)
         assert exc.value.code == 0, argv
         assert "Usage: wsurgery" in capfd.readouterr().out
+
+
+def test_help_shows_what_each_option_takes():
+    """typer printed `<bool>` beside every flag (which takes no value) and `<list[str]>` beside repeatable options."""
+    from wsurgery.cli.main import COMMANDS
+
+    for command in COMMANDS:
+        text = invoke(command, "--help").stdout
+        rows = [line for line in text.splitlines() if ("<bool>" in line or "<list[str]>" in line) and "--" in line]
+        assert all("--help" in line for line in rows), (command, rows)  # typer's own --help row only
+    assert "PATTERN" in invoke("convert", "--help").stdout and "KEY=VALUE" in invoke("train", "--help").stdout
