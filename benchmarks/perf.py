@@ -67,7 +67,7 @@ from wsurgery.io import atomic_file, write_json
 from wsurgery.standardize import (
     AdaptiveWeightStandardization,
     _affine,
-    _StandardizeFn,
+    _closed_form,
     get_convention,
     standardize_weight,
     standardize_weight_reference,
@@ -285,15 +285,15 @@ def bench_kernels(args, timer: Timer) -> list[dict]:
 
     variants: dict[str, Callable[[torch.Tensor, int, int], torch.Tensor]] = {
         "ws: batch-norm kernel (shipped, timm/bit)": lambda w, f, i: standardize_weight(w, f, conv),
-        "ws: closed form, in-place (shipped, paper/seed)": lambda w, f, i: _StandardizeFn.apply(
+        "ws: closed form, in-place (shipped, paper/seed)": lambda w, f, i: _closed_form(
             w, f, False, True, conv.eps),
         "ws: closed form, first version": lambda w, f, i: _OldClosedForm.apply(w, f, conv.eps),
-        "ws: closed form in float64": lambda w, f, i: _StandardizeFn.apply(
+        "ws: closed form in float64": lambda w, f, i: _closed_form(
             w.double(), f, False, True, conv.eps).float(),
         "ws: plain autograd ops": lambda w, f, i: standardize_weight_reference(w, f, conv),
         "aws: batch norm + affine, one kernel (shipped)": lambda w, f, i: aws[i].standardized(w),
         "aws: closed form + addcmul": lambda w, f, i: _affine(
-            _StandardizeFn.apply(w, f, False, True, conv.eps), f, aws[i].gamma, aws[i].beta),
+            _closed_form(w, f, False, True, conv.eps), f, aws[i].gamma, aws[i].beta),
     }
     if args.device.type == "cuda":
         from wsurgery.accumulate import _compiled_kernel
@@ -508,31 +508,26 @@ def bench_surgery(args, timer: Timer, tmp: Path) -> list[dict]:
     rows = []
     samples: dict[str, list[float]] = {"convert": [], "fold": [], "export": []}
     peaks: dict[str, float] = {}
-
-    def sync() -> None:  # the GPU's queued work belongs to the step that queued it
-        if args.device.type == "cuda":
-            torch.cuda.synchronize(args.device)
-
     for r in range(args.surgery_rounds):
         torch.manual_seed(0)
         model = timm.create_model(arch, pretrained=False).to(args.device)
         with peak_memory(args.device) as mem:
             t = time.perf_counter()
             model, _ = wsurgery.convert(model, mode="aws", norm="gn")
-            sync()
+            timer.sync()  # the GPU's queued work belongs to the step that queued it
             samples["convert"].append(time.perf_counter() - t)
         peaks["convert"] = max(peaks.get("convert", 0.0), mem["peak_mb"])
         with peak_memory(args.device) as mem:
             t = time.perf_counter()
             folded = wsurgery.fold(model)
-            sync()
+            timer.sync()
             samples["fold"].append(time.perf_counter() - t)
         peaks["fold"] = max(peaks.get("fold", 0.0), mem["peak_mb"])
         del folded
         with peak_memory(args.device) as mem:
             t = time.perf_counter()
             wsurgery.export(model, tmp / f"surgery-{r}", force=True)
-            sync()
+            timer.sync()
             samples["export"].append(time.perf_counter() - t)
         peaks["export"] = max(peaks.get("export", 0.0), mem["peak_mb"])
         del model

@@ -101,10 +101,10 @@ def convert(
     mode: str = typer.Option("ws", "--mode", help="ws: plain standardization; aws: adaptive (exact at conversion)."),
     convention: str = typer.Option("timm", "--convention", help="WS formula: timm, bit, paper or seed."),
     eps: float | None = typer.Option(None, "--eps", help="Override the convention's eps."),
-    include: list[str] = typer.Option([], "--include", metavar="PATTERN",
-        help="Only convert convs matching this pattern (repeatable)."),
-    exclude: list[str] = typer.Option([], "--exclude", metavar="PATTERN",
-        help="Skip convs matching this pattern (repeatable)."),
+    include: list[str] = typer.Option(
+        [], "--include", metavar="PATTERN", help="Only convert convs matching this pattern (repeatable)."),
+    exclude: list[str] = typer.Option(
+        [], "--exclude", metavar="PATTERN", help="Skip convs matching this pattern (repeatable)."),
     norm: str = typer.Option("keep", "--norm", help="keep: keep BatchNorm; gn: replace it with GroupNorm."),
     gn_groups: int = typer.Option(32, "--gn-groups", help="Target GroupNorm groups."),
     gn_group_size: int | None = typer.Option(None, "--gn-group-size", help="Channels per group (overrides groups)."),

@@ -29,7 +29,7 @@ def demo(
         "measures what it does to this demo)."),
     set_: list[str] = typer.Option(
         [], "--set", metavar="KEY=VALUE",
-            help="Override a key of the fine-tune's recipe (micro-batch), after the demo's own: "
+        help="Override a key of the fine-tune's recipe (micro-batch), after the demo's own: "
         "--set lr=0.001 (repeatable; the demo sets epochs=2, warmup_steps=5, lr=0.003)."),
     force: bool = flag(False, "--force", help="Delete and redo an existing work directory."),
 ) -> None:

@@ -58,7 +58,7 @@ def export(
     dtype: str = typer.Option("fp32", "--dtype", help="fp32, fp16 or bf16 (safetensors; ONNX and .pt2 are fp32)."),
     formats: list[str] = typer.Option(
         [], "--format", "-f", metavar="onnx,torch-export",
-            help="Also write onnx (OUT/model.onnx) and/or torch-export (OUT/model.pt2); "
+        help="Also write onnx (OUT/model.onnx) and/or torch-export (OUT/model.pt2); "
         "repeatable or comma-separated. safetensors is always written."),
     img_size: int | None = typer.Option(
         None, "--img-size", help="Input height/width of the ONNX / .pt2 graph (default: the model's data config)."),

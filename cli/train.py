@@ -77,8 +77,8 @@ def train(
                                           "metrics)."),
     recipe: str | None = typer.Option(None, "--recipe", "-r", help="Recipe YAML, or a shipped name: "
                                          "bit-hyperrule, micro-batch, linear-probe, cpu-quick."),
-    set_: list[str] = typer.Option([], "--set", metavar="KEY=VALUE",
-        help="Override a recipe key: --set batch_size=2 (repeatable)."),
+    set_: list[str] = typer.Option(
+        [], "--set", metavar="KEY=VALUE", help="Override a recipe key: --set batch_size=2 (repeatable)."),
     val_data: Path | None = typer.Option(None, "--val-data", help="Validation folder or CSV."),
     val_split: float | None = typer.Option(None, "--val-split", help="Hold out this fraction of each class "
                                               "when there is no validation set (recipe key val_split)."),

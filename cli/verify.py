@@ -15,8 +15,8 @@ from ._common import SEED_MAX, console, fail, handle_errors, kv_table
 def verify(
     export: Path = typer.Argument(..., help="Export directory (or .onnx / .pt2 file)."),
     against: Path = typer.Option(..., "--against", help="The unfolded surgery directory it was exported from."),
-    images: list[Path] = typer.Option([], "--images", metavar="PATH",
-        help="Also compare on these images (files, folders, globs)."),
+    images: list[Path] = typer.Option(
+        [], "--images", metavar="PATH", help="Also compare on these images (files, folders, globs)."),
     num_random: int = typer.Option(4, "--num-random", help="Random inputs to compare on."),
     rtol: float | None = typer.Option(
         None, "--rtol", help="Max relative difference (default by dtype, fp32 1e-5; .onnx 1e-4; .pt2 1e-5)."),

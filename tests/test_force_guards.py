@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
-import torch
 from _cli import invoke, ok, one_error
 from _data import make_folder
+from test_deploy import _broken_fold
 
 import wsurgery
 from wsurgery.errors import ConfigError, OutputExistsError, UsageError, VerificationError
@@ -101,23 +98,13 @@ def test_dangling_symlink_output(tmp_path, saved):
     assert link.is_dir() and not link.is_symlink() and not (tmp_path / "nowhere").exists()
 
 
-def _broken(fold):
-    def broken(model, **kwargs):
-        out = fold(model, **kwargs)
-        with torch.no_grad():
-            next(m for m in out.modules() if isinstance(m, torch.nn.Conv2d)).weight.mul_(3)
-        return out
-
-    return broken
-
-
 def test_failed_check_keeps_the_export_it_would_replace(tmp_path, saved, monkeypatch):
     model = wsurgery.load(saved)
     good = wsurgery.export(model, tmp_path / "e", verify=True)
     assert good.verification.passed
     before = _snapshot(tmp_path / "e")
     export_module = sys.modules["wsurgery.export"]  # `wsurgery.export` is the function
-    monkeypatch.setattr(export_module, "fold", _broken(export_module.fold))
+    monkeypatch.setattr(export_module, "fold", _broken_fold(export_module.fold))
     with pytest.raises(VerificationError, match="was left as it was"):
         wsurgery.export(model, tmp_path / "e", verify=True, force=True)
     assert _snapshot(tmp_path / "e") == before
@@ -153,22 +140,12 @@ def test_deployment_files_are_written_and_checked_before_the_directory_appears(t
 
 def test_sigterm_cleans_up_like_ctrl_c(tmp_path, saved):
     """SIGTERM (kill, timeout, docker stop) ended the process without cleanup: a hidden temporary output stayed."""
-    from test_interrupt import _HOLD_AFTER_WRITE
+    from test_interrupt import caught_writing
 
-    shim = Path(tempfile.mkdtemp(prefix="wsurgery-shim-", dir=tmp_path))
-    (shim / "sitecustomize.py").write_text(_HOLD_AFTER_WRITE)
-    written = shim / "written"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (str(shim), os.environ.get("PYTHONPATH")))),
-           "WSURGERY_TEST_WRITTEN": str(written), "HF_HUB_OFFLINE": "1"}
-    args = [sys.executable, "-m", "wsurgery.cli.main", "export", str(saved), "-o", str(tmp_path / "e")]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while not written.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert written.exists(), proc.stderr.read() if proc.poll() is not None else "not written in 120 s"
-    assert list(tmp_path.glob(".e.*.tmp"))  # caught mid-write
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    with caught_writing(["export", str(saved), "-o", str(tmp_path / "e")], tmp_path, "e", timeout=120) as (proc, _):
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        err = proc.stderr.read().decode()
     assert proc.returncode == 130 and err.strip() == "error: interrupted", (proc.returncode, err)
     assert not list(tmp_path.glob(".e.*")) and not (tmp_path / "e").exists()
 

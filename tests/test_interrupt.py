@@ -9,12 +9,14 @@ there, so the kill lands mid-output every time, whatever the machine's speed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,8 +58,11 @@ _st.save_file = save_file
 """
 
 
-def kill_while_writing(args: list[str], folder: Path, name: str, timeout: float = 240.0) -> Path:
-    """Run the CLI, SIGKILL it once its output to ``folder/name`` is half-written (weights, no config)."""
+@contextlib.contextmanager
+def caught_writing(args: list[str], folder: Path, name: str, timeout: float = 240.0) -> Iterator[
+        tuple[subprocess.Popen, Path]]:
+    """Run the CLI and yield ``(process, temporary output)`` once its output to ``folder/name`` is
+    half-written (weights, no config), the process held there; it is killed afterwards if still alive."""
     import tempfile
 
     shim = Path(tempfile.mkdtemp(prefix="wsurgery-shim-"))
@@ -73,9 +78,8 @@ def kill_while_writing(args: list[str], folder: Path, name: str, timeout: float 
             if written.exists():
                 tmp = _partial_write_in(folder, name)
                 assert tmp is not None, f"the weights were written, but not to a temporary .{name}.*.tmp in {folder}"
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait(30)
-                return tmp
+                yield proc, tmp
+                return
             if proc.poll() is not None:
                 pytest.fail(f"the run ended (rc {proc.returncode}) before it was caught writing: "
                             f"{proc.stderr.read().decode()[-2000:]}")
@@ -89,6 +93,14 @@ def kill_while_writing(args: list[str], folder: Path, name: str, timeout: float 
             proc.kill()
             proc.wait(30)
         proc.stderr.close()
+
+
+def kill_while_writing(args: list[str], folder: Path, name: str, timeout: float = 240.0) -> Path:
+    """Run the CLI, SIGKILL it once its output to ``folder/name`` is half-written (weights, no config)."""
+    with caught_writing(args, folder, name, timeout) as (proc, tmp):
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    return tmp
 
 
 def assert_valid_export(directory: Path, reference: Path) -> None:

@@ -110,14 +110,14 @@ def _graph_ops(t: torch.Tensor) -> list[str]:
 @pytest.mark.parametrize("name", ["timm", "bit"])
 def test_batch_norm_kernel_equals_closed_form_kernel(name):
     """timm/bit go through native batch norm; the closed-form function gives the same numbers."""
-    from wsurgery.standardize import _StandardizeFn, standardize_weight
+    from wsurgery.standardize import _closed_form, standardize_weight
 
     unbiased, in_sqrt, eps = SPECS[name]
     w = _w((32, 16, 3, 3), seed=4)
     g = torch.randn(w.shape, generator=torch.Generator().manual_seed(5))
     a, b = w.clone().requires_grad_(), w.clone().requires_grad_()
     out_bn = standardize_weight(a, 144, get_convention(name))
-    out_fn = _StandardizeFn.apply(b, 144, unbiased, in_sqrt, eps)
+    out_fn = _closed_form(b, 144, unbiased, in_sqrt, eps)
     assert any("BatchNorm" in n for n in _graph_ops(out_bn))
     assert not any("BatchNorm" in n for n in _graph_ops(out_fn))
     out_bn.backward(g)

@@ -37,7 +37,7 @@ import torch
 from PIL import Image
 
 from .errors import ConfigError, DatasetError, InputNotFoundError, OutputExistsError, UsageError
-from .io import atomic_dir, atomic_file, check_replaceable, write_json
+from .io import atomic_dir, atomic_file, check_replaceable, remove_output, write_json
 
 __all__ = [
     "FASHION_MNIST_CLASSES",
@@ -273,8 +273,6 @@ def run_demo(
         OutputExistsError: ``workdir`` exists and ``force`` is False.
         InputNotFoundError / MissingDependencyError: Fashion-MNIST or the Lite0 weights are missing.
     """
-    import shutil
-
     from . import convert, load, save, verify
     from .data import load_images
     from .datasets import eval_transform_for
@@ -299,10 +297,7 @@ def run_demo(
     fashion_mnist_source()
     if os.path.lexists(work):  # never a folder the demo did not make, the current one or one above it
         check_replaceable(work, markers=("demo.json", UNFINISHED))
-    if work.is_symlink() or work.is_file():
-        work.unlink()
-    elif work.exists():
-        shutil.rmtree(work)
+    remove_output(work)
     work.mkdir(parents=True)
     (work / UNFINISHED).touch()  # removed once demo.json is written
     result = DemoResult(workdir=work, config=asdict(cfg))

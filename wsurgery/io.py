@@ -42,6 +42,7 @@ __all__ = [
     "load_state_dict_file",
     "read_json",
     "read_safetensors_metadata",
+    "remove_output",
     "save_safetensors",
     "write_json",
 ]
@@ -161,9 +162,12 @@ def atomic_file(path: str | os.PathLike, force: bool = False) -> Iterator[Path]:
         tmp_path.unlink(missing_ok=True)
 
 
-def _remove(path: Path) -> None:
+def remove_output(path: str | os.PathLike, ignore_errors: bool = False) -> None:
+    """Delete an output that ``--force`` replaces: a directory with everything in it, a file, or a symlink
+    (the link itself, never what it points to)."""
+    path = Path(path)
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=ignore_errors)
     else:
         path.unlink(missing_ok=True)
 
@@ -199,12 +203,12 @@ def atomic_dir(path: str | os.PathLike, force: bool = False, *, markers: tuple[s
         os.chmod(tmp, _umask_mode(directory=True))
         fsync_dir(tmp)
         if os.path.lexists(path) and _exchange(tmp, path):  # --force: swap atomically, then delete the old
-            _remove(tmp)
+            remove_output(tmp, ignore_errors=True)
         elif os.path.lexists(path):  # no atomic swap here: move the old output aside, put the new one in
             old = path.with_name(f".{path.name}.{os.getpid()}.old")
             os.replace(path, old)
             os.replace(tmp, path)
-            _remove(old)
+            remove_output(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
         fsync_dir(path.parent)

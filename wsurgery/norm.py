@@ -86,9 +86,9 @@ def _bn_affine(bn: nn.Module, like: torch.Tensor | None = None) -> tuple[torch.T
     # a BN without affine: ones and zeros where its statistics live (the model's device and dtype),
     # or, with no statistics either, where ``like`` (a tensor of the model) lives
     ref = next((t for t in (*bn.parameters(), *bn.buffers()) if t.is_floating_point()), like)
-    like = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
-    weight = bn.weight if getattr(bn, "weight", None) is not None else torch.ones(num, **like)
-    bias = bn.bias if getattr(bn, "bias", None) is not None else torch.zeros(num, **like)
+    where = {"device": ref.device, "dtype": ref.dtype} if ref is not None else {}
+    weight = bn.weight if getattr(bn, "weight", None) is not None else torch.ones(num, **where)
+    bias = bn.bias if getattr(bn, "bias", None) is not None else torch.zeros(num, **where)
     return weight.detach(), bias.detach()
 
 

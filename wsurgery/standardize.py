@@ -242,7 +242,7 @@ def _closed_form_backward(ctx, grad_out: torch.Tensor) -> torch.Tensor:
     return _from_rows(grad.to(ctx.in_dtype), ctx.shape, ctx.channels_last)
 
 
-class _StandardizeFn(torch.autograd.Function):
+def _closed_form(weight: torch.Tensor, fan_in: int, unbiased: bool, eps_in_sqrt: bool, eps: float) -> torch.Tensor:
     """Standardization with a closed-form backward (every convention; used where batch norm cannot be).
 
     Autograd through ``var_mean``/``sqrt``/``div`` saves several intermediates and runs
@@ -258,25 +258,11 @@ class _StandardizeFn(torch.autograd.Function):
     allocation (subtract, then divide in place): bit-identical to the plain expression.
     A second derivative (``create_graph=True``) differentiates the plain formula instead.
 
-    The models use :func:`_closed_form`, which gives each convention its own subclass.
-    """
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, fan_in: int, unbiased: bool, eps_in_sqrt: bool, eps: float):
-        return _closed_form_forward(ctx, weight, fan_in, unbiased, eps_in_sqrt, eps)
-
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        return _closed_form_backward(ctx, grad_out), None, None, None, None
-
-
-def _closed_form(weight: torch.Tensor, fan_in: int, unbiased: bool, eps_in_sqrt: bool, eps: float) -> torch.Tensor:
-    """:class:`_StandardizeFn` with the convention fixed in the Function rather than passed to it.
-
-    Why: when ``torch.compile`` meets a second model whose eps differs (a ``timm`` then a ``paper``
-    model in one process), dynamo turns the eps argument of an autograd.Function into a dynamic
-    float and then fails on it (``lift_tracked_freevar_to_input should not be called on root
-    SubgraphTracer``, torch 2.14). A constant inside the Function's own code is never an argument.
+    Each convention has its own autograd.Function (:func:`_closed_form_class`), the convention a
+    constant inside it rather than an argument. Why: when ``torch.compile`` meets a second model
+    whose eps differs (a ``timm`` then a ``paper`` model in one process), dynamo turns the eps
+    argument of an autograd.Function into a dynamic float and then fails on it
+    (``lift_tracked_freevar_to_input should not be called on root SubgraphTracer``, torch 2.14).
     The class exists before any trace (:class:`WSConvention` makes it), so a compiled caller only
     looks it up.
     """

@@ -77,6 +77,7 @@ from .io import (
     check_replaceable,
     load_safetensors,
     read_json,
+    remove_output,
     save_safetensors,
     write_json,
 )
@@ -897,10 +898,7 @@ def _prepare_output(output: Path | None, resume: Path | None, force: bool, is_ma
         if not force:
             raise OutputExistsError(f"{output} already exists; pass force=True (--force) to start over, "
                                     f"or resume it (--resume {output})")
-        if output.is_symlink():  # --force replaces the link, never what it points to
-            output.unlink()
-        else:
-            shutil.rmtree(output)
+        remove_output(output)  # a symlink: the link, never what it points to
     output.mkdir(parents=True, exist_ok=True)
 
 
