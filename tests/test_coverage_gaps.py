@@ -230,8 +230,8 @@ def test_bit_hyperrule_trains_end_to_end(data, tmp_path):
                               "workers=0"])
     assert result.steps == 10
     recipe = wsurgery.load_recipe(out / "recipe.yaml")
-    # BiT-HyperRule for 24 images: /10 at 40/60/80% of the run, no mixup
-    assert recipe.decay_milestones == pytest.approx([0.4, 0.6, 0.8]) and recipe.mixup_alpha == 0.0
+    # BiT-HyperRule for 24 images: /10 after updates 201/301/401 of 500 (40/60/80% of the run), no mixup
+    assert recipe.decay_milestones == pytest.approx([0.402, 0.602, 0.802]) and recipe.mixup_alpha == 0.0
     assert (recipe.sched, recipe.decay_rate, recipe.optimizer) == ("multistep", 0.1, "momentum")
     # lr 0.003 per 512 images, scaled to 4 x 2 images per step; warm-up over 2 updates, then /10 after
     # 4, 6 and 8 of the 10 updates. A step event reports the lr of the next update.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 import yaml
 
 from wsurgery.errors import InputNotFoundError, RecipeError
@@ -18,6 +19,7 @@ from wsurgery.recipes import (
     recipe_reference,
     resolve_recipe,
 )
+from wsurgery.train import lr_scheduler
 
 SHIPPED = ("bit-hyperrule", "micro-batch", "linear-probe", "cpu-quick")
 
@@ -56,7 +58,8 @@ def test_recipe_contents_match_their_promises():
         resolved, _ = resolve_recipe(bit, images, (32, 32))
         assert resolved.steps == steps, images
         assert 0 < resolved.warmup_steps < resolved.steps * milestones[0], images  # warmup, then the decays
-        assert resolved.decay_milestones == pytest.approx(milestones), images
+        # one update later than the percentage, as big_transfer's get_lr (test below)
+        assert resolved.decay_milestones == pytest.approx([m + 1 / steps for m in milestones]), images
         assert resolved.mixup_alpha == mixup, images
     assert resolve_recipe(bit, 1_000, (32, 32))[0].img_size != resolve_recipe(bit, 1_000, (300, 300))[0].img_size
     # micro-batch: batch 2 x 8 accumulated (effective 16), lr 0.01 per 32 images, cosine, label smoothing 0.1,
@@ -132,7 +135,44 @@ def test_bit_hyperrule_schedule(size, steps, warmup, milestones, mixup):
     # the table in big_transfer's bit_hyperrule.py (get_schedule, get_mixup)
     rule = bit_hyperrule(size, (32, 32))
     assert rule["steps"] == steps and rule["warmup_steps"] == warmup and rule["mixup_alpha"] == mixup
-    assert [round(m * steps) for m in rule["decay_milestones"]] == milestones
+    # the lr drops after m + 1 updates (big_transfer's get_lr decays once `s < step`)
+    assert [round(m * steps) for m in rule["decay_milestones"]] == [m + 1 for m in milestones]
+
+
+def big_transfer_get_lr(step: int, dataset_size: int, base_lr: float = 0.003) -> float | None:
+    """big_transfer's bit_hyperrule.get_lr, transcribed (github.com/google-research/big_transfer):
+    the lr of update ``step`` (0-based), None once training is over."""
+    if dataset_size < 20_000:
+        supports = [100, 200, 300, 400, 500]
+    elif dataset_size < 500_000:
+        supports = [500, 3000, 6000, 9000, 10_000]
+    else:
+        supports = [500, 6000, 12_000, 18_000, 20_000]
+    if step < supports[0]:
+        return base_lr * step / supports[0]
+    if step >= supports[-1]:
+        return None
+    for s in supports[1:]:
+        if s < step:
+            base_lr /= 10
+    return base_lr
+
+
+@pytest.mark.parametrize("size", [5_000, 50_000])
+def test_bit_hyperrule_lr_is_big_transfers_at_every_update(size):
+    """The resolved recipe through train's scheduler gives, update by update, big_transfer's lr."""
+    recipe, _ = resolve_recipe(load_recipe("bit-hyperrule"), size, (28, 28))
+    param = torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([param], lr=0.003)
+    scheduler = lr_scheduler(optimizer, recipe, recipe.steps, recipe.warmup_steps)
+    got = []
+    for t in range(recipe.steps):  # train calls step_update(t) once t updates are done
+        scheduler.step_update(t)
+        got.append(optimizer.param_groups[0]["lr"])
+    expected = [big_transfer_get_lr(t, size) for t in range(recipe.steps)]
+    assert big_transfer_get_lr(recipe.steps, size) is None  # same length of run
+    torch.testing.assert_close(torch.tensor(got, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
+                               rtol=1e-9, atol=1e-12)
 
 
 def test_bit_hyperrule_resolution_and_resolve():
@@ -140,7 +180,7 @@ def test_bit_hyperrule_resolution_and_resolve():
     assert (bit_hyperrule(100, (96, 96))["resize"], bit_hyperrule(100, (96, 96))["crop"]) == (512, 480)
     resolved, notes = resolve_recipe(load_recipe("bit-hyperrule"), 5000, (28, 28))
     assert resolved.steps == 500 and resolved.warmup_steps == 100 and resolved.img_size == 128
-    assert resolved.decay_milestones == [0.4, 0.6, 0.8] and resolved.mixup_alpha == 0.0
+    assert resolved.decay_milestones == [0.402, 0.602, 0.802] and resolved.mixup_alpha == 0.0
     assert resolved.aug_scale == [0.64, 1.0]  # a 128 crop of a 160 resize keeps (128/160)^2 of the area
     assert len(notes) == 6  # steps, warmup, milestones, mixup, img_size, aug_scale
     plain, none = resolve_recipe(load_recipe("cpu-quick"), 5000, (28, 28))

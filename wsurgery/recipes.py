@@ -425,7 +425,9 @@ def bit_hyperrule(dataset_size: int, original_size: tuple[int, int] | None) -> d
     return {
         "steps": supports[-1],
         "warmup_steps": supports[0],
-        "decay_milestones": [s / supports[-1] for s in supports[1:-1]],
+        # big_transfer's get_lr divides by 10 once `s < step`: update s still runs at the old lr, the
+        # lr drops after s + 1 updates (train's multistep drops it after round(m * steps) updates)
+        "decay_milestones": [(s + 1) / supports[-1] for s in supports[1:-1]],
         "resize": resize,
         "crop": crop,
         "mixup_alpha": 0.0 if dataset_size < 20_000 else 0.1,

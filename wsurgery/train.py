@@ -364,6 +364,24 @@ def _standardize_once_ctx(model: nn.Module, wanted: bool) -> contextlib.Abstract
     return standardize_once(model)
 
 
+def lr_scheduler(optimizer: torch.optim.Optimizer, r: Recipe, total: int, warmup: int) -> Any:
+    """timm's scheduler for recipe ``r``, in optimizer updates: one timm "epoch" is one update.
+
+    ``scheduler.step_update(t)`` after ``t`` completed updates sets the lr of the next one.
+    """
+    milestones = [max(1, round(m * total)) for m in r.decay_milestones]  # type: ignore[union-attr]
+    # timm's MultiStepLRScheduler counts decays at t + 1 (bisect_right(milestones, t + 1)), so milestone m
+    # would already lower the lr of update m - 1; shifted by one, the lr drops after m updates, as with
+    # sched=step
+    decay_at = [m + 1 for m in milestones] if r.sched == "multistep" else milestones
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=r.sched, num_epochs=total, warmup_epochs=warmup, warmup_lr=r.warmup_lr,
+        min_lr=r.min_lr, decay_milestones=decay_at, decay_epochs=milestones[0] if milestones else total,
+        decay_rate=r.decay_rate, step_on_epochs=False, updates_per_epoch=1,
+    )
+    return scheduler
+
+
 # --- evaluation --------------------------------------------------------------------------
 
 
@@ -549,17 +567,7 @@ class _Run:
         if warmup >= total:
             warmup = max(0, total // 10)
             self.notes.append(f"warmup_steps shortened to {warmup} (the run has only {total} steps)")
-        milestones = [max(1, round(m * total)) for m in r.decay_milestones]  # type: ignore[union-attr]
-        # timm's MultiStepLRScheduler counts decays at t + 1 (bisect_right(milestones, t + 1)), so milestone m
-        # would already lower the lr of update m - 1; shifted by one, the lr drops after m updates, as with
-        # sched=step and with big_transfer's BiT-HyperRule
-        decay_at = [m + 1 for m in milestones] if r.sched == "multistep" else milestones
-        # every count is in optimizer updates: one "epoch" of timm's scheduler = one update
-        self.scheduler, _ = create_scheduler_v2(
-            self.optimizer, sched=r.sched, num_epochs=total, warmup_epochs=warmup, warmup_lr=r.warmup_lr,
-            min_lr=r.min_lr, decay_milestones=decay_at, decay_epochs=milestones[0] if milestones else total,
-            decay_rate=r.decay_rate, step_on_epochs=False, updates_per_epoch=1,
-        )
+        self.scheduler = lr_scheduler(self.optimizer, r, total, warmup)
 
     # checkpoints ----------------------------------------------------------------------------
 
