@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -67,6 +68,19 @@ def flag(*args: Any, **kwargs: Any) -> Any:
     return typer.Option(*args, metavar="", **kwargs)
 
 
+#: the fix for an OSError the library did not turn into a WSurgeryError, by errno
+_OS_FIXES = {
+    errno.ENOSPC: "free space on that disk or choose another path (-o)",
+    errno.EDQUOT: "free space in your quota or choose another path (-o)",
+    errno.EACCES: "fix the permissions or choose another path (-o)",
+    errno.EPERM: "fix the permissions or choose another path (-o)",
+    errno.EROFS: "the file system is read-only: choose another path (-o)",
+    errno.ENAMETOOLONG: "choose a shorter path",
+    errno.ENOENT: "check that the path exists",
+    errno.EMFILE: "raise the open-file limit (ulimit -n)",
+}
+
+
 def handle_errors(fn: F) -> F:
     """Map every exception to one line on stderr and an exit code (no traceback).
 
@@ -90,8 +104,9 @@ def handle_errors(fn: F) -> F:
             if debug_enabled():
                 traceback.print_exc(file=sys.stderr)
             where = f" ({e.filename})" if e.filename else ""
-            raise fail(f"{e.strerror or _one_line(e)}{where}; free space, fix the permissions or choose another "
-                       f"path (-o), then run the command again (--debug shows the traceback)") from None
+            fix = _OS_FIXES.get(e.errno, "check the path and the disk")
+            raise fail(f"{e.strerror or _one_line(e)}{where}; {fix}, then run the command again "
+                       f"(--debug shows the traceback)") from None
         except Exception as e:  # noqa: BLE001 - the CLI never shows a bare traceback
             if debug_enabled():
                 traceback.print_exc(file=sys.stderr)

@@ -187,18 +187,26 @@ def test_img_size_must_be_positive(saved, tmp_path):
         one_error(invoke("verify", tmp_path / "e", "--against", saved, "--img-size", size), 2, "img_size")
 
 
-def test_system_errors_are_one_line_with_a_fix(tmp_path, saved, monkeypatch):
-    """A full disk or a read-only folder printed e.g. `OSError: [Errno 30] ...` with no fix named."""
+@pytest.mark.parametrize("code, fix", [
+    ("ENOSPC", "free space"), ("EROFS", "read-only: choose another path (-o)"),
+    ("EACCES", "fix the permissions"), ("ENAMETOOLONG", "shorter path"), ("EIO", "check the path and the disk"),
+])
+def test_system_errors_are_one_line_with_a_fix(tmp_path, saved, monkeypatch, code, fix):
+    """A full disk or a read-only folder printed e.g. `OSError: [Errno 30] ...` with no fix named; the fix
+    fits the error (a read-only disk is not fixed by freeing space)."""
     import errno
 
     export_module = sys.modules["wsurgery.export"]
+    number = getattr(errno, code)
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp_path / ".e.tmp"))
+    def failing(*args, **kwargs):
+        raise OSError(number, os.strerror(number), str(tmp_path / ".e.tmp"))
 
-    monkeypatch.setattr(export_module, "save_safetensors", full)
-    line = one_error(invoke("export", saved, "-o", tmp_path / "e"), 1, "No space left on device", "free space")
+    monkeypatch.setattr(export_module, "save_safetensors", failing)
+    line = one_error(invoke("export", saved, "-o", tmp_path / "e"), 1, os.strerror(number), fix)
     assert str(tmp_path / ".e.tmp") in line and not list(tmp_path.glob(".e.*"))
+    for advice in ("free space", "permissions", "shorter path", "read-only: "):
+        assert (advice in line) == (advice in fix), line
 
 
 def test_damaged_fashion_mnist_names_the_fix(tmp_path):
