@@ -196,6 +196,8 @@ def convert(
                                    if report.convs_not_traced else "")),
         ("params", f"{report.params_before:,} -> {report.params_after:,}"),
     ]
+    if report.other_convs:  # Conv1d/Conv3d/transposed: WS is for the model's 2-D convs
+        rows.insert(3, ("other convs, left as they are", f"{len(report.other_convs)} (e.g. {report.other_convs[0]})"))
     if result is not None:
         rows.append(("calibration", f"{result.num_images} images, {result.steps} distill steps, "
                                     f"{result.seconds:.1f} s"))

@@ -86,6 +86,8 @@ class SurgeryReport:
     #: (timm's notrace modules, e.g. NormFreeBlock) or not called as modules at all
     convs_not_traced: list[str] = field(default_factory=list)
     zero_variance_filters: dict[str, int] = field(default_factory=dict)
+    #: convolutions WS does not apply to here (Conv1d, Conv3d, transposed convs), left as they are
+    other_convs: list[str] = field(default_factory=list)
     params_before: int = 0
     params_after: int = 0
 
@@ -249,6 +251,12 @@ def plan_surgery(model: nn.Module, config: SurgeryConfig, pooled: frozenset[str]
         if (config.include and not _matches(name, config.include)) or _matches(name, config.exclude):
             skipped.append(name)
             continue
+        held = getattr(getattr(module, "parametrizations", None), "weight", None)
+        if held is not None and not hasattr(held, "original"):  # weight_norm: original0/original1
+            raise ConversionError(
+                f"{name}.weight is already parametrized with several tensors (weight_norm?), which fold cannot "
+                f"turn back into one plain weight; remove it first: torch.nn.utils.parametrize."
+                f"remove_parametrizations(model.get_submodule({name!r}), 'weight'), or exclude the conv")
         fan_in, _ = _fan_in(module)
         if config.convention == "paper" and fan_in < 2:
             raise ConversionError(f"{name}: 1 entry per filter cannot use the unbiased 'paper' convention; exclude it")
@@ -290,6 +298,7 @@ def _standardize_conv(name: str, module: nn.Module, config: SurgeryConfig) -> tu
         p: WeightStandardization = AdaptiveWeightStandardization(fan_in, convention, num_filters)
         p.to(device=weight.device, dtype=weight.dtype)
         p.init_from_weight(weight)
+        p.requires_grad_(module.weight.requires_grad)  # a frozen conv stays frozen: gain and shift are its weight
     else:
         p = WeightStandardization(fan_in, convention)
     # unsafe=True skips the one trial evaluation register_parametrization does to check that
@@ -300,6 +309,29 @@ def _standardize_conv(name: str, module: nn.Module, config: SurgeryConfig) -> tu
         note += f", {zero_var} zero-variance filters"
     change = LayerChange(name, old_type, f"{old_type}+{type(p).__name__}", before, _numel(module), note)
     return change, zero_var
+
+
+#: timm entrypoints that build other modules with ``pretrained=True`` (``if pretrained:`` in timm's
+#: models: fbnetc_100's weights were trained with BatchNorm eps 1e-3, so only then is it set).
+#: ``wsurgery.load`` rebuilds with ``pretrained=False``, stock timm's ``local-dir:``/``hf-hub:`` loads
+#: with ``pretrained=True``: the value the model was built with is recorded, so both build that.
+PRETRAINED_DEPENDENT_ARGS = {"fbnetc_100": "bn_eps"}
+
+
+def pin_build_args(model: nn.Module) -> None:
+    """Record in timm's ``model._model_args`` a constructor argument that depends on ``pretrained``.
+
+    Read from the BatchNorms, so it is called before BN -> GN replaces them (by :func:`convert`)
+    and again when the record is written (``wsurgery.load``'s ``model_record``).
+    """
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    key = PRETRAINED_DEPENDENT_ARGS.get(arch)
+    args = getattr(model, "_model_args", None)
+    if key is None or not isinstance(args, dict) or key in args:
+        return
+    eps = {float(m.eps) for m in model.modules() if is_batchnorm(m) and hasattr(m, "eps")}
+    if len(eps) == 1:
+        model._model_args = {**args, key: eps.pop()}  # a new dict: timm's may be shared
 
 
 def apply_surgery(model: nn.Module, config: SurgeryConfig, plan: _Plan) -> SurgeryReport:
@@ -317,6 +349,8 @@ def apply_surgery(model: nn.Module, config: SurgeryConfig, plan: _Plan) -> Surge
         note = "1 group (sees 1x1 maps)" if name in plan.pooled else f"{groups} groups"
         report.changes.append(LayerChange(name, type(bn).__name__, type(gn).__name__, _numel(bn), _numel(gn), note))
     report.params_after = _numel(model)
+    report.other_convs = [n for n, m in model.named_modules()
+                          if isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.Conv2d)]
     setattr(model, _CONFIG_ATTR, config)
     if config.norm == "gn":  # saved with the model, so a rebuild gives these layers one group too
         model.wsurgery_pooled_norms = sorted(plan.pooled)
@@ -390,15 +424,13 @@ def pooled_norms(model: nn.Module) -> frozenset[str] | None:
     found: set[str] = set()
     hooks = [m.register_forward_pre_hook(lambda _m, a, n=n: found.add(n) if a[0].shape[-2:].numel() == 1 else None)
              for n, m in model.named_modules() if is_batchnorm(m)]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), modes_kept(model):
+            model.eval()
             model(x)
     except Exception:  # noqa: BLE001 - a model that cannot run a plain image just gets no probe
         return None
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     return frozenset(found)
@@ -445,7 +477,9 @@ def convert(
         config: the surgery; keyword ``overrides`` build or update one
             (``convert(m, mode="aws", norm="gn")``).
         inplace: modify ``model`` itself (default, like timm's module converters). With
-            ``False`` a deep copy is converted and ``model`` is left as it was.
+            ``False`` a deep copy is converted and ``model`` is left as it was. A model inside
+            ``torch.compile`` or ``DataParallel``/DDP is converted inside its wrapper (the names are
+            its own, without ``_orig_mod.``/``module.``); the copy is of the model inside.
         trace: find convs not followed by a norm layer (a torch.fx trace) for the report.
         probe: with ``norm="gn"``, run one forward pass of a zero image to find BatchNorms on
             1x1 maps (:func:`pooled_norms`); they get one GroupNorm group.
@@ -464,7 +498,10 @@ def convert(
         >>> report.num_convs
         20
     """
-    require_module(model)
+    outer = require_module(model)
+    # the surgery, its record and the names in the report and in include/exclude are the wrapped
+    # model's: torch.compile and DataParallel/DDP wrappers share it, and save/export unwrap too
+    model = unwrap(outer)
     if config is None:
         config = SurgeryConfig(**overrides)
     elif overrides:
@@ -477,12 +514,13 @@ def convert(
     if not inplace:
         model = clone_model(model)
         plan = plan_surgery(model, config, pooled)
+    pin_build_args(model)  # while the BatchNorms whose eps it reads are still there
     report = apply_surgery(model, config, plan)
     if hasattr(model, "wsurgery_calibration"):  # an earlier surgery's calibration (a loaded export) is not this one's
         del model.wsurgery_calibration
     report.convs_without_norm = unnormalized
     report.convs_not_traced = unseen
-    return model, report
+    return (outer if inplace else model), report
 
 
 def _keep_earlier_structure(model: nn.Module, config: SurgeryConfig) -> tuple[SurgeryConfig, frozenset[str] | None]:

@@ -23,12 +23,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from .convert import all_finite, get_surgery_config, placement, unwrap, with_input_channels
+from .convert import all_finite, get_surgery_config, modes_kept, placement, unwrap, with_input_channels
 from .errors import ConfigError, NonFiniteWeightsError, VerificationError
 from .fold import FOLD_ATTR, fold, is_folded
 from .io import CONFIG_NAME, WEIGHTS_NAME, atomic_dir, save_safetensors, write_json
 from .load import build_on_meta, model_record
-from .save import build_config, check_rebuildable
+from .save import build_config, check_rebuildable, module_signature
 from .verify import VerifyResult
 from .verify import verify as verify_directory
 
@@ -67,20 +67,6 @@ class ExportResult:
         return d
 
 
-def _module_signature(model: nn.Module) -> list[tuple[str, str, tuple]]:
-    sig = []
-    for name, m in model.named_modules():
-        extra: tuple = ()
-        if isinstance(m, nn.GroupNorm):
-            extra = (m.num_groups, m.eps)
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
-            extra = (m.eps,)
-        elif isinstance(m, nn.Conv2d):
-            extra = (m.stride, m.padding, m.dilation, m.groups, m.bias is not None)
-        sig.append((name, type(m).__name__, extra))
-    return sig
-
-
 def _materialize(stock: nn.Module, folded: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     """Give a meta-built stock model the folded model's tensors (shared, not copied)."""
     stock.load_state_dict(state, strict=True, assign=True)
@@ -96,10 +82,9 @@ def _materialize(stock: nn.Module, folded: nn.Module, state: dict[str, torch.Ten
 def _same_outputs(stock: nn.Module, folded: nn.Module, input_size: tuple[int, ...]) -> bool:
     """Equal outputs on a seeded batch: first at 32 px (cheap), at the model's own size if that fails."""
     device, dtype = placement(folded)
-    was_training = folded.training
-    folded.eval()
     stock.eval()
-    try:
+    with modes_kept(folded):
+        folded.eval()
         for size in ((input_size[0], 32, 32), tuple(input_size)):
             # batch 2: GroupNorm with one channel per group on a 1x1 map (split-attention FCs) refuses batch 1
             x = torch.randn(2, *size, generator=torch.Generator().manual_seed(0)).to(device=device, dtype=dtype)
@@ -110,8 +95,6 @@ def _same_outputs(stock: nn.Module, folded: nn.Module, input_size: tuple[int, ..
             except Exception:  # noqa: BLE001 - too small for this architecture: try its own size
                 continue
         return False
-    finally:
-        folded.train(was_training)
 
 
 @torch.no_grad()
@@ -130,11 +113,11 @@ def stock_timm_args(folded: nn.Module, record: dict[str, Any], norm: str | None)
     candidates = [base]
     if norm == "gn":  # the model's own args still fit where no BatchNorm was there to replace (convnext)
         candidates = [dict(base, norm_layer="groupnorm"), base]
-    target = _module_signature(folded)
+    target = module_signature(folded)
     state = folded.state_dict()
     for args in candidates:
         stock = build_on_meta(record["architecture"], args)
-        if stock is None or _module_signature(stock) != target:
+        if stock is None or module_signature(stock) != target:
             continue
         stock_state = stock.state_dict()
         if stock_state.keys() != state.keys() or any(stock_state[k].shape != v.shape for k, v in state.items()):
@@ -220,7 +203,7 @@ def export(
     target = DTYPES[dtype]
     state = {k: (v.to(target) if v.is_floating_point() else v) for k, v in folded.state_dict().items()}
     _check_finite_state(folded.state_dict(), state, dtype)
-    check_rebuildable(config, state, "export")
+    check_rebuildable(config, state, "export", folded)
     directory = Path(directory)
     replaces = os.path.lexists(directory)
     result = ExportResult(directory=directory, timm_compatible=args is not None, model_args=config["model_args"],

@@ -35,6 +35,7 @@ from .convert import (
     clone_model,
     own_class,
     require_module,
+    unwrap,
     ws_parametrizations,
 )
 from .errors import ConversionError, NonFiniteWeightsError, UsageError
@@ -154,7 +155,7 @@ def fold_conv_bn(model: nn.Module, pairs: list[tuple[str, str]], *, structure_on
         if structure_only:
             if conv.bias is None:
                 conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=conv.weight.device,
-                                                     dtype=conv.weight.dtype))
+                                                     dtype=conv.weight.dtype), requires_grad=conv.weight.requires_grad)
         else:
             w = bn.weight if bn.weight is not None else torch.ones_like(bn.running_mean)
             b = bn.bias if bn.bias is not None else torch.zeros_like(bn.running_mean)
@@ -162,7 +163,7 @@ def fold_conv_bn(model: nn.Module, pairs: list[tuple[str, str]], *, structure_on
                 conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps, w, b
             )
             conv.weight = nn.Parameter(fused_w.detach(), requires_grad=conv.weight.requires_grad)
-            conv.bias = nn.Parameter(fused_b.detach())
+            conv.bias = nn.Parameter(fused_b.detach(), requires_grad=conv.weight.requires_grad)
         model.set_submodule(bn_name, _bn_replacement(bn))
 
 
@@ -217,7 +218,9 @@ def fold(
         fold_bn: also fold each BatchNorm that directly follows a conv into it (True), or
             fold exactly the given ``(conv, bn)`` name pairs.
         inplace: fold ``model`` itself; by default a deep copy is folded and ``model`` keeps
-            working unchanged (so it can be compared with the result).
+            working unchanged (so it can be compared with the result). A model inside
+            ``torch.compile`` or ``DataParallel``/DDP is folded inside its wrapper; the copy is of
+            the model inside.
 
     Returns:
         The folded model. ``model.wsurgery_folded_bn`` lists the BN pairs folded.
@@ -225,7 +228,8 @@ def fold(
     Raises:
         NonFiniteWeightsError: a standardized weight holds NaN or inf (nothing is changed).
     """
-    require_module(model)
+    outer = require_module(model)
+    model = unwrap(outer)  # fold the model inside a torch.compile/DataParallel wrapper (save/export unwrap too)
     # compute and check everything before changing anything
     pairs_given = None if isinstance(fold_bn, bool) else _checked_pairs(model, fold_bn)
     standardized = []
@@ -275,4 +279,4 @@ def fold(
     setattr(model, FOLD_ATTR, earlier + [list(p) for p in pairs if list(p) not in earlier])
     if new_convs:  # timm's own WS convs are plain now; a later convert must know (see convert)
         setattr(model, FOLDED_STD_ATTR, list(getattr(model, FOLDED_STD_ATTR, None) or []) + [n for n, _ in new_convs])
-    return model
+    return outer if inplace else model

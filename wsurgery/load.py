@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 
 from .calibrate import add_precondition_biases
 from .config import SurgeryConfig
-from .convert import apply_surgery, plan_surgery, pooled_norms
+from .convert import apply_surgery, pin_build_args, plan_surgery, pooled_norms
 from .errors import (
     ArgumentTypeError,
     CheckpointError,
@@ -318,6 +318,7 @@ def model_record(model: nn.Module) -> dict[str, Any]:
     arch = cfg.get("architecture")
     if not arch:
         raise ConversionError("saving needs a timm model (one made by timm.create_model or wsurgery.load)")
+    pin_build_args(model)
     model_args = dict(getattr(model, "_model_args", {}) or {})
     model_args.pop("pretrained_model_args", None)
     num_classes = getattr(model, "num_classes", None)

@@ -118,4 +118,8 @@ def batchnorm_to_groupnorm(
         gn.weight.copy_(weight)
         gn.bias.copy_(bias)
     gn.train(bn.training)
+    frozen = [p for p in (getattr(bn, "weight", None), getattr(bn, "bias", None))
+              if isinstance(p, torch.Tensor) and not p.requires_grad]
+    if frozen:  # a frozen BN (requires_grad_(False)) gives a frozen affine; a BN without one, a trainable one
+        gn.requires_grad_(False)
     return gn

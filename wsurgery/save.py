@@ -72,18 +72,38 @@ def build_config(model: nn.Module, stage: str, **wsurgery_fields: Any) -> dict[s
     return config
 
 
-def check_rebuildable(config: dict[str, Any], state: dict[str, torch.Tensor], writer: str) -> None:
+def module_signature(model: nn.Module) -> list[tuple[str, str, tuple]]:
+    """Each module's name, class and the settings that change its output but are not tensors (norm eps and
+    groups, conv geometry): two models with equal signatures and equal state dicts compute the same."""
+    sig = []
+    for name, m in model.named_modules():
+        extra: tuple = ()
+        if isinstance(m, nn.GroupNorm):
+            extra = (m.num_groups, m.eps)
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+            extra = (m.eps,)
+        elif isinstance(m, nn.Conv2d):
+            extra = (m.stride, m.padding, m.dilation, m.groups, m.bias is not None)
+        sig.append((name, type(m).__name__, extra))
+    return sig
+
+
+def check_rebuildable(config: dict[str, Any], state: dict[str, torch.Tensor], writer: str,
+                      model: nn.Module | None = None) -> None:
     """Refuse, before anything is written, a model that :func:`wsurgery.load` could not rebuild.
 
     ``load`` rebuilds a directory from what ``config`` records (timm's constructor, the surgery,
     the fold) and loads the weights strictly. A model changed after it was built in a way the
     record does not hold (timm's ``freeze_batch_norm_2d``, a hand-swapped layer) would be written
     and then fail to load; so the recorded structure is built here on the meta device (no memory,
-    no init) and its tensor names and shapes compared with ``state``.
+    no init) and its tensor names and shapes compared with ``state``, and with ``model`` given, its
+    modules' settings (norm eps, GN groups, conv geometry): a rebuilt model whose BatchNorm eps
+    differs would load and compute something else.
     """
     try:
         with torch.device("meta"), SkipInitOnMeta():
-            expected = rebuild(config).state_dict()
+            rebuilt = rebuild(config)
+            expected = rebuilt.state_dict()
     except WSurgeryError as e:
         raise ConversionError(f"{writer} would write a directory that load cannot rebuild ({e})") from None
     except Exception:  # noqa: BLE001 - a constructor that reads values at init (.item() on meta): no check
@@ -92,6 +112,10 @@ def check_rebuildable(config: dict[str, Any], state: dict[str, torch.Tensor], wr
             + [f"{k!r} is missing from the model" for k in expected if k not in state]
             + [f"{k!r} is {tuple(state[k].shape)} in the model but {tuple(v.shape)} rebuilt"
                for k, v in expected.items() if k in state and tuple(state[k].shape) != tuple(v.shape)])
+    if not diff and model is not None:
+        built = {name: (kind, extra) for name, kind, extra in module_signature(rebuilt)}
+        diff = [f"{name!r} is {kind} {extra} in the model but {built[name][0]} {built[name][1]} rebuilt"
+                for name, kind, extra in module_signature(model) if name in built and built[name] != (kind, extra)]
     if diff:
         raise ConversionError(
             f"{writer} refuses: the model differs from what timm's constructor and its recorded surgery rebuild "
@@ -125,7 +149,7 @@ def save(
         model.wsurgery_report = report.to_dict()
     config = build_config(model, "converted")
     state = model.state_dict()
-    check_rebuildable(config, state, "save")
+    check_rebuildable(config, state, "save", model)
     with atomic_dir(directory, force=force, markers=(CONFIG_NAME,)) as tmp:
         save_safetensors(state, tmp / WEIGHTS_NAME, {"wsurgery": json.dumps(config["wsurgery"])})
         write_json(tmp / CONFIG_NAME, config)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .convert import placement
+from .convert import modes_kept, placement
 from .data import load_images, random_inputs
 from .errors import InputNotFoundError, UsageError
 
@@ -89,13 +89,10 @@ def _module_runner(model: nn.Module) -> Runner:
 
     @torch.no_grad()
     def run(x: torch.Tensor) -> torch.Tensor:
-        was_training = model.training
-        model.eval()  # and back afterwards: the caller's model is left in the mode it was in
-        try:
+        with modes_kept(model):  # every submodule is left in the mode it was in
+            model.eval()
             with allow_tf32(False):
                 return model(x.to(device=device, dtype=dtype)).float().cpu()
-        finally:
-            model.train(was_training)
 
     return run
 

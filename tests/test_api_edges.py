@@ -1,0 +1,155 @@
+"""The Python API on unusual but valid models: wrapped, frozen, mixed train/eval flags, other
+parametrizations, timm entrypoints that build differently when pretrained."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.parametrizations import weight_norm
+
+import wsurgery
+from wsurgery.errors import ConversionError
+from wsurgery.train import evaluate
+
+X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+def _outputs(model: nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(X)
+
+
+# --- a timm entrypoint whose BatchNorm eps depends on `pretrained` ------------------------------------------
+
+
+def test_fbnetc_export_loads_in_stock_timm_with_the_eps_it_was_built_with(tmp_path):
+    """timm's fbnetc_100 sets bn_eps=1e-3 only with pretrained=True, which is how stock timm loads an
+    export (local-dir:): a model built with eps 1e-5 came back with 1e-3, all outputs off, while the
+    export said timm_compatible."""
+    model = timm.create_model("fbnetc_100", num_classes=7)
+    wsurgery.convert(model, mode="aws")
+    result = wsurgery.export(model, tmp_path / "e")
+    assert result.timm_compatible and result.model_args["bn_eps"] == 1e-5
+    stock = timm.create_model(f"local-dir:{tmp_path / 'e'}", pretrained=True)
+    assert stock.bn1.eps == 1e-5
+    torch.testing.assert_close(_outputs(stock), _outputs(wsurgery.fold(model)), rtol=0, atol=0)
+
+
+def test_fbnetc_built_pretrained_saves_and_loads_with_its_eps(tmp_path):
+    """Built pretrained (eps 1e-3; weights from a local file, as timm does online), save -> load rebuilt it
+    with pretrained=False (eps 1e-5) and nothing said so."""
+    save_file(timm.create_model("fbnetc_100").state_dict(), tmp_path / "w.safetensors")
+    model = timm.create_model("fbnetc_100", pretrained=True,
+                              pretrained_cfg_overlay={"file": str(tmp_path / "w.safetensors")})
+    assert model.bn1.eps == 1e-3
+    wsurgery.convert(model, mode="aws")
+    wsurgery.save(model, tmp_path / "s")
+    loaded = wsurgery.load(tmp_path / "s")
+    assert {m.eps for m in loaded.modules() if isinstance(m, nn.BatchNorm2d)} == {1e-3}
+    torch.testing.assert_close(_outputs(loaded), _outputs(model), rtol=0, atol=0)
+
+
+def test_save_refuses_a_norm_eps_the_record_cannot_rebuild(tmp_path):
+    model = timm.create_model("resnet10t", num_classes=3)
+    wsurgery.convert(model, mode="aws")
+    model.bn1.eps = 0.1  # changed by hand after it was built: load would rebuild 1e-5
+    with pytest.raises(ConversionError, match=r"'bn1' is .*\(0\.1,\)"):
+        wsurgery.save(model, tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+# --- wrappers -------------------------------------------------------------------------------------------------
+
+
+def test_convert_and_fold_look_through_dataparallel(tmp_path):
+    """The surgery record went onto the DataParallel wrapper, so save/export (which unwrap) refused; the
+    report's names had a `module.` prefix and include patterns without it matched nothing."""
+    inner = timm.create_model("resnet10t", num_classes=3)
+    reference = _outputs(inner)
+    wrapped = nn.DataParallel(inner)
+    out, report = wsurgery.convert(wrapped, mode="aws", norm="keep", include=["layer1.*"])
+    assert out is wrapped and wsurgery.is_converted(inner)
+    assert {c.name for c in report.changes} == {n for n, m in inner.named_modules()
+                                                if n.startswith("layer1.") and isinstance(m, nn.Conv2d)}
+    wsurgery.save(wrapped, tmp_path / "s")
+    torch.testing.assert_close(_outputs(wsurgery.load(tmp_path / "s")), reference)
+    folded = wsurgery.fold(wrapped, fold_bn=True, inplace=True)
+    assert folded is wrapped and not wsurgery.is_converted(inner) and inner.wsurgery_folded_bn
+    torch.testing.assert_close(_outputs(inner), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_copy_of_a_wrapped_model_is_the_model_inside():
+    inner = timm.create_model("resnet10t", num_classes=3)
+    copy, report = wsurgery.convert(nn.DataParallel(inner), mode="ws", inplace=False)
+    assert not isinstance(copy, nn.DataParallel) and wsurgery.is_converted(copy)
+    assert not wsurgery.is_converted(inner) and not report.changes[0].name.startswith("module.")
+
+
+# --- the caller's train/eval flags and requires_grad ------------------------------------------------------------
+
+
+def _mixed_modes(model: nn.Module) -> dict[str, bool]:
+    model.train()
+    model.layer4.eval()  # e.g. a stage whose dropout/drop-path the caller switched off
+    return {n: m.training for n, m in model.named_modules()}
+
+
+def test_every_submodule_keeps_its_own_mode(tmp_path):
+    """convert(norm='gn')'s probe, export's verification and evaluate() set every submodule to the top
+    module's mode afterwards (model.train(was_training)), switching layer4 back to training."""
+    model = timm.create_model("resnet10t", num_classes=3, drop_path_rate=0.5)
+    modes = _mixed_modes(model)
+    wsurgery.convert(model, mode="aws", norm="gn", trace=False)
+    def now() -> dict[str, bool]:  # the modules there were (GNs in their BN's place), not the parametrizations
+        found = dict(model.named_modules())
+        return {n: found[n].training for n in modes}
+
+    assert now() == modes  # each GN took its BN's mode
+    wsurgery.export(model, tmp_path / "e", verify=True)
+    assert now() == modes
+    data = torch.utils.data.TensorDataset(X, torch.tensor([0, 1]))
+    evaluate(model, data, batch_size=2)
+    assert now() == modes
+
+
+def test_a_frozen_model_stays_frozen():
+    """convert(mode='aws') gave a frozen model trainable gain/shift (and BN -> GN trainable affines);
+    fold(fold_bn=True) trainable conv biases."""
+    model = timm.create_model("resnet10t", num_classes=3).requires_grad_(False)
+    wsurgery.convert(model, mode="aws", norm="gn", trace=False)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == []
+    bn_model = timm.create_model("resnet10t", num_classes=3).requires_grad_(False)
+    wsurgery.convert(bn_model, mode="aws")
+    folded = wsurgery.fold(bn_model, fold_bn=True)
+    assert [n for n, p in folded.named_parameters() if p.requires_grad] == []
+    # a trainable model keeps its new parameters trainable
+    live = wsurgery.convert(timm.create_model("resnet10t", num_classes=3), mode="aws", norm="gn", trace=False)[0]
+    assert all(p.requires_grad for p in live.parameters())
+
+
+# --- other parametrizations -------------------------------------------------------------------------------------
+
+
+def test_weight_norm_conv_is_refused_before_anything_changes():
+    """WS stacked on weight_norm (two tensors) converted, then fold failed half-way (inplace: earlier convs
+    already folded)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), weight_norm(nn.Conv2d(4, 4, 3)))
+    with pytest.raises(ConversionError, match=r"^2\.weight .*remove_parametrizations"):
+        wsurgery.convert(model, mode="aws", trace=False)
+    assert not parametrize.is_parametrized(model[0]) and not wsurgery.is_converted(model)
+    # its own fix works: remove weight_norm, then convert and fold
+    parametrize.remove_parametrizations(model[2], "weight")
+    wsurgery.convert(model, mode="aws", trace=False)
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(wsurgery.fold(model, inplace=False)(x), model(x), rtol=0, atol=0)
+
+
+def test_convolutions_of_other_kinds_are_listed_not_silently_passed_over():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 4, 2), nn.Conv1d(4, 4, 1))
+    _, report = wsurgery.convert(model, mode="ws", trace=False)
+    assert [c.name for c in report.changes] == ["0"] and report.other_convs == ["1", "2"]
+    assert wsurgery.convert(timm.create_model("resnet10t"), mode="ws", trace=False)[1].other_convs == []
