@@ -101,7 +101,8 @@ def train(
     if resume is None and (model is None or output is None):
         raise fail("train needs MODEL and --output (or --resume RUN_DIR)", 2)
     if resume is not None:  # a resumed run continues with its own recipe: these would not apply
-        given = [flag for flag, value in (("--set", set_), ("--recipe", recipe), ("--img-size", img_size),
+        # (--set may change what does not change the result, e.g. workers: the library checks the keys)
+        given = [flag for flag, value in (("--recipe", recipe), ("--img-size", img_size),
                                           ("--val-split", val_split)) if value]
         if given:
             raise fail(f"{', '.join(given)} cannot change a resumed run (it continues with the recipe it was "

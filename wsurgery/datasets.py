@@ -24,6 +24,7 @@ next sample (``ImageSet.load_failures`` counts those). Images are read with
 from __future__ import annotations
 
 import csv
+import hashlib
 import multiprocessing
 import os
 import random
@@ -50,6 +51,7 @@ __all__ = [
     "ImageSet",
     "SeededView",
     "build_datasets",
+    "data_fingerprint",
     "eval_transform_for",
     "find_split_dirs",
     "train_transform",
@@ -138,6 +140,24 @@ class DataBundle:
     def load_failures(self) -> int:
         """Decodes that failed so far in both splits (each replaced by the next sample)."""
         return self.train.load_failures + (self.val.load_failures if self.val is not None else 0)
+
+
+def data_fingerprint(bundle: DataBundle) -> dict[str, dict[str, Any] | None]:
+    """Each split's image count and a digest of its (file, label) list, file names relative to the split's
+    common folder (a moved data folder keeps its fingerprint). ``train`` records it; a resume refuses
+    data that changed, whose schedule length and split would no longer be the run's."""
+    out: dict[str, dict[str, Any] | None] = {}
+    for split, dataset in (("train", bundle.train), ("val", bundle.val)):
+        if dataset is None:
+            out[split] = None
+            continue
+        samples = [(str(s[0]), int(s[1])) for s in dataset.reader.samples]
+        root = os.path.commonpath([p for p, _ in samples]) if len(samples) > 1 else ""
+        digest = hashlib.sha256()
+        for name, label in sorted((os.path.relpath(p, root) if root else os.path.basename(p), t) for p, t in samples):
+            digest.update(f"{name}\0{label}\n".encode())
+        out[split] = {"images": len(samples), "sha256": digest.hexdigest()}
+    return out
 
 
 @dataclass

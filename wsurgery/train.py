@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import difflib
 import math
 import os
@@ -66,9 +67,17 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .accumulate import standardize_once
 from .calibrate import preconditioned_convs
-from .convert import clone_model, is_converted, placement, unwrap
-from .datasets import AugmentConfig, DataBundle, SeededView, build_datasets, eval_transform_for, train_transform
-from .errors import InputNotFoundError, OutputExistsError, RecipeError, UsageError, WSurgeryError
+from .convert import clone_model, is_converted, modes_kept, placement, unwrap
+from .datasets import (
+    AugmentConfig,
+    DataBundle,
+    SeededView,
+    build_datasets,
+    data_fingerprint,
+    eval_transform_for,
+    train_transform,
+)
+from .errors import CheckpointError, InputNotFoundError, OutputExistsError, RecipeError, UsageError, WSurgeryError
 from .io import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -81,7 +90,7 @@ from .io import (
     save_safetensors,
     write_json,
 )
-from .recipes import Recipe, load_recipe, resolve_recipe
+from .recipes import Recipe, apply_overrides, load_recipe, resolve_recipe
 from .save import build_config
 
 __all__ = [
@@ -396,23 +405,22 @@ def evaluate(
     autocast: contextlib.AbstractContextManager | None = None,
 ) -> dict[str, float]:
     """Top-1, top-5 (percent) and mean cross-entropy of ``model`` on a labelled ``dataset``."""
-    was_training = model.training
-    model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         generator=torch.Generator())
     loss_sum, top1, top5, n = 0.0, 0.0, 0.0, 0
     k = min(5, getattr(model, "num_classes", 5) or 5)
-    for x, y in loader:
-        x, y = x.to(device), y.to(device)
-        with autocast or contextlib.nullcontext():
-            out = model(x)
-        out = out.float()
-        loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").item()
-        a1, a5 = accuracy(out, y, topk=(1, k))
-        top1 += a1.item() * len(y) / 100
-        top5 += a5.item() * len(y) / 100
-        n += len(y)
-    model.train(was_training)
+    with modes_kept(model):  # every submodule back in its own mode afterwards
+        model.eval()
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            with autocast or contextlib.nullcontext():
+                out = model(x)
+            out = out.float()
+            loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").item()
+            a1, a5 = accuracy(out, y, topk=(1, k))
+            top1 += a1.item() * len(y) / 100
+            top5 += a5.item() * len(y) / 100
+            n += len(y)
     if n == 0:
         return {"val_loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "n": 0}
     return {"val_loss": loss_sum / n, "top1": 100 * top1 / n, "top5": 100 * top5 / n, "n": n}
@@ -611,17 +619,21 @@ class _Run:
     def load_checkpoint(self, directory: Path) -> None:
         plain = read_json(directory / STATE_JSON)
         tensors = load_safetensors(directory / STATE_TENSORS)
-        self.state = _State(**plain["state"])
-        self.optimizer.load_state_dict(_optimizer_state_from_files(plain["optimizer"], tensors))
-        self.scheduler.load_state_dict(_join_state(plain["scheduler"], tensors))
-        self.scheduler.step_update(self.state.step)
-        if self.scaler is not None and plain.get("scaler"):
-            self.scaler.load_state_dict(plain["scaler"])
-        if self.ema is not None:
-            ema_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
-            if ema_state:
+        try:
+            self.state = _State(**plain["state"])
+            self.optimizer.load_state_dict(_optimizer_state_from_files(plain["optimizer"], tensors))
+            self.scheduler.load_state_dict(_join_state(plain["scheduler"], tensors))
+            self.scheduler.step_update(self.state.step)
+            if self.scaler is not None and plain.get("scaler"):
+                self.scaler.load_state_dict(plain["scaler"])
+            if self.ema is not None:
+                ema_state = {k[4:]: v for k, v in tensors.items() if k.startswith("ema.")}
+                if not ema_state:  # resuming with fresh EMA weights would not continue the run
+                    raise KeyError("ema.*")
                 self.ema.module.load_state_dict(ema_state, strict=True)
-        self.rng_at_boundary = _rng_from_files(tensors, plain["rng"])
+            self.rng_at_boundary = _rng_from_files(tensors, plain["rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise _damaged_checkpoint(directory, e) from None
         _restore_rng(self.rng_at_boundary)
 
     def save_best(self) -> None:
@@ -716,7 +728,6 @@ class _Run:
 
     def _optimizer_step(self) -> None:
         r = self.recipe
-        self.in_update = True
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if r.clip_grad is not None:
@@ -732,7 +743,6 @@ class _Run:
         self.scheduler.step_update(self.state.step)
         if self.ema is not None:
             self.ema.update(self.model, step=self.state.step)
-        self.in_update = False
 
     def _diverged(self, loss: float, epoch: int) -> TrainingDivergedError:
         where = f"{self.output / LAST_DIR}" if self.output is not None else "memory"
@@ -789,6 +799,9 @@ class _Run:
             loss, images = self._forward_backward(batches)
             if not math.isfinite(loss):
                 raise self._diverged(loss, epoch)
+            # until the step is on the books (position, RNG, loss sums), a second Ctrl-C must not write a
+            # checkpoint: one would hold the new weights and step with the old position
+            self.in_update = True
             self._optimizer_step()
             pos += n
             self.state.batch = pos
@@ -798,6 +811,7 @@ class _Run:
             st.epoch_loss_n += images
             st.epoch_images += images * self.world
             st.epoch_seconds += dt
+            self.in_update = False
             self.callback(TrainEvent("step", epoch=epoch, epochs=self.epochs, step=self.state.step,
                                      total_steps=self.total_steps, loss=loss,
                                      lr=self.optimizer.param_groups[0]["lr"],
@@ -861,6 +875,39 @@ def _plot_metrics(history: list[dict[str, float]], path: Path) -> None:
     with atomic_file(path, force=True) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
     plt.close(fig)
+
+
+#: recipe keys a resumed run may change: they do not change what it computes (each sample's augmentation
+#: is seeded by the sample, not by the worker), so a run started with workers can finish without
+RESUME_SETTABLE = ("workers",)
+
+
+def _resume_overrides(recipe: Recipe, overrides: list[str] | dict[str, Any]) -> tuple[Recipe, list[str]]:
+    changed = apply_overrides(recipe, overrides)
+    keys = [f.name for f in dataclasses.fields(Recipe) if getattr(changed, f.name) != getattr(recipe, f.name)]
+    refused = [k for k in keys if k not in RESUME_SETTABLE]
+    if refused:
+        raise UsageError(f"`overrides` (--set) cannot change {refused[0]} of a resumed run (it continues with the "
+                         f"recipe it was started with; only {', '.join(RESUME_SETTABLE)} can change); drop it, or "
+                         "start a new run")
+    return changed, [f"{k} {getattr(recipe, k)} -> {getattr(changed, k)} on resume" for k in keys]
+
+
+def _remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete what a killed process left half-written in a run directory (a SIGKILL during a checkpoint
+    leaves a full-size ``.last.*.tmp``): the run's own outputs' temporary names only."""
+    for name in (LAST_DIR, WEIGHTS_NAME, CONFIG_NAME, TRAIN_JSON, RECIPE_YAML, "metrics.csv", "metrics.png"):
+        for stale in run_dir.glob(f".{name}.*.tmp"):
+            remove_output(stale, ignore_errors=True)
+
+
+def _damaged_checkpoint(directory: Path, error: BaseException) -> CheckpointError:
+    """A checkpoint that is incomplete (a key missing) or does not fit the run: the error names the fix."""
+    detail = " ".join(str(error).split())
+    what = f"lacks {detail}" if isinstance(error, KeyError) else f"does not fit this run ({detail})"
+    return CheckpointError(f"the checkpoint {directory} {what}, so the run cannot continue exactly; its best "
+                           f"model ({directory.parent / WEIGHTS_NAME}) is intact: start a new run (--force), or "
+                           "from that model")
 
 
 # --- public entry point ------------------------------------------------------------------
@@ -961,6 +1008,7 @@ def train(
     out = Path(output) if output is not None else None
     resume_dir = Path(resume) if resume is not None else None
     state_plain: dict[str, Any] | None = None
+    resume_notes: list[str] = []
     if resume_dir is not None:
         last = resume_dir / LAST_DIR
         if not resume_dir.is_dir():
@@ -970,14 +1018,24 @@ def train(
             raise InputNotFoundError(f"{resume_dir} has no checkpoint ({LAST_DIR}/{STATE_JSON}); "
                                      "resume takes the output directory of an earlier `wsurgery train` run")
         state_plain = read_json(last / STATE_JSON)
+        saved = state_plain.get("data")
+        if not isinstance(saved, dict) or "data" not in saved or not isinstance(state_plain.get("recipe"), dict):
+            raise _damaged_checkpoint(last, KeyError("data" if not isinstance(saved, dict) or "data" not in saved
+                                                     else "recipe"))
         out = out or resume_dir
-        saved = state_plain["data"]
+        if out is not None and resume_dir.resolve() in out.resolve().parents:
+            raise UsageError(f"`output` (-o) {out} is inside the run it resumes ({resume_dir}), which would be copied "
+                             "into itself; continue in place (drop -o) or choose a directory outside it")
         data = data or saved["data"]
         val_data = val_data if val_data is not None else saved.get("val_data")
-        if overrides or recipe is not None:
-            raise UsageError("`overrides` (--set) and `recipe` (--recipe) cannot change a resumed run (it "
-                             "continues with the recipe it was started with); drop them, or start a new run")
+        if recipe is not None:
+            raise UsageError("`recipe` (--recipe) cannot change a resumed run (it continues with the recipe it was "
+                             "started with); drop it, or start a new run")
         recipe = Recipe.from_dict(state_plain["recipe"], source=f"{last / STATE_JSON}")
+        if overrides:
+            recipe, changed = _resume_overrides(recipe, overrides)
+            resume_notes.extend(changed)
+            overrides = None
     if data is None:
         raise UsageError("train needs `data` (--data: an ImageFolder directory or a path,label CSV)")
     if export is not None:
@@ -1011,7 +1069,16 @@ def train(
         raise UsageError(f"{data} has the classes {bundle.class_names} but the run in {resume_dir} trained on "
                          f"{state_plain['data']['class_names']}; resume with that run's data (drop --data) or "
                          "start a new run")
+    fingerprint = data_fingerprint(bundle)
+    if state_plain is not None and state_plain["data"].get("fingerprint", fingerprint) != fingerprint:
+        was, now = state_plain["data"]["fingerprint"], fingerprint
+        counts = ", ".join(f"{split}: {(was.get(split) or {}).get('images', 0)} images then, "
+                           f"{(now.get(split) or {}).get('images', 0)} now" for split in ("train", "val"))
+        raise UsageError(f"the data changed since the run in {resume_dir} started ({counts}, or other files): "
+                         "resuming would not continue that run (its schedule and split were made for the old "
+                         "files); restore them, or start a new run")
     resolved, notes = resolve_recipe(recipe_obj, len(bundle.train), bundle.original_size)
+    notes.extend(resume_notes)
     if bundle.skipped:
         notes.append(f"skipped {len(bundle.skipped)} unreadable file(s), e.g. {bundle.skipped[0]}")
     if out is not None and out.exists() and not out.is_dir():
@@ -1022,7 +1089,7 @@ def train(
     # absolute paths: a resumed run may start from another working directory
     data_record = {"data": str(Path(data).resolve()),
                    "val_data": str(Path(val_data).resolve()) if val_data is not None else None,
-                   "class_names": bundle.class_names, "sources": bundle.sources}
+                   "class_names": bundle.class_names, "sources": bundle.sources, "fingerprint": fingerprint}
     random.seed(resolved.seed)
     np.random.seed(resolved.seed % 2**32)
     torch.manual_seed(resolved.seed)
@@ -1045,13 +1112,19 @@ def train(
             # continuing a run into another directory: it starts as a copy of the run so far (its best
             # model, metrics and checkpoint), so that it is whole even if no later epoch beats the best
             shutil.copytree(resume_dir, out, dirs_exist_ok=True)
+        finished = False
         if resume_dir is not None:
             run.load_checkpoint(resume_dir / LAST_DIR)
-            notes.append(f"resumed at epoch {run.state.epoch + 1}, step {run.state.step}")
-        if is_main and out is not None:
+            finished = run.state.epoch >= run.epochs or run.state.step >= run.total_steps
+            if is_main and out is not None:
+                _remove_stale_temporaries(out)
+            notes.append(f"the run was already complete (epoch {run.state.epoch} of {run.epochs}); nothing to do"
+                         if finished else f"resumed at epoch {run.state.epoch + 1}, step {run.state.step}")
+        if is_main and out is not None and not finished:
             with atomic_file(out / RECIPE_YAML, force=True) as tmp:
                 tmp.write_text(yaml.safe_dump(resolved.to_dict(), sort_keys=False))
-        run.run()
+        if not finished:
+            run.run()
     best_model = run._eval_model()
     if run.best_state is not None and (out is None or not is_main):
         if out is not None:  # a rank that did not write: a copy, as rank 0's load(out) is
@@ -1065,7 +1138,8 @@ def train(
         from .load import load
 
         best_model = load(out)
-        _write_summary(out, run, bundle, notes, decode_failures, time.perf_counter() - t_start)
+        if not finished:  # a finished run's train.json stays the record of the run
+            _write_summary(out, run, bundle, notes, decode_failures, time.perf_counter() - t_start)
     result = TrainResult(
         output=out, model=best_model, history=run.state.history,
         best={"epoch": run.state.best_epoch, "top1": run.state.best_top1} if run.state.history else None,

@@ -1,0 +1,158 @@
+"""Resume: refused when it could not continue the run exactly (data changed, checkpoint damaged), allowed
+where it can (another worker count), and a second Ctrl-C or a finished run leave the run consistent."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import timm
+import torch
+from _data import CLASSES, make_train_val
+
+import wsurgery
+from wsurgery.errors import CheckpointError, UsageError
+from wsurgery.io import load_safetensors, read_json
+from wsurgery.train import TrainingInterrupted, _Run, train
+
+# 8 images x 3 classes / batch 4: 6 updates per epoch, 12 in all
+FAST = ["img_size=32", "batch_size=4", "epochs=2", "lr=0.01", "warmup_steps=2", "workers=0", "label_smoothing=0",
+        "aug_scale=[0.8, 1.0]"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_train_val(tmp_path_factory.mktemp("data"))
+
+
+def tiny():
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=len(CLASSES))
+    return wsurgery.convert(model, mode="aws", norm="gn")[0]
+
+
+def _stop_at(step: int):
+    def callback(event):
+        if event.kind == "step" and event.step == step:
+            raise KeyboardInterrupt
+    return callback
+
+
+def _interrupted_run(data, out, step: int = 3, overrides=FAST):
+    with pytest.raises(TrainingInterrupted):
+        train(tiny(), data, out, "cpu-quick", overrides=overrides, callback=_stop_at(step))
+    return out
+
+
+def _same_weights(a, b) -> None:
+    wa, wb = load_safetensors(a / "last" / "model.safetensors"), load_safetensors(b / "last" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_changed_data_is_refused_and_moved_data_is_not(data, tmp_path):
+    """Resumed onto a folder with more images, the checkpoint's 12-update schedule ran to its end at lr 0
+    and a val_split would be redrawn: it continued silently. A moved (renamed) folder is the same data."""
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    run = _interrupted_run(copy, tmp_path / "r")
+    extra = copy / "train" / CLASSES[0]
+    shutil.copy(next(extra.glob("*.png")), extra / "extra.png")
+    with pytest.raises(UsageError, match=r"data changed.*train: 24 images then, 25 now"):
+        train(None, None, None, resume=run)
+    (extra / "extra.png").unlink()
+    moved = tmp_path / "moved"
+    copy.rename(moved)
+    train(None, moved, None, resume=run)  # --data names where it is now
+    train(tiny(), data, tmp_path / "full", "cpu-quick", overrides=FAST)
+    _same_weights(tmp_path / "full", run)
+
+
+@pytest.mark.parametrize("damage", ["rng", "data", "ema"])
+def test_a_damaged_checkpoint_is_one_error_naming_it(data, tmp_path, damage):
+    """A train_state.json without a key raised a bare KeyError; without the EMA tensors the EMA silently
+    restarted from the current weights."""
+    run = _interrupted_run(data, tmp_path / "r", overrides=[*FAST, "ema=true"])
+    last = run / "last"
+    if damage == "ema":
+        from wsurgery.io import save_safetensors
+
+        tensors = load_safetensors(last / "train_state.safetensors")
+        save_safetensors({k: v for k, v in tensors.items() if not k.startswith("ema.")},
+                         last / "train_state.safetensors")
+    else:
+        state = json.loads((last / "train_state.json").read_text())
+        del state[damage]
+        (last / "train_state.json").write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match=rf"{last}.*lacks .*{damage}.*start a new run"):
+        train(None, None, None, resume=run)
+
+
+def test_workers_may_change_on_resume_other_settings_may_not(data, tmp_path):
+    """A run started with workers could not be finished without (--set refused on resume), although
+    the worker count does not change the result."""
+    run = _interrupted_run(data, tmp_path / "r")
+    with pytest.raises(UsageError, match="cannot change lr of a resumed run"):
+        train(None, None, None, resume=run, overrides=["lr=0.1"])
+    result = train(None, None, None, resume=run, overrides=["workers=1"])
+    assert "workers 0 -> 1 on resume" in result.notes
+    assert wsurgery.load_recipe(run / "recipe.yaml").workers == 1
+    train(tiny(), data, tmp_path / "full", "cpu-quick", overrides=FAST)
+    _same_weights(tmp_path / "full", run)
+
+
+def test_ctrl_c_right_after_an_update_keeps_the_last_consistent_checkpoint(data, tmp_path, monkeypatch):
+    """A second Ctrl-C after optimizer.step() but before the position and RNG were updated wrote a
+    checkpoint with the new step and the old position: the resumed run redid a batch."""
+    train(tiny(), data, tmp_path / "full", "cpu-quick", overrides=FAST)
+    step = _Run._optimizer_step
+
+    def step_then_ctrl_c(self):
+        step(self)
+        if self.state.step == 8:  # in epoch 2: epoch 1's checkpoint (step 6) is on disk
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_Run, "_optimizer_step", step_then_ctrl_c)
+    with pytest.raises(TrainingInterrupted, match="during an optimizer update"):
+        train(tiny(), data, tmp_path / "r", "cpu-quick", overrides=FAST)
+    monkeypatch.undo()
+    assert read_json(tmp_path / "r" / "last" / "train_state.json")["state"]["step"] == 6
+    train(None, None, None, resume=tmp_path / "r")
+    _same_weights(tmp_path / "full", tmp_path / "r")
+
+
+def test_resume_into_a_folder_inside_the_run_is_refused(data, tmp_path):
+    run = _interrupted_run(data, tmp_path / "r")
+    with pytest.raises(UsageError, match="inside the run it resumes"):
+        train(None, None, run / "continued", resume=run)
+    assert not (run / "continued").exists()
+
+
+def test_resume_removes_what_a_killed_checkpoint_write_left(data, tmp_path):
+    run = _interrupted_run(data, tmp_path / "r")
+    stale = run / ".last.k1ll3d.tmp"  # a SIGKILL during save_checkpoint leaves a full-size one for good
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"x" * 1000)
+    (run / ".model.safetensors.abc.tmp").write_bytes(b"x")
+    keep = run / ".notes.tmp"  # not a name the run writes: not ours to delete
+    keep.write_text("mine")
+    train(None, None, None, resume=run)
+    assert not stale.exists() and not (run / ".model.safetensors.abc.tmp").exists() and keep.exists()
+
+
+def test_resuming_a_finished_run_changes_nothing(data, tmp_path):
+    """It showed `epoch 3/2`, rewrote train.json (its notes and seconds) as if it had run again."""
+    run = tmp_path / "r"
+    first = train(tiny(), data, run, "cpu-quick", overrides=FAST)
+    before = {p.name: p.read_bytes() for p in (run / "train.json", run / "model.safetensors",
+                                               run / "last" / "model.safetensors")}
+    events = []
+    again = train(None, None, None, resume=run, callback=events.append)
+    assert [e.kind for e in events if e.kind == "step"] == []
+    assert again.steps == first.steps == 12 and again.history == first.history
+    assert any("already complete" in n for n in again.notes)
+    after = {p.name: p.read_bytes() for p in (run / "train.json", run / "model.safetensors",
+                                              run / "last" / "model.safetensors")}
+    assert after == before
