@@ -156,3 +156,20 @@ def test_resuming_a_finished_run_changes_nothing(data, tmp_path):
     after = {p.name: p.read_bytes() for p in (run / "train.json", run / "model.safetensors",
                                               run / "last" / "model.safetensors")}
     assert after == before
+
+
+def test_train_json_seconds_cover_every_process_of_a_resumed_run(data, tmp_path, monkeypatch):
+    """train.json's seconds covered the last process only (a run resumed for its last step said 0.1 s)."""
+    import itertools
+    import sys
+    import types
+
+    clock = itertools.count(0.0, 100.0)  # train's clock: every reading 100 s after the last
+    monkeypatch.setattr(sys.modules["wsurgery.train"], "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    run = _interrupted_run(data, tmp_path / "r", step=9)
+    first = read_json(run / "last" / "train_state.json")["state"]["seconds_before"]
+    assert first >= 100 * 9  # at least one reading per step
+    clock_at_resume = next(clock)
+    train(None, None, None, resume=run)
+    resumed_alone = next(clock) - clock_at_resume
+    assert read_json(run / "train.json")["seconds"] > first + 100 and resumed_alone < first

@@ -442,6 +442,8 @@ class _State:
     epoch_loss_n: int = 0
     epoch_images: int = 0
     epoch_seconds: float = 0.0
+    #: wall time of the run's earlier processes (before the last resume), for train.json's total
+    seconds_before: float = 0.0
 
 
 class _Run:
@@ -455,6 +457,7 @@ class _Run:
         self.best_state: dict[str, torch.Tensor] | None = None  # the best weights, where this process writes none
         self.notes = notes
         self.data_record = data_record
+        self.t_start = time.perf_counter()  # when this process started the run (train() sets its own)
         self.world, self.rank, _ = _dist_env()
         self.distributed = self.world > 1 and dist.is_available() and dist.is_initialized()
         if not self.distributed:
@@ -607,6 +610,7 @@ class _Run:
             "recipe": self.recipe.to_dict(),
             "ema": self.ema is not None,
         }
+        plain["state"]["seconds_before"] = self.state.seconds_before + time.perf_counter() - self.t_start
         rng_tensors, plain["rng"] = _rng_to_files(self.rng_at_boundary or _capture_rng(self.cuda))
         tensors.update(rng_tensors)
         if self.ema is not None:
@@ -1103,6 +1107,7 @@ def train(
         if not is_converted(net):
             notes.append("the model has no WS layers (a plain/BatchNorm baseline)")
         run = _Run(net, bundle, resolved, out, dev, callback, notes, data_record)
+        run.t_start = t_start
         run.setup()
         # only now, with the model loaded and the optimizer, scheduler and data built, is the run
         # directory created (or an old one replaced with --force): a failure before this point
@@ -1139,7 +1144,9 @@ def train(
 
         best_model = load(out)
         if not finished:  # a finished run's train.json stays the record of the run
-            _write_summary(out, run, bundle, notes, decode_failures, time.perf_counter() - t_start)
+            # the seconds of every process of the run (a resumed one included)
+            _write_summary(out, run, bundle, notes, decode_failures,
+                           run.state.seconds_before + time.perf_counter() - t_start)
     result = TrainResult(
         output=out, model=best_model, history=run.state.history,
         best={"epoch": run.state.best_epoch, "top1": run.state.best_top1} if run.state.history else None,
