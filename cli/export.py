@@ -105,5 +105,8 @@ def export(
                                       f"{'N' if deployed.dynamic_batch else 'fixed batch'}x{size})"))
         _add_check(rows, failures, deployed.format, deployed.format, deployed.verification)
     console.print(kv_table("export", rows))
+    if fold_bn and not result.fold_bn:
+        console.print("note: --fold-bn found no BatchNorm right after a conv (a GroupNorm model has none), so "
+                      "nothing was folded; the export is what it would be without the flag")
     if failures:
         raise fail(f"export differs from its source: {'; '.join(failures)}")

@@ -70,13 +70,15 @@ def test_changed_data_is_refused_and_moved_data_is_not(data, tmp_path):
     _same_weights(tmp_path / "full", run)
 
 
-@pytest.mark.parametrize("damage", ["rng", "data", "ema"])
+@pytest.mark.parametrize("damage", ["rng", "data", "ema", "train_state.safetensors"])
 def test_a_damaged_checkpoint_is_one_error_naming_it(data, tmp_path, damage):
     """A train_state.json without a key raised a bare KeyError; without the EMA tensors the EMA silently
     restarted from the current weights."""
     run = _interrupted_run(data, tmp_path / "r", overrides=[*FAST, "ema=true"])
     last = run / "last"
-    if damage == "ema":
+    if damage == "train_state.safetensors":
+        (last / damage).unlink()
+    elif damage == "ema":
         from wsurgery.io import save_safetensors
 
         tensors = load_safetensors(last / "train_state.safetensors")

@@ -1022,6 +1022,8 @@ def train(
             raise InputNotFoundError(f"{resume_dir} has no checkpoint ({LAST_DIR}/{STATE_JSON}); "
                                      "resume takes the output directory of an earlier `wsurgery train` run")
         state_plain = read_json(last / STATE_JSON)
+        if not (last / STATE_TENSORS).is_file():
+            raise _damaged_checkpoint(last, KeyError(STATE_TENSORS))
         saved = state_plain.get("data")
         if not isinstance(saved, dict) or "data" not in saved or not isinstance(state_plain.get("recipe"), dict):
             raise _damaged_checkpoint(last, KeyError("data" if not isinstance(saved, dict) or "data" not in saved
