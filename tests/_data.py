@@ -1,4 +1,4 @@
-"""Tiny labelled image folders made inside the tests (no downloads)."""
+"""Tiny labelled image folders made inside the tests (no downloads), and the tiny model they train."""
 
 from __future__ import annotations
 
@@ -43,3 +43,16 @@ def make_folder(root: Path, per_class: int = 8, size: int = 24, classes=CLASSES,
         for i in range(per_class):
             Image.fromarray(_image(kind, rng, size)).save(d / f"{kind}_{i:03d}.png")
     return root
+
+
+def tiny_aws_gn():
+    """timm's ``test_efficientnet`` (seeded, one output per class of CLASSES) as adaptive WS + GN: the
+    model the training tests fine-tune in seconds."""
+    import timm
+    import torch
+
+    import wsurgery
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=len(CLASSES))
+    return wsurgery.convert(model, mode="aws", norm="gn")[0]

@@ -14,9 +14,8 @@ import types
 from pathlib import Path
 
 import pytest
-import timm
 import torch
-from _data import CLASSES, make_train_val
+from _data import make_train_val, tiny_aws_gn
 from test_calibrate import _images, make_teacher
 from timm.data import Mixup
 
@@ -38,11 +37,7 @@ def data(tmp_path_factory):
     return make_train_val(tmp_path_factory.mktemp("data"))
 
 
-def _tiny():
-    torch.manual_seed(0)
-    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=len(CLASSES))
-    model, _ = wsurgery.convert(model, mode="aws", norm="gn")
-    return model
+_tiny = tiny_aws_gn
 
 
 # --- calibrate's max_seconds (CLI --calib-seconds) ---------------------------------------------------------------

@@ -7,9 +7,8 @@ import json
 import shutil
 
 import pytest
-import timm
 import torch
-from _data import CLASSES, make_train_val
+from _data import CLASSES, make_train_val, tiny_aws_gn
 
 import wsurgery
 from wsurgery.errors import CheckpointError, UsageError
@@ -28,10 +27,7 @@ def data(tmp_path_factory):
     return make_train_val(tmp_path_factory.mktemp("data"))
 
 
-def tiny():
-    torch.manual_seed(0)
-    model = timm.create_model("test_efficientnet", pretrained=False, num_classes=len(CLASSES))
-    return wsurgery.convert(model, mode="aws", norm="gn")[0]
+tiny = tiny_aws_gn
 
 
 def _stop_at(step: int):
