@@ -10,10 +10,10 @@ import typer
 import wsurgery
 from wsurgery.calibrate import calibration_images
 from wsurgery.compare import CONFIDENT
-from wsurgery.data import find_images
+from wsurgery.data import data_config_for, find_images
 from wsurgery.errors import NetworkUnavailableError
 
-from ._common import SEED_MAX, check_at_least, confident_cell, console, flag, handle_errors, kv_table
+from ._common import SEED_MAX, check_at_least, confident_cell, console, err_console, flag, handle_errors, kv_table
 
 
 def _load(source: str, checkpoint: Path | None, remap_by_order: bool, which: str):
@@ -47,10 +47,17 @@ def compare(
     with console.status("loading models"):
         model_a = _load(a, a_checkpoint, remap_by_order, "a")
         model_b = _load(b, b_checkpoint, remap_by_order, "b")
-    x = calibration_images(paths, model_b, limit=limit, seed=seed, img_size=img_size,
-                           crops_per_image=crops_per_image)
-    with console.status(f"running both models on {x.shape[0]} images"):
-        agreement = wsurgery.compare(model_a, model_b, x)
+    if crops_per_image == 1:  # the library reads the files, with each model's own eval transform
+        with console.status(f"running both models on {min(len(paths), limit or len(paths))} images"):
+            agreement = wsurgery.compare(model_a, model_b, paths, limit=limit, seed=seed, img_size=img_size)
+    else:  # random crops: both models see the same crops, made with B's data config
+        if data_config_for(model_a, img_size) != data_config_for(model_b, img_size):
+            err_console.print("note: A and B have different data configs; with --crops-per-image both see crops "
+                              "prepared for B (with 1, each model gets its own eval transform)")
+        x = calibration_images(paths, model_b, limit=limit, seed=seed, img_size=img_size,
+                               crops_per_image=crops_per_image)
+        with console.status(f"running both models on {x.shape[0]} images"):
+            agreement = wsurgery.compare(model_a, model_b, x)
     if as_json:
         console.print_json(json.dumps(agreement.to_dict()))
         return

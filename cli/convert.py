@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from torch import nn
 
 import wsurgery
 from wsurgery.calibrate import (
@@ -21,7 +22,7 @@ from wsurgery.calibrate import (
 )
 from wsurgery.compare import CONFIDENT
 from wsurgery.config import SurgeryConfig
-from wsurgery.errors import ConfigError, UsageError
+from wsurgery.errors import ConfigError, UsageError, WSurgeryError
 from wsurgery.io import CONFIG_NAME
 
 from ._common import SEED_MAX, check_at_least, confident_cell, console, flag, handle_errors, kv_table
@@ -85,6 +86,27 @@ def calibration_table(result: CalibrationResult) -> Table:
             table.add_row(f"{label} ({a.num_images})", f"{a.top1:.1%}", confident_cell(a), f"{a.top5_overlap:.1%}",
                           f"{a.kl:.4f}")
     return table
+
+
+def _load_for_calibration(source: str, pretrained: bool | None, checkpoint: Path | None, remap_by_order: bool,
+                          num_classes: int | None, calibrating: bool) -> tuple[nn.Module, int | None]:
+    """The model to convert, and the classifier size to give it after calibration (None: as loaded).
+
+    Calibration matches the original's outputs; a new ``--num-classes`` head is random, and matching
+    it would match a random projection of the features. So when calibrating, the model is loaded
+    with its own classifier (where it has one that loads) and gets the new head after calibration.
+    """
+    if calibrating and num_classes is not None:
+        try:
+            original = wsurgery.load(source, pretrained=pretrained, checkpoint=checkpoint,
+                                     remap_by_order=remap_by_order)
+        except WSurgeryError:  # e.g. a checkpoint whose head fits only the new size: loaded below
+            original = None
+        if original is not None:
+            same = getattr(original, "num_classes", None) == num_classes
+            return original, None if same else num_classes
+    return wsurgery.load(source, pretrained=pretrained, checkpoint=checkpoint, remap_by_order=remap_by_order,
+                         num_classes=num_classes), None
 
 
 @handle_errors
@@ -168,8 +190,8 @@ def convert(
     wsurgery.io.check_output(output, force, inputs=(model, checkpoint, *(calib_data or ())),
                              markers=(CONFIG_NAME,), create_parent=False)
     with console.status(f"loading {escape(model)}"):
-        net = wsurgery.load(model, pretrained=pretrained, checkpoint=checkpoint,
-                            remap_by_order=remap_by_order, num_classes=num_classes)
+        net, new_head = _load_for_calibration(model, pretrained, checkpoint, remap_by_order, num_classes,
+                                              calibrating=method != "none")
     images = None
     if method != "none":
         with console.status("reading calibration images"):
@@ -182,6 +204,8 @@ def convert(
         with CalibrationView() as view:
             result = calibrate(student, net, images, method=method, held_out=held_out, seed=seed,
                                progress=view, **calib_overrides)
+    if new_head is not None:  # calibrated against the original classifier; now the one asked for
+        student.reset_classifier(new_head)
     wsurgery.save(student, output, report=report, force=force)
     console.print(report_table(report))
     if result is not None:
@@ -201,6 +225,9 @@ def convert(
     if result is not None:
         rows.append(("calibration", f"{result.num_images} images, {result.steps} distill steps, "
                                     f"{result.seconds:.1f} s"))
+    if new_head is not None:
+        rows.append(("classifier", f"calibrated with the original's {net.num_classes} classes, then a new head "
+                                   f"of {new_head}"))
     rows.append(("saved to", output))
     console.print(kv_table("summary", rows))
     if preconditioned_convs(student):

@@ -102,7 +102,7 @@ def test_odd_image_modes_become_rgb(tmp_path):
         img, _ = bundle.train[by_name[name]]
         assert img.mode == "RGB" and img.size == (24, 24)
     img16 = np.asarray(bundle.train[by_name["gray16.png"]][0])[..., 0].astype(np.float64)
-    expected = np.round(arr16 / arr16.max() * 255)  # scaled to 8 bits, not clipped at 255
+    expected = np.round(arr16 / 65535 * 255)  # scaled by the 16-bit range to 8 bits, not clipped at 255
     np.testing.assert_allclose(img16, expected, atol=1)
     assert np.asarray(bundle.train[by_name["gray.png"]][0]).tolist()[0][0] == [77, 77, 77]
     # fully transparent RGBA is composited on white

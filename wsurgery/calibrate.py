@@ -109,7 +109,7 @@ class CalibrationConfig:
     distill_size: int | None = field(
         default=None, metadata={"help": "distill at this input resolution (bilinear resize; None: as given)"})
     max_seconds: float | None = field(default=None, metadata={"help": "stop distilling after this many seconds"})
-    init_images: int = field(default=64, metadata={"help": "images in the one gn-init / bn-stats pass"})
+    init_images: int = field(default=64, metadata={"help": "images in the one gn-init pass (bn-stats: every image)"})
     # off by default: it raises agreement with the original (EfficientNet-Lite0, 2 minutes: 57.6 -> 68.2% on
     # held-out crops) but the demo's micro-batch fine-tune from it diverges at the recipe's lr 0.01 (26% instead
     # of 71%) and needs lr <= 0.003, where it is no better than without (README, demo_variants.py --preset lr)
@@ -395,6 +395,9 @@ def reestimate_bn_stats(model: nn.Module, images: torch.Tensor, batch_size: int 
     Returns:
         The number of BatchNorm layers re-estimated.
     """
+    if images.shape[0] < 2:
+        raise UsageError(f"re-estimating BatchNorm statistics needs at least 2 images, got {images.shape[0]}; "
+                         "pass more calibration images (--calib-images)")
     bns = [m for m in model.modules() if is_batchnorm(m) and getattr(m, "running_mean", None) is not None
            and isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in bns]
@@ -405,8 +408,9 @@ def reestimate_bn_stats(model: nn.Module, images: torch.Tensor, batch_size: int 
             m.train()
         try:
             seen = 0
-            for i in range(0, images.shape[0], batch_size):
-                batch = images[i:i + batch_size]
+            # equal batches (65 images: 33 + 32, not 64 + 1): a batch of one image fails a BatchNorm on
+            # pooled 1x1 maps (SE blocks) in training mode
+            for batch in torch.tensor_split(images, math.ceil(images.shape[0] / batch_size)):
                 for m in bns:  # each image weighs the same, the last (partial) batch included
                     m.momentum = batch.shape[0] / (seen + batch.shape[0])
                 model(batch)

@@ -109,8 +109,9 @@ def compare(
     Args:
         a: the model to judge: a module, a timm name, or a saved/exported directory.
         b: the reference (for example the original model before conversion).
-        images: a normalized batch ``(N, 3, H, W)``, or files, a folder or a glob read with
-            ``b``'s timm eval transform.
+        images: a normalized batch ``(N, 3, H, W)`` both models get, or files, a folder or a glob
+            read with each model's own timm eval transform (``b``'s for both where their data
+            configs agree).
         limit: use at most this many images (chosen with ``seed``).
         seed: seed of that choice.
         img_size: input size override for images read from files.
@@ -131,7 +132,13 @@ def compare(
             gen = torch.Generator().manual_seed(seed)
             x = x[torch.randperm(x.shape[0], generator=gen)[:limit]]
     else:
-        from .data import load_images
+        from .data import data_config_for, load_images
 
-        x, _ = load_images(images, model_b, limit=limit, seed=seed, img_size=img_size)
+        x, paths = load_images(images, model_b, limit=limit, seed=seed, img_size=img_size)
+        if data_config_for(model_a, img_size) != data_config_for(model_b, img_size):
+            # models with other data configs (mean/std, size, crop, interpolation) each see the files
+            # as their own eval transform prepares them, as each would in use
+            x_a, _ = load_images(paths, model_a, img_size=img_size)
+            return agreement_from_logits(predict_logits(model_a, x_a, batch_size),
+                                         predict_logits(model_b, x, batch_size))
     return agreement_from_logits(predict_logits(model_a, x, batch_size), predict_logits(model_b, x, batch_size))

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from timm.data import create_transform, resolve_data_config
 from torch import nn
 
@@ -38,13 +38,14 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 def find_images(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
-    """Image files named by ``spec``: files, folders (searched recursively) or glob patterns.
+    """Image files named by ``spec``: files, folders (searched recursively) or glob patterns, each once.
 
     Raises:
         InputNotFoundError: a named path does not exist, or nothing matched.
     """
     items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     found: list[Path] = []
+    seen: set[str] = set()
     for item in items:
         if not isinstance(item, (str, os.PathLike)):
             raise ArgumentTypeError(f"images are named by file paths, folders or glob patterns, got "
@@ -63,16 +64,26 @@ def find_images(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
     if not found:
         raise InputNotFoundError(f"no images found in {', '.join(os.fspath(i) for i in items)} "
                                  f"(looked for {', '.join(IMAGE_SUFFIXES)})")
-    return found
+    # a file named twice (a folder and a glob or sub-folder of it) counts once: a held-out image must
+    # not also be a calibration image, nor an image count twice in an agreement
+    unique = []
+    for path in found:
+        key = os.path.realpath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
 
 
 def open_rgb(path: str | os.PathLike) -> Image.Image:
-    """Open an image as 8-bit RGB: grayscale, RGBA, palette, 16-bit and float images are converted.
+    """Open an image as 8-bit RGB, upright: grayscale, RGBA, palette, 16-bit and float images are converted.
 
-    16/32-bit integer grayscale is scaled so its brightest pixel is 255; float grayscale (mode
-    ``F``, e.g. a 32-bit TIFF) in [0, 1] is multiplied by 255, any other float range scaled by
-    its brightest pixel like the integer case (PIL's own conversion would clip at 255, turning
-    most of such an image white). Negative and non-finite values become 0.
+    A camera's EXIF orientation is applied (``ImageOps.exif_transpose``), so a phone photo taken
+    upright reaches the model upright. 16-bit grayscale (modes ``I;16*``) is scaled by its full range
+    (65535 -> 255), as 16-bit RGB is; 32-bit integer grayscale (mode ``I``, range unknown) so that its
+    brightest pixel is 255; float grayscale (mode ``F``, e.g. a 32-bit TIFF) in [0, 1] is multiplied
+    by 255, any other float range scaled by its brightest pixel (PIL's own conversion would clip at
+    255, turning most of such an image white). Negative and non-finite values become 0.
 
     Raises:
         DatasetError: the file is not a readable image.
@@ -80,10 +91,12 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
+            img = ImageOps.exif_transpose(img)
             if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # deep or float grayscale: scale to 8 bits
                 arr = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
                 top = float(arr.max()) if arr.size else 0.0
-                peak = 1.0 if img.mode == "F" and top <= 1.0 else (top or 1.0)
+                # 16-bit: its full range, so a dark photo stays dark; others: their brightest pixel
+                peak = 65535.0 if img.mode.startswith("I;16") else 1.0 if img.mode == "F" and top <= 1.0 else top or 1.0
                 img = Image.fromarray(np.round(arr / peak * 255).astype(np.uint8), mode="L")
             if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
                 img = img.convert("RGBA")

@@ -1,0 +1,140 @@
+"""Reading images for predict/calibrate/compare/train, from a review: camera orientation, 16-bit grey,
+files named twice; BatchNorm statistics from a batch of one; compare of models with other data configs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_data_config
+from torch import nn
+
+import wsurgery
+from wsurgery.calibrate import calibration_split, reestimate_bn_stats
+from wsurgery.compare import agreement_from_logits
+from wsurgery.data import find_images, open_rgb
+from wsurgery.errors import UsageError
+
+
+def test_a_phone_photo_reaches_the_model_upright(tmp_path):
+    """A JPEG with EXIF Orientation 6 (the camera held upright) was read as stored: on its side."""
+    pixels = np.zeros((20, 40, 3), dtype=np.uint8)
+    pixels[:, :20] = (230, 30, 30)
+    pixels[:, 20:] = (30, 30, 230)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "phone.jpg"
+    Image.fromarray(pixels).save(path, exif=exif, quality=95)
+    with Image.open(path) as stored:
+        upright = np.asarray(stored.convert("RGB").transpose(Image.Transpose.ROTATE_270))
+    got = np.asarray(open_rgb(path))
+    assert got.shape == (40, 20, 3)
+    np.testing.assert_array_equal(got, upright)
+    assert got[:5].mean(axis=(0, 1))[0] > 150  # red (the left of the stored image) is on top
+
+
+def test_16_bit_grey_is_scaled_by_its_full_range(tmp_path):
+    """Scaled by its brightest pixel, a dark 16-bit grey photo came out 5x brighter than the same
+    photo stored as 16-bit RGB (one hot pixel set the exposure)."""
+    values = np.linspace(0, 16383, 64).astype(np.uint16).reshape(8, 8)  # a quarter of the range
+    path = tmp_path / "grey16.png"
+    Image.fromarray(values).save(path)
+    with Image.open(path) as check:
+        assert check.mode.startswith("I;16")
+    got = np.asarray(open_rgb(path))[..., 0]
+    np.testing.assert_array_equal(got, np.round(values / 65535 * 255).astype(np.uint8))
+    assert got.max() <= 64
+
+
+def test_a_file_named_twice_is_read_once(tmp_path):
+    """A folder plus a glob (or a sub-folder) over it listed files twice: a held-out image was also
+    calibrated on, and compare counted it twice."""
+    (tmp_path / "sub").mkdir()
+    for i, folder in enumerate((tmp_path, tmp_path, tmp_path / "sub")):
+        Image.fromarray(np.full((16, 16, 3), 40 * i, dtype=np.uint8)).save(folder / f"{i}.png")
+    found = find_images([tmp_path, tmp_path / "sub", str(tmp_path / "**" / "*.png"), tmp_path / "0.png"])
+    assert sorted(p.name for p in found) == ["0.png", "1.png", "2.png"]
+    model = timm.create_model("test_efficientnet", pretrained=False)
+    calib, held = calibration_split([tmp_path, tmp_path / "sub"], model, 0.34, crops_per_image=2, seed=0)
+    assert calib.shape[0] + held.shape[0] == 6  # 3 files x 2 crops, not 5 x 2
+
+
+def _se_like() -> nn.Module:
+    """A BatchNorm on globally pooled 1x1 maps, as in squeeze-excitation blocks."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+
+
+def test_bn_stats_of_65_images_in_batches_of_64_on_pooled_maps():
+    """65 = 64 + 1: a batch of one image failed the pooled BatchNorm in training mode (ValueError)."""
+    model = _se_like()
+    x = torch.randn(65, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    reestimate_bn_stats(model, x, batch_size=64)
+    with torch.no_grad():
+        conv_out = model[0](x)
+    # every image weighs the same (the first BN sees the conv's output directly)
+    torch.testing.assert_close(model[1].running_mean, conv_out.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+    assert model[5].running_mean.abs().sum() > 0 and torch.isfinite(model[5].running_var).all()
+    with pytest.raises(UsageError, match="at least 2 images"):
+        reestimate_bn_stats(_se_like(), x[:1])
+
+
+def test_compare_gives_each_model_its_own_data_config(tmp_path):
+    """A model with mean/std 0.5 and 48 px was fed images prepared for B (ImageNet mean/std, B's size):
+    compare reported 100% agreement for the same weights used two ways."""
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    b = timm.create_model("test_efficientnet", pretrained=False).eval()
+    a = timm.create_model("test_efficientnet", pretrained=False).eval()
+    a.load_state_dict(b.state_dict())
+    a.pretrained_cfg = {**b.pretrained_cfg, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+                        "input_size": (3, 48, 48), "crop_pct": 1.0}
+
+    def logits(model):  # each model's own eval transform, independently of wsurgery
+        transform = create_transform(**resolve_data_config({}, model=model), is_training=False)
+        x = torch.stack([transform(Image.open(tmp_path / f"{i}.png").convert("RGB")) for i in range(4)])
+        with torch.no_grad():
+            return model(x)
+
+    expected = agreement_from_logits(logits(a), logits(b))
+    got = wsurgery.compare(a, b, tmp_path)
+    assert got.num_images == 4
+    torch.testing.assert_close(torch.tensor([got.kl, got.top1, got.top5_overlap]),
+                               torch.tensor([expected.kl, expected.top1, expected.top5_overlap]))
+    assert got.kl > 0
+    same = wsurgery.compare(b, b, tmp_path)  # same data config: one batch for both, agreement is exact
+    assert same.top1 == 1.0 and same.kl == pytest.approx(0.0, abs=1e-6)
+
+
+def test_convert_calibrates_against_the_original_classifier_then_gives_the_new_head(tmp_path, monkeypatch):
+    """With --num-classes the teacher had a new random head too: the distillation matched a random
+    10-way projection of the features instead of the original's 1000 classes."""
+    import sys
+
+    from _cli import invoke, ok
+    from safetensors.torch import save_file
+
+    original = timm.create_model("test_efficientnet", pretrained=False).eval()  # 1000 classes
+    save_file(original.state_dict(), tmp_path / "w.safetensors")
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    cli_convert = sys.modules["wsurgery.cli.convert"]
+    seen = []
+
+    def spy(student, teacher, *args, **kwargs):
+        seen.append((student.num_classes, teacher.num_classes))
+        return calibrate(student, teacher, *args, **kwargs)
+
+    calibrate = cli_convert.calibrate
+    monkeypatch.setattr(cli_convert, "calibrate", spy)
+    out = ok(invoke("convert", "test_efficientnet", "--checkpoint", tmp_path / "w.safetensors", "--num-classes", "3",
+                    "--mode", "aws", "--norm", "gn", "--calib-data", tmp_path / "img", "--calib-steps", "2",
+                    "-o", tmp_path / "c"))
+    assert seen == [(1000, 1000)] and "then a new head of 3" in out
+    assert wsurgery.load(tmp_path / "c").num_classes == 3
