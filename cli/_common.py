@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import os
 import sys
 import traceback
@@ -122,12 +123,24 @@ def _one_line(e: BaseException) -> str:
 
 
 def kv_table(title: str, rows: list[tuple[str, Any]]) -> Table:
-    table = Table(title=title, show_header=False, title_justify="left")
-    table.add_column(style="bold")
-    table.add_column()
+    """A two-column table; values (paths, names) are text, not rich markup, and wrap rather than
+    being cut at the console's width (80 columns when piped)."""
+    table = Table(title=escape(title), show_header=False, title_justify="left")
+    table.add_column(style="bold", overflow="fold")
+    table.add_column(overflow="fold")
     for k, v in rows:
-        table.add_row(k, str(v))
+        table.add_row(escape(str(k)), escape(str(v)))
     return table
+
+
+def print_json(data: Any) -> None:
+    """JSON on stdout as plain text: no colour codes (rich adds them under FORCE_COLOR), for pipes."""
+    print(json.dumps(data, indent=2, default=str))
+
+
+def note(message: str) -> None:
+    """A note for the person at the terminal, on stderr: stdout keeps the command's result."""
+    err_console.print(f"note: {escape(message)}")
 
 
 def confident_cell(a: Agreement) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -13,7 +12,7 @@ from wsurgery.compare import CONFIDENT
 from wsurgery.data import data_config_for, find_images
 from wsurgery.errors import NetworkUnavailableError
 
-from ._common import SEED_MAX, check_at_least, confident_cell, console, err_console, flag, handle_errors, kv_table
+from ._common import SEED_MAX, check_at_least, confident_cell, console, flag, handle_errors, kv_table, note, print_json
 
 
 def _load(source: str, checkpoint: Path | None, remap_by_order: bool, which: str):
@@ -52,14 +51,14 @@ def compare(
             agreement = wsurgery.compare(model_a, model_b, paths, limit=limit, seed=seed, img_size=img_size)
     else:  # random crops: both models see the same crops, made with B's data config
         if data_config_for(model_a, img_size) != data_config_for(model_b, img_size):
-            err_console.print("note: A and B have different data configs; with --crops-per-image both see crops "
+            note("A and B have different data configs; with --crops-per-image both see crops "
                               "prepared for B (with 1, each model gets its own eval transform)")
         x = calibration_images(paths, model_b, limit=limit, seed=seed, img_size=img_size,
                                crops_per_image=crops_per_image)
         with console.status(f"running both models on {x.shape[0]} images"):
             agreement = wsurgery.compare(model_a, model_b, x)
     if as_json:
-        console.print_json(json.dumps(agreement.to_dict()))
+        print_json(agreement.to_dict())
         return
     console.print(kv_table(f"{a} vs {b}", [
         ("images", agreement.num_images),

@@ -25,7 +25,7 @@ from wsurgery.config import SurgeryConfig
 from wsurgery.errors import ConfigError, UsageError, WSurgeryError
 from wsurgery.io import CONFIG_NAME
 
-from ._common import SEED_MAX, check_at_least, confident_cell, console, flag, handle_errors, kv_table
+from ._common import SEED_MAX, check_at_least, confident_cell, console, flag, handle_errors, kv_table, note
 
 #: config fields -> the flags that set them, so a bad value is reported by the name the user typed
 FLAGS = {"steps": "--calib-steps", "batch_size": "--calib-batch", "train": "--calib-train", "lr": "--calib-lr",
@@ -44,7 +44,7 @@ def _flag_error(e: ConfigError) -> ConfigError:
 def report_table(report: wsurgery.SurgeryReport, limit: int = 12) -> Table:
     table = Table(title="surgery", title_justify="left")
     for col in ("module", "old type", "new type", "params", "note"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for c in report.changes[:limit]:
         table.add_row(c.name, c.old_type, c.new_type, f"{c.params_before:,} -> {c.params_after:,}", c.note)
     if len(report.changes) > limit:
@@ -80,7 +80,7 @@ def calibration_table(result: CalibrationResult) -> Table:
     table = Table(title=f"calibration ({' + '.join(result.phases) or 'none'})", title_justify="left")
     for col in ("held-out images", "top-1 agreement", f"top-1, original confident (p >= {CONFIDENT:g})",
                 "top-5 overlap", "KL"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for label, a in (("before", result.before), ("after", result.after)):
         if a is not None:
             table.add_row(f"{label} ({a.num_images})", f"{a.top1:.1%}", confident_cell(a), f"{a.top5_overlap:.1%}",
@@ -232,9 +232,9 @@ def convert(
     console.print(kv_table("summary", rows))
     if preconditioned_convs(student):
         # measured (benchmarks/demo_variants.py --preset lr): the demo diverges at the micro-batch recipe's lr 0.01
-        console.print("note: preconditioned models fine-tune at a lower learning rate: pass --set lr=0.003 "
+        note("preconditioned models fine-tune at a lower learning rate: pass --set lr=0.003 "
                       "(or lower) to wsurgery train")
     if result is None and config.norm == "gn" and (pretrained is not False or checkpoint is not None):
         # measured (benchmarks/calibration.py --part sgd): uncalibrated AWS + GN does not learn under SGD
-        console.print("note: BN was replaced by GN without calibration, so the model has lost its pretrained "
+        note("BN was replaced by GN without calibration, so the model has lost its pretrained "
                       "function; pass --calib-data PATH (unlabeled images) to calibrate the GN layers")

@@ -62,7 +62,7 @@ def demo(
     table = Table(title="wsurgery demo: EfficientNet-Lite0 -> adaptive WS + GN -> Fashion-MNIST", title_justify="left")
     table.add_column("step")
     table.add_column("seconds", justify="right")
-    table.add_column("result")
+    table.add_column("result", overflow="fold")
     for s in result.steps:
         table.add_row(s.name, f"{s.seconds:.1f}", s.detail)
     table.add_row("[bold]total", f"[bold]{result.seconds:.1f}", "")

@@ -14,7 +14,7 @@ from wsurgery.errors import UsageError
 from wsurgery.export import DTYPES
 from wsurgery.io import CONFIG_NAME
 
-from ._common import console, fail, flag, handle_errors, kv_table
+from ._common import console, fail, flag, handle_errors, kv_table, note
 
 ALL_FORMATS = ("safetensors", "onnx", "torch-export")
 
@@ -106,7 +106,7 @@ def export(
         _add_check(rows, failures, deployed.format, deployed.format, deployed.verification)
     console.print(kv_table("export", rows))
     if fold_bn and not result.fold_bn:
-        console.print("note: --fold-bn found no BatchNorm right after a conv (a GroupNorm model has none), so "
+        note("--fold-bn found no BatchNorm right after a conv (a GroupNorm model has none), so "
                       "nothing was folded; the export is what it would be without the flag")
     if failures:
         raise fail(f"export differs from its source: {'; '.join(failures)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -10,7 +9,7 @@ from rich.table import Table
 
 import wsurgery
 
-from ._common import console, flag, handle_errors, kv_table
+from ._common import console, flag, handle_errors, kv_table, print_json
 
 
 @handle_errors
@@ -23,11 +22,11 @@ def inspect(
     source = path if Path(path).exists() else wsurgery.load(path, pretrained=False)
     summary = wsurgery.inspect(source)
     if as_json:
-        console.print_json(json.dumps(summary.to_dict(), default=str))
+        print_json(summary.to_dict())
         return
     table = Table(title=f"{summary.architecture} ({summary.stage})", title_justify="left")
     for col in ("layer", "type", "detail", "params"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     rows = summary.rows if all_layers else summary.rows[:40]
     for r in rows:
         table.add_row(r.name, r.type, r.detail, f"{r.params:,}")

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
 
 import typer
+import typer.rich_utils
 
 from . import compare as _compare
 from . import convert as _convert
@@ -33,11 +35,42 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import timm
+        import torch
+
+        import wsurgery
+
+        print(f"wsurgery {wsurgery.__version__} (torch {torch.__version__}, timm {timm.__version__})")
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     debug: bool = flag(False, "--debug", help=f"Show tracebacks on errors (same as {DEBUG_ENV}=1)."),
+    version: bool = flag(False, "--version", callback=_print_version, is_eager=True,
+                         help="Print the versions of wsurgery, torch and timm, and exit."),
 ) -> None:
     set_debug(debug)
+
+
+def _expand_home(args: list[str], end: int) -> list[str]:
+    """``~`` at the start of a value, also after ``--option=``, as the home folder.
+
+    The shell expands ``-o ~/runs`` but not ``--output=~/runs`` or a quoted ``'~/runs'``; taken
+    literally, those created a folder named ``~`` in the current one (one ``rm -rf ~`` from a disaster).
+    """
+    out = []
+    for i, arg in enumerate(args):
+        if i < end:
+            if arg.startswith("~"):
+                arg = os.path.expanduser(arg)
+            elif arg.startswith("--") and "=~" in arg:
+                option, _, value = arg.partition("=")
+                arg = f"{option}={os.path.expanduser(value)}"
+        out.append(arg)
+    return out
 
 
 COMMANDS = {"convert": _convert.convert, "inspect": _inspect.inspect, "export": _export.export,
@@ -62,6 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     end = args.index("--") if "--" in args else len(args)
     if "--debug" in args[:end]:
         args = ["--debug"] + [a for i, a in enumerate(args) if not (a == "--debug" and i < end)]
+    args = _expand_home(args, end)
+    if typer.rich_utils.MAX_WIDTH is None and not sys.stdout.isatty():
+        # piped help (`--help | less`, docs) is 80 columns by default, which cut option names such as
+        # --calib-temperature to `--calib-temper…`; a terminal keeps its own width
+        typer.rich_utils.MAX_WIDTH = 120
     if not args:  # the app's no_args_is_help: the help, as `wsurgery --help` prints it
         args = ["--help"]
     # SIGTERM (kill, timeout, docker stop, Slurm) ends a command as Ctrl-C does, so the temporary

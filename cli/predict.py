@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import typer
 from rich.markup import escape
@@ -12,7 +11,7 @@ from rich.table import Table
 from wsurgery.errors import DatasetError, NetworkUnavailableError
 from wsurgery.predict import predict as predict_images
 
-from ._common import console, err_console, flag, handle_errors
+from ._common import console, err_console, flag, handle_errors, print_json
 
 
 @handle_errors
@@ -36,12 +35,12 @@ def predict(
         raise DatasetError(f"none of the {len(results)} files could be read as an image ({results[0].error}); "
                            "pass image files (JPEG, PNG, ...), folders of them, or glob patterns")
     if as_json:
-        console.print_json(json.dumps([dataclasses.asdict(r) for r in results], default=str))
+        print_json([dataclasses.asdict(r) for r in results])
         return
     table = Table(title=f"top-{topk} predictions", title_justify="left")
-    table.add_column("image")
+    table.add_column("image", overflow="fold")
     table.add_column("rank", justify="right")
-    table.add_column("class")
+    table.add_column("class", overflow="fold")
     table.add_column("probability", justify="right")
     for r in results:
         if r.error:

@@ -13,13 +13,13 @@ from wsurgery.recipes import recipe_reference
 from wsurgery.train import TrainEvent
 from wsurgery.train import train as train_model
 
-from ._common import console, fail, flag, handle_errors, kv_table
+from ._common import console, err_console, fail, flag, handle_errors, kv_table, note
 
 
 def recipe_table() -> Table:
     table = Table(title="recipe keys", title_justify="left")
     for col in ("key", "type", "default", "meaning"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for row in recipe_reference():
         table.add_row(*(escape(str(cell)) for cell in row))  # "[min, max]" is text, not rich markup
     return table
@@ -37,15 +37,15 @@ class ProgressView:
             TimeElapsedColumn(),
             TextColumn("ETA"),
             TimeRemainingColumn(),
-            console=console,
+            console=err_console,  # progress on stderr: stdout holds the result
             transient=False,
         )
         self.task = None
 
     def __call__(self, event: TrainEvent) -> None:
         if event.kind == "start":
-            for note in event.notes:
-                console.print(f"[dim]note:[/] {note}")
+            for text in event.notes:
+                note(text)
             self.progress.start()
             self.task = self.progress.add_task("train", total=event.total_steps, completed=event.step,
                                                epoch=event.epoch + 1, epochs=event.epochs, loss=float("nan"),
@@ -124,6 +124,9 @@ def train(
                              load_kwargs=load_kwargs)
     finally:  # on a NaN stop or Ctrl-C the library has written/kept the checkpoint; handle_errors prints why
         view.stop()
+    if view.task is None:  # nothing ran (a finished run resumed): its notes were not shown at a start
+        for text in result.notes:
+            note(text)
     rows = [("output", result.output), ("steps", result.steps), ("classes", len(result.class_names))]
     if result.best and result.best.get("top1", -1) >= 0:
         rows.append(("best val top-1", f"{result.best['top1']:.2f}% (epoch {result.best['epoch']})"))

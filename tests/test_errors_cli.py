@@ -527,7 +527,7 @@ def test_train_skips_and_counts_corrupt_and_non_image_files(tmp_path, train_mode
     out = tmp_path / "run"
     result = train_cli(train_model, data, out)
     assert result.exit_code == 0, result.stderr + result.stdout
-    assert "skipped 3 unreadable file(s)" in " ".join(result.stdout.split())
+    assert "skipped 3 unreadable file(s)" in " ".join(result.stderr.split())  # a note: on stderr
     summary = json.loads((out / "train.json").read_text())
     assert sorted(Path(p).name for p in summary["skipped_files"]) == ["broken.png", "empty.png", "garbage.jpg"]
     # read once per epoch (train or val split), replaced by the next sample, counted

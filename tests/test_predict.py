@@ -76,6 +76,16 @@ def test_model_without_label_names_uses_indices(tmp_path):
     assert all(name.startswith("class ") for name in preds[0].labels)
 
 
+def test_imagenet_models_get_imagenet_names():
+    """Without label names, a 1000-class model is named with ImageNet-1k's words (timm's inference
+    script does the same); other class counts keep indices."""
+    from wsurgery.predict import label_names
+
+    names = label_names(timm.create_model("test_efficientnet", pretrained=False))
+    assert len(names) == 1000 and names[285] == "Egyptian cat" and names[967] == "espresso"
+    assert label_names(timm.create_model("test_efficientnet", pretrained=False, num_classes=7))[0] == "class 0"
+
+
 def test_cli_predict(exported):
     _, export_dir, images = exported
     res = CliRunner().invoke(app, ["predict", str(export_dir), str(images / "circle"), "--topk", "2", "--json"])

@@ -73,6 +73,15 @@ def test_original_classifies_real_photos(lite0, photos):
     assert pred[1] in COFFEE_CLASSES, f"coffee classified as {pred[1]}"
 
 
+def test_predict_names_imagenet_classes(lite0, photos):
+    """An ImageNet model without label names reported "class 285"; now ImageNet's words, as timm's
+    inference script names them."""
+    cat = wsurgery.predict(lite0, [photos["chelsea"]], topk=1)[0]
+    assert cat.indices[0] in CAT_CLASSES and "cat" in cat.labels[0].lower()
+    coffee = wsurgery.predict(lite0, [photos["coffee"]], topk=1)[0]
+    assert coffee.labels[0] in ("espresso", "cup")
+
+
 def test_calibration_keeps_function_on_held_out_photos(lite0, photos):
     """AWS + GN (one group), gn-init on crops of some photos, judged on crops of OTHER photos.
 

@@ -2,7 +2,8 @@
 
 Label names come from the model's ``pretrained_cfg['label_names']`` (``config.json``'s
 ``label_names``, written by :func:`wsurgery.train` through save and export); a model without
-them reports class indices as names (``"class 3"``). Images go through timm's eval
+them reports ImageNet's class descriptions when it has ImageNet's class count (as timm's
+inference script does), else class indices as names (``"class 3"``). Images go through timm's eval
 transform for the model's own data config.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from timm.data import ImageNetInfo, infer_imagenet_subset
 from torch import nn
 
 from .convert import modes_kept, placement, unwrap
@@ -36,12 +38,18 @@ class Prediction:
 
 
 def label_names(model: nn.Module) -> list[str]:
-    """The model's class names, or ``class 0 .. class N-1``."""
+    """The model's class names; an ImageNet model's (by its class count, as timm's inference script
+    names them: 1000 -> ImageNet-1k descriptions such as ``"Egyptian cat"``); or ``class 0 .. class N-1``."""
     cfg = getattr(model, "pretrained_cfg", None) or {}
     names = cfg.get("label_names")
     n = getattr(model, "num_classes", None) or (len(names) if names else 0)
     if names and len(names) == n:
         return list(names)
+    subset = infer_imagenet_subset(model)
+    if subset is not None:
+        descriptions = ImageNetInfo(subset).label_descriptions()
+        if len(descriptions) == n:
+            return list(descriptions)
     return [f"class {i}" for i in range(n)]
 
 

@@ -206,7 +206,7 @@ def verify(
         imgs, _ = load_images(images, data_model, img_size=img_size)
         x = imgs if x is None else torch.cat([x, imgs])
     if x is None:
-        raise InputNotFoundError("no inputs: give `num_random` (--num-random) above 0 or `images` (--images PATH)")
+        raise UsageError("no inputs: give `num_random` (--num-random) above 0 or `images` (--images PATH)")
     out, ref = cand_run(x), ref_run(x)
     if out.shape != ref.shape:
         raise UsageError(f"{cand_name} gives outputs of shape {tuple(out.shape[1:])} per input and {ref_name} "

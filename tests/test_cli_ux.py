@@ -1,0 +1,114 @@
+"""The CLI piped into files and scripts, from a review: JSON without colour codes, paths shown whole and
+as written, `~` after `--option=`, help that keeps option names whole, notes on stderr, --version."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import timm
+import torch
+from _cli import invoke, ok
+from wsurgery.cli.main import main
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "FORCE_COLOR": "1"}
+
+
+def _run(*args: str, colour: bool = True) -> subprocess.CompletedProcess:
+    """``python -m wsurgery`` with stdout a pipe, as in CI logs (and FORCE_COLOR set, as many CI set it)."""
+    env = ENV if colour else {k: v for k, v in ENV.items() if k != "FORCE_COLOR"}
+    return subprocess.run([sys.executable, "-m", "wsurgery", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+
+
+def test_json_is_plain_json_when_colour_is_forced():
+    """`inspect --json | python -m json.tool` failed under FORCE_COLOR: rich coloured the JSON."""
+    result = _run("inspect", "resnet10t", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["architecture"] == "resnet10t" and "\x1b[" not in result.stdout
+
+
+def test_piped_help_keeps_option_names_whole():
+    """At the 80 columns of a pipe, `convert --help` showed `--calib-temper…`, `--remap-by-ord…`."""
+    result = _run("convert", "--help", colour=False)
+    assert result.returncode == 0 and "…" not in result.stdout
+    assert "--calib-temperature" in result.stdout and "--remap-by-order" in result.stdout
+
+
+def test_version():
+    import timm as timm_module
+
+    import wsurgery
+
+    result = _run("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == (f"wsurgery {wsurgery.__version__} (torch {torch.__version__}, "
+                                     f"timm {timm_module.__version__})")
+
+
+def _whole(text: str) -> str:
+    """The text with table borders, spaces and line breaks removed: a folded cell reads whole again."""
+    for ch in "│┃┏┓┗┛┡┩━─┌┐└┘╇┳┻┼├┤┬┴":
+        text = text.replace(ch, "")
+    return "".join(text.split())
+
+
+def test_paths_are_shown_whole_and_as_written(tmp_path):
+    """Rich read `exp[lr=0.1]` as markup (printed `exp`), `e[/]3` crashed after writing, and a long
+    path was cut to `…` at 80 columns."""
+    torch.manual_seed(0)
+    source = tmp_path / "src"
+    ok(invoke("convert", "resnet10t", "--no-pretrained", "--mode", "aws", "-o", source))
+    for name in ("exp[lr=0.1]", "e[/]3", "a_rather_long_folder_name_" * 4):
+        out = tmp_path / name
+        result = invoke("export", source, "-o", out)
+        ok(result)
+        assert (out / "config.json").is_file() and _whole(str(out)) in _whole(result.stdout), result.stdout
+
+
+def test_a_home_path_after_an_equals_sign_is_the_home_folder(tmp_path, monkeypatch):
+    """`--output=~/x` (the shell expands only a leading ~) made a folder named `~` in the current one."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as done:
+        main(["convert", "resnet10t", "--no-pretrained", "--output=~/x"])
+    assert done.value.code == 0
+    assert (tmp_path / "home" / "x" / "config.json").is_file() and not (tmp_path / "~").exists()
+
+
+def test_notes_go_to_stderr_and_the_result_to_stdout(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file(timm.create_model("resnet10t").state_dict(), tmp_path / "w.safetensors")
+    result = invoke("convert", "resnet10t", "--checkpoint", tmp_path / "w.safetensors", "--norm", "gn",
+                    "-o", tmp_path / "gn")
+    ok(result)
+    assert "saved to" in result.stdout and "note:" not in result.stdout
+    assert "without calibration" in " ".join(result.stderr.split())
+
+
+def test_verify_without_inputs_is_a_usage_error(tmp_path):
+    """--num-random 0 and no --images exited 1 (a user error) where other bad values exit 2."""
+    from _cli import one_error
+
+    torch.manual_seed(0)
+    ok(invoke("convert", "resnet10t", "--no-pretrained", "--mode", "aws", "-o", tmp_path / "c"))
+    ok(invoke("export", tmp_path / "c", "-o", tmp_path / "e"))
+    one_error(invoke("verify", tmp_path / "e", "--against", tmp_path / "c", "--num-random", "0"), 2, "no inputs")
+
+
+def test_resuming_a_finished_run_on_the_cli_says_so(tmp_path):
+    from _data import make_train_val
+
+    data = make_train_val(tmp_path / "data")
+    torch.manual_seed(0)
+    ok(invoke("convert", "test_efficientnet", "--no-pretrained", "--num-classes", "3", "--mode", "aws",
+              "-o", tmp_path / "c"))
+    ok(invoke("train", tmp_path / "c", "--data", data, "--recipe", "cpu-quick", "--set", "epochs=1",
+              "--img-size", "32", "--set", "batch_size=8", "-o", tmp_path / "run"))
+    again = invoke("train", "--resume", tmp_path / "run")
+    ok(again)
+    assert "already complete" in again.stderr
