@@ -102,7 +102,9 @@ def _load_for_calibration(source: str, pretrained: bool | None, checkpoint: Path
                                      remap_by_order=remap_by_order)
         except WSurgeryError:  # e.g. a checkpoint whose head fits only the new size: loaded below
             original = None
-        if original is not None:
+        # a Linear head only: a conv classifier (dla, dpn) would be converted with the body, and the new
+        # head put in after surgery would not be; such a model is calibrated with its new head as before
+        if original is not None and isinstance(original.get_classifier(), nn.Linear):
             same = getattr(original, "num_classes", None) == num_classes
             return original, None if same else num_classes
     return wsurgery.load(source, pretrained=pretrained, checkpoint=checkpoint, remap_by_order=remap_by_order,
@@ -205,7 +207,11 @@ def convert(
             result = calibrate(student, net, images, method=method, held_out=held_out, seed=seed,
                                progress=view, **calib_overrides)
     if new_head is not None:  # calibrated against the original classifier; now the one asked for
+        before = sum(p.numel() for p in student.get_classifier().parameters())
         student.reset_classifier(new_head)
+        change = sum(p.numel() for p in student.get_classifier().parameters()) - before
+        report.params_before += change  # the report counts the model as saved
+        report.params_after += change
     wsurgery.save(student, output, report=report, force=force)
     console.print(report_table(report))
     if result is not None:

@@ -153,3 +153,14 @@ def test_convolutions_of_other_kinds_are_listed_not_silently_passed_over():
     _, report = wsurgery.convert(model, mode="ws", trace=False)
     assert [c.name for c in report.changes] == ["0"] and report.other_convs == ["1", "2"]
     assert wsurgery.convert(timm.create_model("resnet10t"), mode="ws", trace=False)[1].other_convs == []
+
+
+def test_frozen_batchnorm_becomes_a_trainable_groupnorm():
+    """FrozenBatchNorm2d (timm's freeze_batch_norm_2d) holds its affine as buffers (no grad): the
+    GroupNorm replacing it is trainable, as the same model loaded from disk is (only a BN frozen with
+    requires_grad_ stays frozen)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d  # what timm.layers.freeze_batch_norm_2d makes
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), FrozenBatchNorm2d(8))
+    wsurgery.convert(model, mode="ws", norm="gn", gn_groups=2, trace=False, probe=False)
+    assert isinstance(model[1], nn.GroupNorm) and model[1].weight.requires_grad and model[1].bias.requires_grad

@@ -78,8 +78,12 @@ def test_bn_stats_of_65_images_in_batches_of_64_on_pooled_maps():
     # every image weighs the same (the first BN sees the conv's output directly)
     torch.testing.assert_close(model[1].running_mean, conv_out.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
     assert model[5].running_mean.abs().sum() > 0 and torch.isfinite(model[5].running_var).all()
-    with pytest.raises(UsageError, match="at least 2 images"):
+    # one image: refused where a BatchNorm sees pooled 1x1 maps (naming the fix), fine elsewhere
+    with pytest.raises(UsageError, match=r"pooled 1x1 maps.*--calib-crops"):
         reestimate_bn_stats(_se_like(), x[:1])
+    plain = _se_like()[:3]
+    reestimate_bn_stats(plain, x[:1])
+    torch.testing.assert_close(plain[1].running_mean, plain[0](x[:1]).mean(dim=(0, 2, 3)).detach())
 
 
 def test_compare_gives_each_model_its_own_data_config(tmp_path):
@@ -138,3 +142,18 @@ def test_convert_calibrates_against_the_original_classifier_then_gives_the_new_h
                     "-o", tmp_path / "c"))
     assert seen == [(1000, 1000)] and "then a new head of 3" in out
     assert wsurgery.load(tmp_path / "c").num_classes == 3
+
+
+def test_a_conv_classifier_keeps_calibrating_with_its_new_head(tmp_path):
+    """dla's classifier is a 1x1 conv: converted with the body, then replaced by a plain conv after
+    calibration, save refused the model. It calibrates with its new head (the way before)."""
+    from _cli import invoke, ok
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    ok(invoke("convert", "dla46_c", "--no-pretrained", "--num-classes", "4", "--mode", "aws", "--norm", "gn",
+              "--calib-data", tmp_path / "img", "--calib-steps", "1", "-o", tmp_path / "c"))
+    loaded = wsurgery.load(tmp_path / "c")
+    assert loaded.num_classes == 4 and wsurgery.is_converted(loaded)

@@ -171,3 +171,33 @@ def test_train_json_seconds_cover_every_process_of_a_resumed_run(data, tmp_path,
     train(None, None, None, resume=run)
     resumed_alone = next(clock) - clock_at_resume
     assert read_json(run / "train.json")["seconds"] > first + 100 and resumed_alone < first
+
+
+def test_a_stop_during_the_last_update_still_finishes_the_run(data, tmp_path):
+    """Stopped in its last update (step 12 of 12), the run's last epoch had not been evaluated or
+    checkpointed; the resume took it for finished and wrote no train.json."""
+    run = _interrupted_run(data, tmp_path / "r", step=12)
+    state = read_json(run / "last" / "train_state.json")["state"]
+    assert state["step"] == 12 and state["epoch"] == 1 and state["batch"] > 0
+    resumed = train(None, None, None, resume=run)
+    assert len(resumed.history) == 2 and read_json(run / "train.json")["epochs"] == 2
+    train(tiny(), data, tmp_path / "full", "cpu-quick", overrides=FAST)
+    _same_weights(tmp_path / "full", run)
+
+
+def test_the_data_fingerprint_takes_relative_and_absolute_paths_alike(tmp_path, monkeypatch):
+    """A CSV mixing relative and absolute image paths crashed every new run (os.path.commonpath)."""
+    from _data import make_folder
+
+    from wsurgery.datasets import build_datasets, data_fingerprint
+
+    make_folder(tmp_path / "imgs", per_class=2)
+    files = sorted((tmp_path / "imgs").rglob("*.png"))
+    monkeypatch.chdir(tmp_path)
+    rows = [f"{p if i % 2 else p.relative_to(tmp_path / 'imgs')},{p.parent.name}" for i, p in enumerate(files)]
+    (tmp_path / "imgs" / "mixed.csv").write_text("path,label\n" + "\n".join(rows) + "\n")
+    (tmp_path / "imgs" / "absolute.csv").write_text(
+        "path,label\n" + "\n".join(f"{p},{p.parent.name}" for p in files) + "\n")
+    mixed = data_fingerprint(build_datasets("imgs/mixed.csv"))
+    assert mixed == data_fingerprint(build_datasets(tmp_path / "imgs" / "absolute.csv"))
+    assert mixed["train"]["images"] == len(files)

@@ -395,9 +395,6 @@ def reestimate_bn_stats(model: nn.Module, images: torch.Tensor, batch_size: int 
     Returns:
         The number of BatchNorm layers re-estimated.
     """
-    if images.shape[0] < 2:
-        raise UsageError(f"re-estimating BatchNorm statistics needs at least 2 images, got {images.shape[0]}; "
-                         "pass more calibration images (--calib-images)")
     bns = [m for m in model.modules() if is_batchnorm(m) and getattr(m, "running_mean", None) is not None
            and isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [m.momentum for m in bns]
@@ -413,7 +410,15 @@ def reestimate_bn_stats(model: nn.Module, images: torch.Tensor, batch_size: int 
             for batch in torch.tensor_split(images, math.ceil(images.shape[0] / batch_size)):
                 for m in bns:  # each image weighs the same, the last (partial) batch included
                     m.momentum = batch.shape[0] / (seen + batch.shape[0])
-                model(batch)
+                try:
+                    model(batch)
+                except ValueError as e:
+                    if "more than 1 value per channel" not in str(e):
+                        raise
+                    raise UsageError(
+                        "re-estimating BatchNorm statistics from one image fails for this model's BatchNorms on "
+                        "pooled 1x1 maps (squeeze-excitation): give it at least 2 images (more files, or several "
+                        "crops of each: `crops_per_image`, CLI --calib-crops N)") from None
                 seen += batch.shape[0]
         finally:
             for m, momentum in zip(bns, saved):

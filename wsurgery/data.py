@@ -80,10 +80,11 @@ def open_rgb(path: str | os.PathLike) -> Image.Image:
 
     A camera's EXIF orientation is applied (``ImageOps.exif_transpose``), so a phone photo taken
     upright reaches the model upright. 16-bit grayscale (modes ``I;16*``) is scaled by its full range
-    (65535 -> 255), as 16-bit RGB is; 32-bit integer grayscale (mode ``I``, range unknown) so that its
-    brightest pixel is 255; float grayscale (mode ``F``, e.g. a 32-bit TIFF) in [0, 1] is multiplied
-    by 255, any other float range scaled by its brightest pixel (PIL's own conversion would clip at
-    255, turning most of such an image white). Negative and non-finite values become 0.
+    (65535 -> 255), as 16-bit RGB is (12-bit data stored in 16 bits reads dark: rescale it first);
+    32-bit integer grayscale (mode ``I``, range unknown) so that its brightest pixel is 255; float
+    grayscale (mode ``F``, e.g. a 32-bit TIFF) in [0, 1] is multiplied by 255, any other float range
+    scaled by its brightest pixel (PIL's own conversion would clip at 255, turning most of such an
+    image white). Negative and non-finite values become 0.
 
     Raises:
         DatasetError: the file is not a readable image.

@@ -151,7 +151,7 @@ def data_fingerprint(bundle: DataBundle) -> dict[str, dict[str, Any] | None]:
         if dataset is None:
             out[split] = None
             continue
-        samples = [(str(s[0]), int(s[1])) for s in dataset.reader.samples]
+        samples = [(os.path.abspath(s[0]), int(s[1])) for s in dataset.reader.samples]  # a CSV may mix both
         root = os.path.commonpath([p for p, _ in samples]) if len(samples) > 1 else ""
         digest = hashlib.sha256()
         for name, label in sorted((os.path.relpath(p, root) if root else os.path.basename(p), t) for p, t in samples):

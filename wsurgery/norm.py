@@ -119,7 +119,9 @@ def batchnorm_to_groupnorm(
         gn.bias.copy_(bias)
     gn.train(bn.training)
     frozen = [p for p in (getattr(bn, "weight", None), getattr(bn, "bias", None))
-              if isinstance(p, torch.Tensor) and not p.requires_grad]
-    if frozen:  # a frozen BN (requires_grad_(False)) gives a frozen affine; a BN without one, a trainable one
+              if isinstance(p, nn.Parameter) and not p.requires_grad]
+    # a BN frozen with requires_grad_(False) gives a frozen affine; one without an affine Parameter (or
+    # timm's FrozenBatchNorm2d, whose affine is a buffer) a trainable one, as a model loaded from disk has
+    if frozen:
         gn.requires_grad_(False)
     return gn

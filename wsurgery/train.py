@@ -1122,7 +1122,9 @@ def train(
         finished = False
         if resume_dir is not None:
             run.load_checkpoint(resume_dir / LAST_DIR)
-            finished = run.state.epoch >= run.epochs or run.state.step >= run.total_steps
+            # done: every epoch, or every step with the epoch it ended in closed (a stop during the last
+            # update leaves that epoch's evaluation and checkpoint to do: state.batch > 0)
+            finished = run.state.epoch >= run.epochs or (run.state.step >= run.total_steps and run.state.batch == 0)
             if is_main and out is not None:
                 _remove_stale_temporaries(out)
             notes.append(f"the run was already complete (epoch {run.state.epoch} of {run.epochs}); nothing to do"
