@@ -22,7 +22,7 @@ from wsurgery.calibrate import (
 )
 from wsurgery.compare import CONFIDENT
 from wsurgery.config import SurgeryConfig
-from wsurgery.errors import ConfigError, UsageError, WSurgeryError
+from wsurgery.errors import CheckpointError, ConfigError, UsageError
 from wsurgery.io import CONFIG_NAME
 
 from ._common import SEED_MAX, check_at_least, confident_cell, console, flag, handle_errors, kv_table, note
@@ -100,7 +100,7 @@ def _load_for_calibration(source: str, pretrained: bool | None, checkpoint: Path
         try:
             original = wsurgery.load(source, pretrained=pretrained, checkpoint=checkpoint,
                                      remap_by_order=remap_by_order)
-        except WSurgeryError:  # e.g. a checkpoint whose head fits only the new size: loaded below
+        except CheckpointError:  # a checkpoint whose head fits only the new size: loaded with it below
             original = None
         # a Linear head only: a conv classifier (dla, dpn) would be converted with the body, and the new
         # head put in after surgery would not be; such a model is calibrated with its new head as before

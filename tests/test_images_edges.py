@@ -157,3 +157,22 @@ def test_a_conv_classifier_keeps_calibrating_with_its_new_head(tmp_path):
               "--calib-data", tmp_path / "img", "--calib-steps", "1", "-o", tmp_path / "c"))
     loaded = wsurgery.load(tmp_path / "c")
     assert loaded.num_classes == 4 and wsurgery.is_converted(loaded)
+
+
+def test_a_checkpoint_with_its_own_head_size_calibrates_with_that_head(tmp_path):
+    """A 3-class checkpoint does not load without --num-classes 3: the calibration falls back to loading
+    it with that size (its own trained head), and the saved model keeps that head's weights."""
+    from _cli import invoke, ok
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    source = timm.create_model("test_efficientnet", pretrained=False, num_classes=3).eval()
+    save_file(source.state_dict(), tmp_path / "w.safetensors")
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    ok(invoke("convert", "test_efficientnet", "--checkpoint", tmp_path / "w.safetensors", "--num-classes", "3",
+              "--mode", "aws", "--calib-data", tmp_path / "img", "--calib-steps", "1", "-o", tmp_path / "c"))
+    saved = wsurgery.load(tmp_path / "c")
+    assert torch.equal(saved.get_classifier().weight, source.get_classifier().weight)
