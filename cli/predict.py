@@ -10,6 +10,7 @@ from rich.table import Table
 
 from wsurgery.errors import DatasetError, NetworkUnavailableError
 from wsurgery.predict import predict as predict_images
+from wsurgery.train import pick_device
 
 from ._common import console, err_console, flag, handle_errors, print_json
 
@@ -20,12 +21,13 @@ def predict(
     images: list[str] = typer.Argument(..., help="Image files, folders or glob patterns."),
     topk: int = typer.Option(5, "--topk", "-k", help="Classes to show per image."),
     img_size: int | None = typer.Option(None, "--img-size", help="Input size (default: the model's)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or mps."),
+    device: str | None = typer.Option(
+        None, "--device", help="cuda, mps or cpu (default: $WSURGERY_DEVICE, else the best available), as train."),
     as_json: bool = flag(False, "--json", help="Print the predictions as JSON (one object per image)."),
 ) -> None:
     """Print the top-k class names and probabilities for each image."""
     try:
-        results = predict_images(model, images, topk, img_size=img_size, device=device)
+        results = predict_images(model, images, topk, img_size=img_size, device=pick_device(device))
     except NetworkUnavailableError:  # load's advice names convert's flags, which predict does not have
         raise NetworkUnavailableError(
             f"could not fetch pretrained weights for {model}; without a network predict with a directory: "

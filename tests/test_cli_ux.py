@@ -112,3 +112,18 @@ def test_resuming_a_finished_run_on_the_cli_says_so(tmp_path):
     again = invoke("train", "--resume", tmp_path / "run")
     ok(again)
     assert "already complete" in again.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_predict_takes_its_device_as_train_does(tmp_path, monkeypatch):
+    """predict ran on the CPU under WSURGERY_DEVICE=cuda without a word (train refused): both read it now."""
+    from _cli import one_error
+    from _data import make_folder
+
+    torch.manual_seed(0)
+    ok(invoke("convert", "test_efficientnet", "--no-pretrained", "--mode", "aws", "-o", tmp_path / "c"))
+    images = make_folder(tmp_path / "img", per_class=1)
+    monkeypatch.setenv("WSURGERY_DEVICE", "cuda")
+    one_error(invoke("predict", tmp_path / "c", images), 2, "WSURGERY_DEVICE=cuda", "CUDA is not available")
+    monkeypatch.setenv("WSURGERY_DEVICE", "cpu")
+    assert "probability" in ok(invoke("predict", tmp_path / "c", images))
