@@ -52,7 +52,7 @@ def compare(
     else:  # random crops: both models see the same crops, made with B's data config
         if data_config_for(model_a, img_size) != data_config_for(model_b, img_size):
             note("A and B have different data configs; with --crops-per-image both see crops "
-                              "prepared for B (with 1, each model gets its own eval transform)")
+                 "prepared for B (with 1, each model gets its own eval transform)")
         x = calibration_images(paths, model_b, limit=limit, seed=seed, img_size=img_size,
                                crops_per_image=crops_per_image)
         with console.status(f"running both models on {x.shape[0]} images"):

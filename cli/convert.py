@@ -239,8 +239,8 @@ def convert(
     if preconditioned_convs(student):
         # measured (benchmarks/demo_variants.py --preset lr): the demo diverges at the micro-batch recipe's lr 0.01
         note("preconditioned models fine-tune at a lower learning rate: pass --set lr=0.003 "
-                      "(or lower) to wsurgery train")
+             "(or lower) to wsurgery train")
     if result is None and config.norm == "gn" and (pretrained is not False or checkpoint is not None):
         # measured (benchmarks/calibration.py --part sgd): uncalibrated AWS + GN does not learn under SGD
         note("BN was replaced by GN without calibration, so the model has lost its pretrained "
-                      "function; pass --calib-data PATH (unlabeled images) to calibrate the GN layers")
+             "function; pass --calib-data PATH (unlabeled images) to calibrate the GN layers")

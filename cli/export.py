@@ -14,7 +14,7 @@ from wsurgery.errors import UsageError
 from wsurgery.export import DTYPES
 from wsurgery.io import CONFIG_NAME
 
-from ._common import console, fail, flag, handle_errors, kv_table, note
+from ._common import console, fail, flag, handle_errors, kv_table, note, print_json
 
 ALL_FORMATS = ("safetensors", "onnx", "torch-export")
 
@@ -65,6 +65,7 @@ def export(
     opset: int = typer.Option(wsurgery.deploy.DEFAULT_OPSET, "--opset", help="ONNX opset version."),
     verify: bool = flag(True, "--verify/--no-verify", help="Reload each export and compare with the source."),
     force: bool = flag(False, "--force", help="Overwrite the output if it exists."),
+    as_json: bool = flag(False, "--json", help="Print the result as JSON (files, checks, how it loads)."),
 ) -> None:
     """Fold the standardization into plain conv weights and export config.json + model.safetensors.
 
@@ -104,9 +105,12 @@ def export(
         rows.append((deployed.format, f"{deployed.path} ({detail}input "
                                       f"{'N' if deployed.dynamic_batch else 'fixed batch'}x{size})"))
         _add_check(rows, failures, deployed.format, deployed.format, deployed.verification)
-    console.print(kv_table("export", rows))
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        console.print(kv_table("export", rows))
     if fold_bn and not result.fold_bn:
         note("--fold-bn found no BatchNorm right after a conv (a GroupNorm model has none), so "
-                      "nothing was folded; the export is what it would be without the flag")
+             "nothing was folded; the export is what it would be without the flag")
     if failures:
         raise fail(f"export differs from its source: {'; '.join(failures)}")

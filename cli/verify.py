@@ -8,7 +8,7 @@ import typer
 
 import wsurgery
 
-from ._common import SEED_MAX, console, fail, handle_errors, kv_table
+from ._common import SEED_MAX, console, fail, flag, handle_errors, kv_table, print_json
 
 
 @handle_errors
@@ -23,11 +23,21 @@ def verify(
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seed of the random inputs."),
     img_size: int | None = typer.Option(
         None, "--img-size", help="Input size (default: the model's data config; for .onnx/.pt2 the exported size)."),
+    as_json: bool = flag(False, "--json", help="Print the result as JSON (for a CI gate: the exit code is the same)."),
 ) -> None:
     """Print max absolute and relative difference and top-1 agreement; exit 1 above tolerance."""
     # an ONNX / torch.export file gets its own tolerance and the input size it was exported for
     result = wsurgery.verify(export, against, images=[str(i) for i in images] or None,
                              num_random=num_random, rtol=rtol, seed=seed, img_size=img_size)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        _table(result)
+    if not result.passed:
+        raise fail(f"{export} differs from {against}: max rel diff {result.max_rel:.3g} > {result.rtol:g}")
+
+
+def _table(result: wsurgery.VerifyResult) -> None:
     console.print(kv_table("verify", [
         ("inputs", result.num_inputs),
         ("max |diff|", f"{result.max_abs:.3g}"),
@@ -35,5 +45,3 @@ def verify(
         ("top-1 agreement", f"{result.top1_agreement:.1%}"),
         ("result", "pass" if result.passed else "FAIL"),
     ]))
-    if not result.passed:
-        raise fail(f"{export} differs from {against}: max rel diff {result.max_rel:.3g} > {result.rtol:g}")

@@ -127,3 +127,17 @@ def test_predict_takes_its_device_as_train_does(tmp_path, monkeypatch):
     one_error(invoke("predict", tmp_path / "c", images), 2, "WSURGERY_DEVICE=cuda", "CUDA is not available")
     monkeypatch.setenv("WSURGERY_DEVICE", "cpu")
     assert "probability" in ok(invoke("predict", tmp_path / "c", images))
+
+
+def test_export_and_verify_print_json_a_ci_gate_can_read(tmp_path):
+    torch.manual_seed(0)
+    ok(invoke("convert", "resnet10t", "--no-pretrained", "--mode", "aws", "-o", tmp_path / "c"))
+    exported = invoke("export", tmp_path / "c", "-o", tmp_path / "e", "--json")
+    ok(exported)
+    record = json.loads(exported.stdout)
+    assert record["directory"] == str(tmp_path / "e") and record["verification"]["passed"] is True
+    assert record["timm_compatible"] is True and record["files"][0].endswith("config.json")
+    checked = invoke("verify", tmp_path / "e", "--against", tmp_path / "c", "--json")
+    ok(checked)
+    result = json.loads(checked.stdout)
+    assert result["passed"] is True and result["num_inputs"] == 4 and result["max_rel"] <= result["rtol"]
