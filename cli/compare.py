@@ -8,8 +8,8 @@ import typer
 
 import wsurgery
 from wsurgery.calibrate import calibration_images
-from wsurgery.compare import CONFIDENT
-from wsurgery.data import data_config_for, find_images
+from wsurgery.compare import CONFIDENT, same_data_config
+from wsurgery.data import find_images
 from wsurgery.errors import NetworkUnavailableError
 
 from ._common import SEED_MAX, check_at_least, confident_cell, console, flag, handle_errors, kv_table, note, print_json
@@ -50,7 +50,7 @@ def compare(
         with console.status(f"running both models on {min(len(paths), limit or len(paths))} images"):
             agreement = wsurgery.compare(model_a, model_b, paths, limit=limit, seed=seed, img_size=img_size)
     else:  # random crops: both models see the same crops, made with B's data config
-        if data_config_for(model_a, img_size) != data_config_for(model_b, img_size):
+        if not same_data_config(model_a, model_b, img_size):
             note("A and B have different data configs; with --crops-per-image both see crops "
                  "prepared for B (with 1, each model gets its own eval transform)")
         x = calibration_images(paths, model_b, limit=limit, seed=seed, img_size=img_size,

@@ -30,7 +30,7 @@ from torch import nn
 from .convert import modes_kept, placement
 from .errors import UsageError
 
-__all__ = ["CONFIDENT", "Agreement", "agreement_from_logits", "compare", "predict_logits"]
+__all__ = ["CONFIDENT", "Agreement", "agreement_from_logits", "compare", "predict_logits", "same_data_config"]
 
 ImageSpec = str | os.PathLike | Sequence[str | os.PathLike]
 #: reference top-1 probability from which an image counts as confident for ``top1_confident``
@@ -94,6 +94,14 @@ def _as_model(obj: nn.Module | str | os.PathLike) -> nn.Module:
     return load(obj)
 
 
+def same_data_config(a: nn.Module, b: nn.Module, img_size: int | None = None) -> bool:
+    """Whether ``a`` and ``b`` prepare images alike (timm's resolved data config: size, mean/std, crop,
+    interpolation), so that one batch read from files serves both."""
+    from .data import data_config_for
+
+    return data_config_for(a, img_size) == data_config_for(b, img_size)
+
+
 def compare(
     a: nn.Module | str | os.PathLike,
     b: nn.Module | str | os.PathLike,
@@ -132,10 +140,10 @@ def compare(
             gen = torch.Generator().manual_seed(seed)
             x = x[torch.randperm(x.shape[0], generator=gen)[:limit]]
     else:
-        from .data import data_config_for, load_images
+        from .data import load_images
 
         x, paths = load_images(images, model_b, limit=limit, seed=seed, img_size=img_size)
-        if data_config_for(model_a, img_size) != data_config_for(model_b, img_size):
+        if not same_data_config(model_a, model_b, img_size):
             # models with other data configs (mean/std, size, crop, interpolation) each see the files
             # as their own eval transform prepares them, as each would in use
             x_a, _ = load_images(paths, model_a, img_size=img_size)

@@ -45,7 +45,6 @@ def find_images(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
     """
     items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
     found: list[Path] = []
-    seen: set[str] = set()
     for item in items:
         if not isinstance(item, (str, os.PathLike)):
             raise ArgumentTypeError(f"images are named by file paths, folders or glob patterns, got "
@@ -66,7 +65,7 @@ def find_images(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[P
                                  f"(looked for {', '.join(IMAGE_SUFFIXES)})")
     # a file named twice (a folder and a glob or sub-folder of it) counts once: a held-out image must
     # not also be a calibration image, nor an image count twice in an agreement
-    unique = []
+    unique, seen = [], set()
     for path in found:
         key = os.path.realpath(path)
         if key not in seen:

@@ -110,6 +110,8 @@ TRAIN_JSON = "train.json"
 RECIPE_YAML = "recipe.yaml"
 STATE_JSON = "train_state.json"
 STATE_TENSORS = "train_state.safetensors"
+METRICS_CSV = "metrics.csv"
+METRICS_PNG = "metrics.png"
 METRIC_FIELDS = ("epoch", "step", "lr", "train_loss", "val_loss", "top1", "top5", "seconds", "images_per_s")
 
 
@@ -451,13 +453,13 @@ class _Run:
 
     def __init__(self, model: nn.Module, bundle: DataBundle, recipe: Recipe, output: Path | None,
                  device: torch.device, callback: Callable[[TrainEvent], None] | None, notes: list[str],
-                 data_record: dict[str, Any]):
+                 data_record: dict[str, Any], t_start: float):
         self.recipe, self.bundle, self.output, self.device = recipe, bundle, output, device
         self.callback = callback or (lambda e: None)
         self.best_state: dict[str, torch.Tensor] | None = None  # the best weights, where this process writes none
         self.notes = notes
         self.data_record = data_record
-        self.t_start = time.perf_counter()  # when this process started the run (train() sets its own)
+        self.t_start = t_start  # when this process started the run
         self.world, self.rank, _ = _dist_env()
         self.distributed = self.world > 1 and dist.is_available() and dist.is_initialized()
         if not self.distributed:
@@ -659,12 +661,12 @@ class _Run:
     def write_metrics(self) -> None:
         if not self.is_main or self.output is None:
             return
-        with atomic_file(self.output / "metrics.csv", force=True) as tmp, open(tmp, "w", newline="") as f:
+        with atomic_file(self.output / METRICS_CSV, force=True) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(METRIC_FIELDS), extrasaction="ignore")
             writer.writeheader()
             writer.writerows(self.state.history)
         try:
-            _plot_metrics(self.state.history, self.output / "metrics.png")
+            _plot_metrics(self.state.history, self.output / METRICS_PNG)
         except ImportError:
             if "matplotlib missing" not in self.notes:
                 self.notes.append("matplotlib missing: no metrics.png (pip install wsurgery[plot])")
@@ -900,7 +902,7 @@ def _resume_overrides(recipe: Recipe, overrides: list[str] | dict[str, Any]) -> 
 def _remove_stale_temporaries(run_dir: Path) -> None:
     """Delete what a killed process left half-written in a run directory (a SIGKILL during a checkpoint
     leaves a full-size ``.last.*.tmp``): the run's own outputs' temporary names only."""
-    for name in (LAST_DIR, WEIGHTS_NAME, CONFIG_NAME, TRAIN_JSON, RECIPE_YAML, "metrics.csv", "metrics.png"):
+    for name in (LAST_DIR, WEIGHTS_NAME, CONFIG_NAME, TRAIN_JSON, RECIPE_YAML, METRICS_CSV, METRICS_PNG):
         for stale in run_dir.glob(f".{name}.*.tmp"):
             remove_output(stale, ignore_errors=True)
 
@@ -1025,9 +1027,10 @@ def train(
         if not (last / STATE_TENSORS).is_file():
             raise _damaged_checkpoint(last, KeyError(STATE_TENSORS))
         saved = state_plain.get("data")
-        if not isinstance(saved, dict) or "data" not in saved or not isinstance(state_plain.get("recipe"), dict):
-            raise _damaged_checkpoint(last, KeyError("data" if not isinstance(saved, dict) or "data" not in saved
-                                                     else "recipe"))
+        if not isinstance(saved, dict) or "data" not in saved:
+            raise _damaged_checkpoint(last, KeyError("data"))
+        if not isinstance(state_plain.get("recipe"), dict):
+            raise _damaged_checkpoint(last, KeyError("recipe"))
         out = out or resume_dir
         if out is not None and resume_dir.resolve() in out.resolve().parents:
             raise UsageError(f"`output` (-o) {out} is inside the run it resumes ({resume_dir}), which would be copied "
@@ -1108,8 +1111,7 @@ def train(
             _set_input_size(net, resolved.img_size if isinstance(resolved.img_size, int) else None)
         if not is_converted(net):
             notes.append("the model has no WS layers (a plain/BatchNorm baseline)")
-        run = _Run(net, bundle, resolved, out, dev, callback, notes, data_record)
-        run.t_start = t_start
+        run = _Run(net, bundle, resolved, out, dev, callback, notes, data_record, t_start)
         run.setup()
         # only now, with the model loaded and the optimizer, scheduler and data built, is the run
         # directory created (or an old one replaced with --force): a failure before this point
