@@ -71,6 +71,7 @@ def test_convert_and_fold_look_through_dataparallel(tmp_path):
     inner = timm.create_model("resnet10t", num_classes=3)
     reference = _outputs(inner)
     wrapped = nn.DataParallel(inner)
+    inner.cpu()  # DataParallel moves its module to the GPU where there is one; this test runs on the CPU
     out, report = wsurgery.convert(wrapped, mode="aws", norm="keep", include=["layer1.*"])
     assert out is wrapped and wsurgery.is_converted(inner)
     assert {c.name for c in report.changes} == {n for n, m in inner.named_modules()

@@ -75,6 +75,27 @@ def test_convert_on_the_device_equals_convert_on_the_cpu(arch, kwargs, mode):
         assert_close(on_dev.eval()(x.to(DEVICE)).cpu(), on_cpu.eval()(x), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not ON_GPU, reason="DataParallel needs CUDA")
+def test_convert_and_fold_of_a_dataparallel_model_on_the_device():
+    """convert/fold work on the model inside a DataParallel (the wrapper moves inputs to the GPU)."""
+    torch.manual_seed(0)
+    base = timm.create_model("test_efficientnet", pretrained=False, num_classes=5).eval()
+    on_cpu, _ = wsurgery.convert(copy.deepcopy(base), mode="aws", norm="gn")
+    wrapped = torch.nn.DataParallel(copy.deepcopy(base).to(DEVICE))
+    same, report = wsurgery.convert(wrapped, mode="aws", norm="gn")
+    assert same is wrapped and wsurgery.is_converted(wrapped.module) and report.num_convs > 0
+    assert not any(c.name.startswith("module.") for c in report.changes)
+    assert _on_device(wrapped.module)
+    x = torch.randn(2, 3, 64, 64)
+    with allow_tf32(False), torch.no_grad():
+        expected = on_cpu.eval()(x)
+        assert_close(wrapped.eval()(x.to(DEVICE)).cpu(), expected, rtol=1e-4, atol=1e-4)
+        folded = wsurgery.fold(wrapped)  # a plain-conv copy of the model inside, on the device
+        assert not isinstance(folded, torch.nn.DataParallel) and not wsurgery.is_converted(folded)
+        assert _on_device(folded)
+        assert_close(folded.eval()(x.to(DEVICE)).cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- calibration
 
 
@@ -102,6 +123,32 @@ def test_calibrate_on_the_device():
         wsurgery.calibrate(dev_student, teacher, images, method="gn-init", held_out=None)
     for (name, a), (_, b) in zip(cpu_student.state_dict().items(), dev_student.state_dict().items()):
         assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_bn_stats_and_compare_on_the_device_equal_the_cpu():
+    """bn-stats is one deterministic pass: the device gives the CPU's running statistics; compare of a
+    model on the device against one on the CPU reads the images once for both."""
+    cpu_teacher = make_teacher()
+    images = _images(64, seed=5)
+    results = []
+    for device in ("cpu", DEVICE):
+        teacher = copy.deepcopy(cpu_teacher).to(device)
+        student, _ = wsurgery.convert(teacher, mode="ws", inplace=False)  # plain WS, BatchNorm kept
+        with allow_tf32(False):
+            result = wsurgery.calibrate(student, teacher, images, method="bn-stats", held_out=_images(32, seed=6))
+        assert result.phases == ["bn-stats"]
+        assert {t.device.type for t in student.state_dict().values()} == {torch.device(device).type}
+        results.append((student, result))
+    (s_cpu, r_cpu), (s_dev, r_dev) = results
+    for (name, a), (_, b) in zip(s_cpu.state_dict().items(), s_dev.state_dict().items()):
+        if a.is_floating_point():
+            assert_close(b.cpu(), a, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
+    assert abs(r_dev.after.kl - r_cpu.after.kl) < 1e-3 and r_dev.after.top1 == r_cpu.after.top1
+    with allow_tf32(False):
+        mixed = wsurgery.compare(s_dev, cpu_teacher, _images(32, seed=6))
+        plain = wsurgery.compare(s_cpu, cpu_teacher, _images(32, seed=6))
+    assert mixed.num_images == plain.num_images == 32 and mixed.top1 == plain.top1
+    assert abs(mixed.kl - plain.kl) < 1e-3 and abs(mixed.kl - r_cpu.after.kl) < 1e-3
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs two devices")

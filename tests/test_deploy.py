@@ -107,7 +107,14 @@ def _bit():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("build", [_resnet50_gn, _lite0, _bit], ids=["resnet50-gn", "tf_efficientnet_lite0", "bit"])
+@pytest.mark.parametrize("build", [
+    pytest.param(_resnet50_gn, id="resnet50-gn"), pytest.param(_lite0, id="tf_efficientnet_lite0"),
+    # torch 2.11's exporter with onnxruntime 1.30 (a GPU image's pair) computes BiT's stem (conv, constant pad,
+    # max pool) off by 1e-1 of scale for timm's unfolded model as much as for the fold; torch 2.14.1 with
+    # onnxruntime 1.32 (what CI installs) matches to 2e-4 (benchmarks/results/gpu/summary.txt)
+    pytest.param(_bit, id="bit", marks=pytest.mark.xfail(
+        tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14), strict=False,
+        reason="torch < 2.14's ONNX export of BiT's stem runs wrong in onnxruntime 1.30"))])
 def test_folded_onnx_has_no_standardization_and_matches(tmp_path, build):
     model = build().eval()
     result = deploy.export_onnx(model, tmp_path / "m.onnx", img_size=64)

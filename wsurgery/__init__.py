@@ -15,7 +15,7 @@ True
 
 __version__ = "0.1.0"
 
-from . import deploy, io
+from . import _compat, deploy, io  # _compat first: it checks the timm version before anything relies on it
 from .accumulate import compile_standardization, standardize_once
 from .calibrate import CalibrationConfig, CalibrationResult, calibrate
 from .compare import Agreement, compare
