@@ -95,8 +95,8 @@ def handle_errors(fn: F) -> F:
             return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort, SystemExit):
             raise
-        except KeyboardInterrupt:
-            raise fail("interrupted", 130) from None
+        except KeyboardInterrupt as e:  # Ctrl-C 130, SIGTERM (Terminated) 143, as shells report them
+            raise fail("interrupted", getattr(e, "exit_code", 130)) from None
         except WSurgeryError as e:
             if debug_enabled():
                 traceback.print_exc(file=sys.stderr)

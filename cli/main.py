@@ -10,6 +10,8 @@ import threading
 import typer
 import typer.rich_utils
 
+from wsurgery.errors import Terminated
+
 from . import compare as _compare
 from . import convert as _convert
 from . import demo as _demo
@@ -81,7 +83,7 @@ for _name, _fn in COMMANDS.items():
 
 
 def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -128,8 +130,8 @@ def _run(args: list[str]) -> None:
     except ClickException as e:  # e.g. a file option that cannot be opened
         print(f"error: {e.format_message()}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except typer.Abort:  # Ctrl-C outside a command's own handling
-        sys.exit(130)
+    except typer.Abort as e:  # Ctrl-C (130) or SIGTERM (143) outside a command's own handling
+        sys.exit(getattr(e.__cause__, "exit_code", 130))
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -146,7 +146,7 @@ def test_sigterm_cleans_up_like_ctrl_c(tmp_path, saved):
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
         err = proc.stderr.read().decode()
-    assert proc.returncode == 130 and err.strip() == "error: interrupted", (proc.returncode, err)
+    assert proc.returncode == 143 and err.strip() == "error: interrupted", (proc.returncode, err)
     assert not list(tmp_path.glob(".e.*")) and not (tmp_path / "e").exists()
 
 

@@ -185,6 +185,50 @@ def test_a_stop_during_the_last_update_still_finishes_the_run(data, tmp_path):
     _same_weights(tmp_path / "full", run)
 
 
+def test_sigterm_after_the_last_update_lets_the_run_finish(data, tmp_path):
+    """A SIGTERM during the last epoch's evaluation/checkpoint raised TrainingInterrupted (exit 130)
+    after every update was done, and left no train.json; resuming found nothing to do and wrote none."""
+    import os
+    import signal
+
+    def term_at_last_epoch(event):
+        if event.kind == "epoch" and event.epoch == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    result = train(tiny(), data, tmp_path / "r", "cpu-quick", overrides=FAST, callback=term_at_last_epoch)
+    assert result.steps == 12 and len(result.history) == 2
+    assert read_json(tmp_path / "r" / "train.json")["status"] == "completed"
+
+
+def test_resuming_a_finished_run_without_train_json_writes_it(data, tmp_path):
+    """A run whose every epoch is checkpointed but whose train.json is missing (stopped before it was
+    written, by an older version, or deleted) got none on resume."""
+    run = tmp_path / "r"
+    train(tiny(), data, run, "cpu-quick", overrides=FAST)
+    first = read_json(run / "train.json")
+    (run / "train.json").unlink()
+    train(None, None, None, resume=run)
+    again = read_json(run / "train.json")
+    assert again["status"] == "completed" and again["steps"] == first["steps"] == 12
+    assert again["best"] == first["best"]
+
+
+def test_sigterm_mid_run_is_exit_code_143_and_ctrl_c_130(data, tmp_path):
+    import os
+    import signal
+
+    def term(event):
+        if event.kind == "step" and event.step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(TrainingInterrupted, match="--resume") as info:
+        train(tiny(), data, tmp_path / "t", "cpu-quick", overrides=FAST, callback=term)
+    assert info.value.exit_code == 143
+    with pytest.raises(TrainingInterrupted) as info:
+        train(tiny(), data, tmp_path / "c", "cpu-quick", overrides=FAST, callback=_stop_at(3))
+    assert info.value.exit_code == 130
+
+
 def test_the_data_fingerprint_takes_relative_and_absolute_paths_alike(tmp_path, monkeypatch):
     """A CSV mixing relative and absolute image paths crashed every new run (os.path.commonpath)."""
     from _data import make_folder

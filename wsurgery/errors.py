@@ -25,6 +25,7 @@ __all__ = [
     "NonFiniteWeightsError",
     "OutputExistsError",
     "RecipeError",
+    "Terminated",
     "UnsafeCheckpointError",
     "UsageError",
     "VerificationError",
@@ -37,6 +38,14 @@ class WSurgeryError(Exception):
 
     #: exit code the CLI uses for this error: 1 for a user error, 2 for a usage error
     exit_code: int = 1
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, timeout, docker stop, Slurm), raised where a handler turns the signal into an
+    exception. A ``KeyboardInterrupt``, so everything that cleans up on Ctrl-C cleans up on it too;
+    the CLI exits with 143 (128 + SIGTERM) for it and 130 for Ctrl-C, as shells do."""
+
+    exit_code = 143
 
 
 class UsageError(WSurgeryError, ValueError):

@@ -120,9 +120,17 @@ class TrainingDivergedError(WSurgeryError, FloatingPointError):
 
 
 class TrainingInterrupted(WSurgeryError):
-    """Ctrl-C or SIGTERM stopped the run; a checkpoint was written first (resume with ``resume=``)."""
+    """Ctrl-C or SIGTERM stopped the run; a checkpoint was written first (resume with ``resume=``).
+
+    ``exit_code`` is 128 + the signal, as shells report it: 130 for Ctrl-C, 143 for SIGTERM.
+    """
 
     exit_code = 130
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        if signum is not None:
+            self.exit_code = 128 + signum
 
 
 @dataclass
@@ -336,7 +344,8 @@ def _optimizer_state_from_files(plain: dict[str, Any], tensors: dict[str, torch.
 
 @contextlib.contextmanager
 def _signals_to_flag(flag: dict[str, bool]) -> Iterator[None]:
-    """First Ctrl-C/SIGTERM sets ``flag['stop']`` (the loop checkpoints at the next step); a second one raises."""
+    """First Ctrl-C/SIGTERM sets ``flag['stop']`` and ``flag['signal']`` (the loop checkpoints at the next
+    step); a second one raises."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -345,6 +354,7 @@ def _signals_to_flag(flag: dict[str, bool]) -> Iterator[None]:
         if flag.get("stop"):
             raise KeyboardInterrupt
         flag["stop"] = True
+        flag["signal"] = signum
 
     old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     for s in old:
@@ -766,7 +776,7 @@ class _Run:
         msg = f"interrupted at step {self.state.step}"
         if where is not None:
             msg += f"; checkpoint written to {where}; continue with --resume {self.output}"
-        return TrainingInterrupted(msg)
+        return TrainingInterrupted(msg, self.stop.get("signal"))
 
     def run(self) -> None:
         self.callback(TrainEvent("start", epoch=self.state.epoch, epochs=self.epochs, step=self.state.step,
@@ -777,12 +787,14 @@ class _Run:
             with _signals_to_flag(self.stop):
                 for epoch in range(self.state.epoch, self.epochs):
                     self._run_epoch(epoch)
-                    if self.stop["stop"]:
+                    # a stop during the last epoch's evaluation or checkpoint: the run is complete (raising
+                    # would leave it without train.json, and resuming it would find nothing to do)
+                    if self.stop["stop"] and epoch + 1 < self.epochs:
                         raise KeyboardInterrupt
         except KeyboardInterrupt:
             if self.in_update:  # a second Ctrl-C in the middle of an update: weights are half-updated
-                raise TrainingInterrupted("interrupted during an optimizer update; the last checkpoint was kept"
-                                          ) from None
+                raise TrainingInterrupted("interrupted during an optimizer update; the last checkpoint was kept",
+                                          self.stop.get("signal")) from None
             raise self._interrupted() from None
         self.callback(TrainEvent("end", epoch=self.epochs, epochs=self.epochs, step=self.state.step,
                                  total_steps=self.total_steps, metrics=self.state.history[-1] if self.state.history
@@ -1149,7 +1161,7 @@ def train(
         from .load import load
 
         best_model = load(out)
-        if not finished:  # a finished run's train.json stays the record of the run
+        if not finished or not (out / TRAIN_JSON).exists():  # a finished run's train.json stays its record
             # the seconds of every process of the run (a resumed one included)
             _write_summary(out, run, bundle, notes, decode_failures,
                            run.state.seconds_before + time.perf_counter() - t_start)
