@@ -12,7 +12,18 @@ from wsurgery.compare import CONFIDENT, same_data_config
 from wsurgery.data import find_images
 from wsurgery.errors import NetworkUnavailableError
 
-from ._common import SEED_MAX, check_at_least, confident_cell, console, flag, handle_errors, kv_table, note, print_json
+from ._common import (
+    SEED_MAX,
+    check_at_least,
+    confident_cell,
+    console,
+    err_console,
+    flag,
+    handle_errors,
+    kv_table,
+    note,
+    print_json,
+)
 
 
 def _load(source: str, checkpoint: Path | None, remap_by_order: bool, which: str):
@@ -43,11 +54,11 @@ def compare(
     """Print top-1 agreement, top-5 overlap and KL(B || A) of model A against reference B."""
     check_at_least(("--limit", limit, 1), ("--crops-per-image", crops_per_image, 1))
     paths = find_images([str(i) for i in images])  # a wrong path fails before minutes of model loading
-    with console.status("loading models"):
+    with err_console.status("loading models"):
         model_a = _load(a, a_checkpoint, remap_by_order, "a")
         model_b = _load(b, b_checkpoint, remap_by_order, "b")
     if crops_per_image == 1:  # the library reads the files, with each model's own eval transform
-        with console.status(f"running both models on {min(len(paths), limit or len(paths))} images"):
+        with err_console.status(f"running both models on {min(len(paths), limit or len(paths))} images"):
             agreement = wsurgery.compare(model_a, model_b, paths, limit=limit, seed=seed, img_size=img_size)
     else:  # random crops: both models see the same crops, made with B's data config
         if not same_data_config(model_a, model_b, img_size):
@@ -55,7 +66,7 @@ def compare(
                  "prepared for B (with 1, each model gets its own eval transform)")
         x = calibration_images(paths, model_b, limit=limit, seed=seed, img_size=img_size,
                                crops_per_image=crops_per_image)
-        with console.status(f"running both models on {x.shape[0]} images"):
+        with err_console.status(f"running both models on {x.shape[0]} images"):
             agreement = wsurgery.compare(model_a, model_b, x)
     if as_json:
         print_json(agreement.to_dict())

@@ -25,7 +25,18 @@ from wsurgery.config import SurgeryConfig
 from wsurgery.errors import CheckpointError, ConfigError, UsageError
 from wsurgery.io import CONFIG_NAME
 
-from ._common import SEED_MAX, check_at_least, confident_cell, console, flag, handle_errors, kv_table, note
+from ._common import (
+    SEED_MAX,
+    check_at_least,
+    confident_cell,
+    console,
+    err_console,
+    flag,
+    handle_errors,
+    kv_table,
+    note,
+    print_json,
+)
 
 #: config fields -> the flags that set them, so a bad value is reported by the name the user typed
 FLAGS = {"steps": "--calib-steps", "batch_size": "--calib-batch", "train": "--calib-train", "lr": "--calib-lr",
@@ -58,7 +69,8 @@ class CalibrationView:
     def __init__(self) -> None:
         self.progress = Progress(
             TextColumn("[bold]{task.description:<9}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), console=console, transient=False,
+            TextColumn("{task.fields[loss]}"), TimeElapsedColumn(), transient=False,
+            console=err_console,  # progress on stderr, as train's: stdout holds the result (--json)
         )
         self.tasks: dict[str, int] = {}
 
@@ -166,6 +178,7 @@ def convert(
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX,
                              help="Seeds the image choice, crops, held-out split and batch order."),
     force: bool = flag(False, "--force", help="Overwrite the output if it exists."),
+    as_json: bool = flag(False, "--json", help="Print the result as JSON (the surgery report and calibration)."),
 ) -> None:
     """Convert every conv of a timm model to Weight Standardization (optionally BN -> GN), calibrate, save."""
     try:
@@ -191,12 +204,12 @@ def convert(
     # fail before the (slow) load; --force never deletes the model, checkpoint or images it reads
     wsurgery.io.check_output(output, force, inputs=(model, checkpoint, *(calib_data or ())),
                              markers=(CONFIG_NAME,), create_parent=False)
-    with console.status(f"loading {escape(model)}"):
+    with err_console.status(f"loading {escape(model)}"):
         net, new_head = _load_for_calibration(model, pretrained, checkpoint, remap_by_order, num_classes,
                                               calibrating=method != "none")
     images = None
     if method != "none":
-        with console.status("reading calibration images"):
+        with err_console.status("reading calibration images"):
             # with several crops per file, the held-out crops come from photos not calibrated on
             images, held_out = calibration_split(calib_data, net, calib_held_out, limit=calib_images, seed=seed,
                                                  crops_per_image=calib_crops)
@@ -213,9 +226,14 @@ def convert(
         report.params_before += change  # the report counts the model as saved
         report.params_after += change
     wsurgery.save(student, output, report=report, force=force)
-    console.print(report_table(report))
-    if result is not None:
-        console.print(calibration_table(result))
+    if as_json:
+        print_json({"output": str(output), "config": config.to_dict(), "report": report.to_dict(),
+                    "calibration": result.to_dict() if result is not None else None,
+                    "num_classes": getattr(student, "num_classes", None)})
+    else:
+        console.print(report_table(report))
+        if result is not None:
+            console.print(calibration_table(result))
     unnormalized = report.convs_without_norm
     rows = [
         ("convs standardized", report.num_convs),
@@ -235,7 +253,8 @@ def convert(
         rows.append(("classifier", f"calibrated with the original's {net.num_classes} classes, then a new head "
                                    f"of {new_head}"))
     rows.append(("saved to", output))
-    console.print(kv_table("summary", rows))
+    if not as_json:
+        console.print(kv_table("summary", rows))
     if preconditioned_convs(student):
         # measured (benchmarks/demo_variants.py --preset lr): the demo diverges at the micro-batch recipe's lr 0.01
         note("preconditioned models fine-tune at a lower learning rate: pass --set lr=0.003 "

@@ -14,7 +14,7 @@ from wsurgery.errors import UsageError
 from wsurgery.export import DTYPES
 from wsurgery.io import CONFIG_NAME
 
-from ._common import console, fail, flag, handle_errors, kv_table, note, print_json
+from ._common import console, err_console, fail, flag, handle_errors, kv_table, note, print_json
 
 ALL_FORMATS = ("safetensors", "onnx", "torch-export")
 
@@ -85,9 +85,9 @@ def export(
     if timm.is_model(source) and not Path(source).exists() and checkpoint is None and pretrained is None:
         raise UsageError(f"{source} is a model name, and exporting it needs its weights: pass --checkpoint PATH, "
                          "--pretrained (fetches timm's, needs a network) or --no-pretrained (random, for testing)")
-    with console.status(f"loading {escape(source)}"):
+    with err_console.status(f"loading {escape(source)}"):
         model = wsurgery.load(source, checkpoint=checkpoint, remap_by_order=remap_by_order, pretrained=pretrained)
-    with console.status("folding and writing"):
+    with err_console.status("folding and writing"):
         result = wsurgery.export(model, output, fold_bn=fold_bn, dtype=dtype, force=force, verify=verify,
                                  formats=extra, img_size=img_size, opset=opset)
     rows: list[tuple[str, Any]] = [

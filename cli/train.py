@@ -13,7 +13,7 @@ from wsurgery.recipes import recipe_reference
 from wsurgery.train import TrainEvent
 from wsurgery.train import train as train_model
 
-from ._common import console, err_console, fail, flag, handle_errors, kv_table, note
+from ._common import console, err_console, fail, flag, handle_errors, kv_table, note, print_json
 
 
 def recipe_table() -> Table:
@@ -93,6 +93,8 @@ def train(
     remap_by_order: bool = flag(False, "--remap-by-order", help="For --checkpoint: match tensors in order."),
     force: bool = flag(False, "--force", help="Overwrite the output (and export) if they exist."),
     help_recipe: bool = flag(False, "--help-recipe", help="List every recipe key and exit."),
+    as_json: bool = flag(False, "--json", help="Print the result as JSON (history, best, export check); "
+                                               "progress stays on stderr."),
 ) -> None:
     """Fine-tune a model on your images; writes the best model (a surgery directory), checkpoints and metrics."""
     if help_recipe:
@@ -137,6 +139,9 @@ def train(
         verdict = "pass" if result.verify.passed else "FAIL"
         rows.append(("export max |diff|", f"{result.verify.max_abs:.3g} ({verdict})"))
     rows.append(("time", f"{result.seconds:.1f} s"))
-    console.print(kv_table("train", rows))
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        console.print(kv_table("train", rows))
     if result.verify is not None and not result.verify.passed:
         raise fail(f"export differs from the trained model: max rel diff {result.verify.max_rel:.3g}")

@@ -141,3 +141,30 @@ def test_export_and_verify_print_json_a_ci_gate_can_read(tmp_path):
     ok(checked)
     result = json.loads(checked.stdout)
     assert result["passed"] is True and result["num_inputs"] == 4 and result["max_rel"] <= result["rtol"]
+
+
+def test_convert_and_train_print_json_with_progress_on_stderr(tmp_path):
+    """--json was missing on convert and train; calibration's progress bar went to stdout (into the JSON)."""
+    from _data import make_folder, make_train_val
+
+    images = make_folder(tmp_path / "img", per_class=3)
+    converted = _run("convert", "resnet10t", "--no-pretrained", "--mode", "aws", "--norm", "gn", "--calib-data",
+                     str(images), "--calib-images", "8", "--calib-steps", "2", "--calib-batch", "4", "-o",
+                     str(tmp_path / "c"), "--json")
+    assert converted.returncode == 0, converted.stderr
+    record = json.loads(converted.stdout)  # the whole of stdout is the JSON
+    assert record["output"] == str(tmp_path / "c") and record["num_classes"] == 1000
+    assert record["config"]["mode"] == "aws" and len(record["report"]["changes"]) > 0
+    assert record["calibration"]["steps"] == 2 and record["calibration"]["phases"] == ["gn-init", "distill"]
+    assert "distill" in converted.stderr  # the progress bars, on stderr
+    data = make_train_val(tmp_path / "data")
+    trained = _run("train", str(tmp_path / "c"), "--data", str(data), "--recipe", "cpu-quick", "--img-size", "32",
+                   "--set", "epochs=2", "--set", "batch_size=4", "--set", "workers=0", "-o", str(tmp_path / "r"),
+                   "--json")
+    assert trained.returncode == 0, trained.stderr
+    result = json.loads(trained.stdout)
+    assert result["output"] == str(tmp_path / "r") and result["epochs"] == 2 == len(result["history"])
+    assert result["steps"] == result["history"][-1]["step"] > 0
+    assert result["recipe"]["img_size"] == 32 and result["export"] is None
+    assert result["best"]["top1"] == max(h["top1"] for h in result["history"])
+    assert "epoch 2/2" in trained.stderr

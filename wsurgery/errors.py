@@ -25,7 +25,6 @@ __all__ = [
     "NonFiniteWeightsError",
     "OutputExistsError",
     "RecipeError",
-    "Terminated",
     "UnsafeCheckpointError",
     "UsageError",
     "VerificationError",
@@ -40,6 +39,7 @@ class WSurgeryError(Exception):
     exit_code: int = 1
 
 
+# not in __all__, which lists the error hierarchy: a signal, not an error
 class Terminated(KeyboardInterrupt):
     """SIGTERM (kill, timeout, docker stop, Slurm), raised where a handler turns the signal into an
     exception. A ``KeyboardInterrupt``, so everything that cleans up on Ctrl-C cleans up on it too;

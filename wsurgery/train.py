@@ -170,6 +170,23 @@ class TrainResult:
     verify: Any = None
     seconds: float = 0.0
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: everything but the model (``wsurgery train --json`` prints it)."""
+        return {
+            "output": str(self.output) if self.output is not None else None,
+            "steps": self.steps,
+            "epochs": len(self.history),
+            "best": self.best,
+            "class_names": list(self.class_names),
+            "recipe": self.recipe.to_dict(),
+            "history": self.history,
+            "skipped_files": [str(f) for f in self.skipped_files],
+            "notes": list(self.notes),
+            "export": self.export.to_dict() if self.export is not None else None,
+            "verify": self.verify.to_dict() if self.verify is not None else None,
+            "seconds": round(self.seconds, 2),
+        }
+
 
 # --- small pieces ------------------------------------------------------------------------
 
