@@ -13,7 +13,7 @@ from wsurgery.recipes import recipe_reference
 from wsurgery.train import TrainEvent
 from wsurgery.train import train as train_model
 
-from ._common import console, err_console, fail, flag, handle_errors, kv_table, note, print_json
+from ._common import SEED_MAX, console, err_console, fail, flag, handle_errors, kv_table, note, print_json
 
 
 def recipe_table() -> Table:
@@ -83,6 +83,8 @@ def train(
     val_split: float | None = typer.Option(None, "--val-split", help="Hold out this fraction of each class "
                                               "when there is no validation set (recipe key val_split)."),
     img_size: int | None = typer.Option(None, "--img-size", help="Resolution (recipe key img_size)."),
+    seed: int | None = typer.Option(None, "--seed", min=0, max=SEED_MAX,
+                                    help="Seed of data order, augmentation, mixup and dropout (recipe key seed)."),
     device: str | None = typer.Option(
         None, "--device", help="cuda, mps or cpu (default: $WSURGERY_DEVICE, else the best available)."),
     resume: Path | None = typer.Option(None, "--resume", help="Continue an interrupted run exactly."),
@@ -105,7 +107,7 @@ def train(
     if resume is not None:  # a resumed run continues with its own recipe: these would not apply
         # (--set may change what does not change the result, e.g. workers: the library checks the keys)
         given = [flag for flag, value in (("--recipe", recipe), ("--img-size", img_size),
-                                          ("--val-split", val_split)) if value]
+                                          ("--val-split", val_split), ("--seed", seed)) if value is not None]
         if given:
             raise fail(f"{', '.join(given)} cannot change a resumed run (it continues with the recipe it was "
                        "started with); drop them, or start a new run", 2)
@@ -114,6 +116,8 @@ def train(
         overrides.append(f"val_split={val_split}")
     if img_size is not None:
         overrides.append(f"img_size={img_size}")
+    if seed is not None:
+        overrides.append(f"seed={seed}")
     load_kwargs = {"pretrained": pretrained, "checkpoint": checkpoint, "remap_by_order": remap_by_order}
     if model is not None and Path(model).is_dir():
         if checkpoint is not None:  # the directory's own weights would be trained, the checkpoint never read

@@ -160,11 +160,11 @@ def test_convert_and_train_print_json_with_progress_on_stderr(tmp_path):
     data = make_train_val(tmp_path / "data")
     trained = _run("train", str(tmp_path / "c"), "--data", str(data), "--recipe", "cpu-quick", "--img-size", "32",
                    "--set", "epochs=2", "--set", "batch_size=4", "--set", "workers=0", "-o", str(tmp_path / "r"),
-                   "--json")
+                   "--seed", "7", "--json")
     assert trained.returncode == 0, trained.stderr
     result = json.loads(trained.stdout)
     assert result["output"] == str(tmp_path / "r") and result["epochs"] == 2 == len(result["history"])
     assert result["steps"] == result["history"][-1]["step"] > 0
-    assert result["recipe"]["img_size"] == 32 and result["export"] is None
+    assert result["recipe"]["img_size"] == 32 and result["recipe"]["seed"] == 7 and result["export"] is None
     assert result["best"]["top1"] == max(h["top1"] for h in result["history"])
     assert "epoch 2/2" in trained.stderr

@@ -114,7 +114,7 @@ def test_unknown_auto_augment_policy_is_a_recipe_error():
 def test_cli_resume_names_the_flags_that_cannot_apply(data, tmp_path):
     _interrupted(data, tmp_path / "a", step=3)
     for flags, named in ((["--img-size", "64"], "--img-size"), (["--val-split", "0.2"], "--val-split"),
-                         (["--recipe", "micro-batch"], "--recipe")):
+                         (["--recipe", "micro-batch"], "--recipe"), (["--seed", "0"], "--seed")):
         one_error(invoke("train", "--resume", tmp_path / "a", *flags), 2, named, "cannot change a resumed run")
     # --set: only keys that leave the result as it is (workers) may change
     one_error(invoke("train", "--resume", tmp_path / "a", "--set", "lr=0.1"), 2, "--set",
