@@ -61,6 +61,27 @@ def test_a_file_named_twice_is_read_once(tmp_path):
     assert calib.shape[0] + held.shape[0] == 6  # 3 files x 2 crops, not 5 x 2
 
 
+def test_jfif_and_avif_photos_are_found_read_and_trained_on(tmp_path):
+    """.jfif (a JPEG, as browsers save them) and .avif (Pillow reads it) were passed over."""
+    from PIL import features
+
+    from wsurgery.datasets import build_datasets
+
+    rng = np.random.default_rng(0)
+    kinds = [".jfif", ".jpe"] + ([".avif"] if features.check("avif") else [])
+    for label in ("a", "b"):
+        for i, suffix in enumerate(kinds):
+            pixels = rng.integers(0, 255, size=(20, 20, 3), dtype=np.uint8)
+            target = tmp_path / "data" / label / f"{i}{suffix}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(pixels).save(target, format="AVIF" if suffix == ".avif" else "JPEG")
+    found = find_images(tmp_path / "data")
+    assert sorted(p.suffix for p in found) == sorted(kinds * 2)
+    assert all(open_rgb(p).size == (20, 20) for p in found)
+    bundle = build_datasets(tmp_path / "data")
+    assert len(bundle.train) == len(found) and bundle.class_names == ["a", "b"]
+
+
 def _se_like() -> nn.Module:
     """A BatchNorm on globally pooled 1x1 maps, as in squeeze-excitation blocks."""
     torch.manual_seed(0)

@@ -34,7 +34,12 @@ __all__ = [
     "random_inputs",
 ]
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+_PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif", ".jpe")
+# read where this Pillow can: AVIF is built into Pillow's wheels since 11.3; HEIC/HEIF needs the
+# pillow-heif plugin (registered before wsurgery is imported, e.g. by `import pillow_heif;
+# pillow_heif.register_heif_opener()`)
+_IF_SUPPORTED = (".avif", ".heic", ".heif")
+IMAGE_SUFFIXES = _PHOTO_SUFFIXES + tuple(s for s in _IF_SUPPORTED if s in Image.registered_extensions())
 
 
 def find_images(spec: str | os.PathLike | Sequence[str | os.PathLike]) -> list[Path]:
