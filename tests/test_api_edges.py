@@ -149,6 +149,31 @@ def test_weight_norm_conv_is_refused_before_anything_changes():
     torch.testing.assert_close(wsurgery.fold(model, inplace=False)(x), model(x), rtol=0, atol=0)
 
 
+def test_hook_weight_norm_and_lazy_convs_are_refused_with_their_fix():
+    """The old hook API (torch.nn.utils.weight_norm: weight_g/weight_v, `weight` recomputed by a
+    pre-hook) gave parametrize's raw ValueError; an uninitialised LazyConv2d torch's."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch deprecates the hook API
+        hooked = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), torch.nn.utils.weight_norm(nn.Conv2d(4, 4, 3)))
+    with pytest.raises(ConversionError, match=r"^2\.weight is computed by a hook .*remove_weight_norm"):
+        wsurgery.convert(hooked, mode="ws", trace=False)
+    assert not wsurgery.is_converted(hooked)
+    torch.nn.utils.remove_weight_norm(hooked[2])  # the fix the message names
+    assert wsurgery.convert(hooked, mode="ws", trace=False)[1].num_convs == 2
+    lazy = nn.Sequential(nn.LazyConv2d(4, 3), nn.BatchNorm2d(4))
+    with pytest.raises(ConversionError, match=r"^0 is a lazy conv .*run the model once"):
+        wsurgery.convert(lazy, mode="ws", trace=False)
+    lazy(torch.randn(1, 3, 8, 8))
+    assert wsurgery.convert(lazy, mode="aws", trace=False)[1].num_convs == 1
+    # a single-tensor parametrization is no hook: it converts, stacked (as before)
+    from torch.nn.utils.parametrizations import orthogonal
+
+    stacked = nn.Sequential(orthogonal(nn.Conv2d(4, 4, 1)))
+    assert wsurgery.convert(stacked, mode="ws", trace=False)[1].num_convs == 1
+
+
 def test_convolutions_of_other_kinds_are_listed_not_silently_passed_over():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ConvTranspose2d(4, 4, 2), nn.Conv1d(4, 4, 1))
     _, report = wsurgery.convert(model, mode="ws", trace=False)

@@ -257,6 +257,15 @@ def plan_surgery(model: nn.Module, config: SurgeryConfig, pooled: frozenset[str]
                 f"{name}.weight is already parametrized with several tensors (weight_norm?), which fold cannot "
                 f"turn back into one plain weight; remove it first: torch.nn.utils.parametrize."
                 f"remove_parametrizations(model.get_submodule({name!r}), 'weight'), or exclude the conv")
+        if held is None and "weight" not in module._parameters:  # torch.nn.utils.weight_norm (hook API): weight_g, _v
+            raise ConversionError(
+                f"{name}.weight is computed by a hook (torch.nn.utils.weight_norm?), not held as a parameter; "
+                f"remove it first: torch.nn.utils.remove_weight_norm(model.get_submodule({name!r})), or exclude "
+                "the conv")
+        if isinstance(module.weight, nn.parameter.UninitializedParameter):  # LazyConv2d before its first call
+            raise ConversionError(
+                f"{name} is a lazy conv whose weight does not exist yet; run the model once on an input "
+                "(model(torch.randn(1, 3, 224, 224))) before converting it")
         fan_in, _ = _fan_in(module)
         if config.convention == "paper" and fan_in < 2:
             raise ConversionError(f"{name}: 1 entry per filter cannot use the unbiased 'paper' convention; exclude it")
