@@ -75,6 +75,19 @@ def _expand_home(args: list[str], end: int) -> list[str]:
     return out
 
 
+OUTPUT_OPTIONS = ("-o", "--output", "--export", "--workdir")
+
+
+def _stdout_output(args: list[str], end: int) -> str | None:
+    """The output option given ``-`` (stdout, by convention), if any: every output here is a directory
+    or file that is written atomically, and ``-o -`` made a folder named ``-``."""
+    for i, arg in enumerate(args[:end]):
+        option, eq, value = arg.partition("=")
+        if option in OUTPUT_OPTIONS and ((eq and value == "-") or (not eq and i + 1 < end and args[i + 1] == "-")):
+            return option
+    return None
+
+
 COMMANDS = {"convert": _convert.convert, "inspect": _inspect.inspect, "export": _export.export,
             "verify": _verify.verify, "train": _train.train, "predict": _predict.predict, "demo": _demo.demo,
             "compare": _compare.compare}
@@ -98,6 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     if "--debug" in args[:end]:
         args = ["--debug"] + [a for i, a in enumerate(args) if not (a == "--debug" and i < end)]
     args = _expand_home(args, end)
+    option = _stdout_output(args, end)
+    if option is not None:
+        typed = next((a for a in args if a in COMMANDS), None)
+        print(f"error: {option} - would write to stdout, but this output is a folder or file written whole; "
+              f"name one (e.g. {option} ./out) (see wsurgery{' ' + typed if typed else ''} --help)", file=sys.stderr)
+        sys.exit(2)
     if typer.rich_utils.MAX_WIDTH is None and not sys.stdout.isatty():
         # piped help (`--help | less`, docs) is 80 columns by default, which cut option names such as
         # --calib-temperature to `--calib-temper…`; a terminal keeps its own width

@@ -168,3 +168,17 @@ def test_convert_and_train_print_json_with_progress_on_stderr(tmp_path):
     assert result["recipe"]["img_size"] == 32 and result["recipe"]["seed"] == 7 and result["export"] is None
     assert result["best"]["top1"] == max(h["top1"] for h in result["history"])
     assert "epoch 2/2" in trained.stderr
+
+
+@pytest.mark.parametrize("args", [["convert", "resnet10t", "--no-pretrained", "-o", "-"],
+                                  ["export", "x", "--output=-"], ["train", "x", "--data", "d", "-o", "r",
+                                                                   "--export", "-"]])
+def test_an_output_of_dash_is_refused_not_made_a_folder_named_dash(tmp_path, args):
+    """`-o -` (stdout by convention) made a folder named `-`."""
+    result = subprocess.run([sys.executable, "-m", "wsurgery", *args], capture_output=True, text=True, cwd=tmp_path,
+                            env={**ENV, "FORCE_COLOR": ""}, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    option = "--output" if "--output=-" in args else args[args.index("-") - 1]
+    assert result.stderr.strip() == (f"error: {option} - would write to stdout, but this output is a folder or file "
+                                     f"written whole; name one (e.g. {option} ./out) (see wsurgery {args[0]} --help)")
+    assert list(tmp_path.iterdir()) == []
