@@ -82,6 +82,25 @@ def test_jfif_and_avif_photos_are_found_read_and_trained_on(tmp_path):
     assert len(bundle.train) == len(found) and bundle.class_names == ["a", "b"]
 
 
+def test_a_dataset_root_calibrates_on_its_train_split_only(tmp_path):
+    """A dataset root with train/ and val/ was read whole: its validation images were calibrated on."""
+    from _data import make_train_val
+
+    from wsurgery.calibrate import calibration_files, calibration_images
+
+    root = make_train_val(tmp_path / "data", train_per_class=4, val_per_class=2)
+    train_files = find_images(root / "train")
+    assert calibration_files(root) == train_files and len(find_images(root)) > len(train_files)
+    model = timm.create_model("resnet10t", num_classes=3)
+    assert calibration_images(root, model, limit=None, img_size=32).shape[0] == len(train_files)
+    # a folder that is not a dataset root, and a named val/ folder, are read as they are
+    assert calibration_files(root / "val") == find_images(root / "val")
+    (tmp_path / "plain" / "train").mkdir(parents=True)  # train/ without an evaluation split beside it
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain" / "train" / "a.png")
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain" / "b.png")
+    assert len(calibration_files(tmp_path / "plain")) == 2
+
+
 def _se_like() -> nn.Module:
     """A BatchNorm on globally pooled 1x1 maps, as in squeeze-excitation blocks."""
     torch.manual_seed(0)

@@ -53,6 +53,7 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -69,12 +70,14 @@ from .norm import _bn_affine, is_batchnorm
 from .standardize import AdaptiveWeightStandardization
 
 __all__ = [
+    "EVAL_SPLITS",
     "METHODS",
     "CalibrationConfig",
     "CalibrationProgress",
     "CalibrationResult",
     "Method",
     "calibrate",
+    "calibration_files",
     "calibration_images",
     "calibration_split",
     "distill",
@@ -202,6 +205,24 @@ def _train_crop_transform(model: nn.Module, img_size: int | None):
                             auto_augment=None, re_prob=0.0)
 
 
+#: split folders beside ``train/`` that mark a dataset root (timm's and torchvision's names)
+EVAL_SPLITS = ("val", "validation", "test")
+
+
+def calibration_files(spec: ImageSpec) -> list[Path]:
+    """The image files of ``spec`` to calibrate on: :func:`~wsurgery.data.find_images`, except that a
+    dataset root holding ``train/`` beside ``val/``, ``validation/`` or ``test/`` stands for its
+    ``train/`` folder. Calibration uses no labels, but a model calibrated on the validation or test
+    images would later be judged on images it had seen.
+    """
+    items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
+    for i, item in enumerate(items):
+        if isinstance(item, (str, os.PathLike)) and (root := Path(item)).is_dir() and (root / "train").is_dir() \
+                and any((root / split).is_dir() for split in EVAL_SPLITS):
+            items[i] = root / "train"
+    return find_images(items)
+
+
 def calibration_images(
     spec: ImageSpec,
     model: nn.Module,
@@ -214,7 +235,8 @@ def calibration_images(
     """Read unlabeled images into one normalized batch with the model's timm transforms.
 
     A dataset folder (``root/class/xxx.jpg``) works as well: files are found recursively and
-    the class folders are ignored.
+    the class folders are ignored. A dataset root with ``train/`` beside ``val/``, ``validation/``
+    or ``test/`` gives its ``train/`` images only (see :func:`calibration_files`).
 
     Args:
         spec: image files, folders or glob patterns.
@@ -236,7 +258,7 @@ def calibration_images(
         raise ConfigError(f"the calibration image limit must be at least 1, got {limit}")
     if crops_per_image < 1:
         raise ConfigError(f"crops_per_image must be at least 1, got {crops_per_image}")
-    paths = find_images(spec)
+    paths = calibration_files(spec)
     rng = random.Random(seed)
     if limit is not None and len(paths) > limit:
         paths = sorted(rng.sample(paths, limit))
@@ -285,7 +307,7 @@ def calibration_split(
     if not held_out or crops_per_image == 1:
         return calibration_images(spec, model, limit=limit, seed=seed, img_size=img_size,
                                   crops_per_image=crops_per_image), held_out or None
-    paths = find_images(spec)
+    paths = calibration_files(spec)
     if len(paths) < 2:
         return calibration_images(paths, model, limit=limit, seed=seed, img_size=img_size,
                                   crops_per_image=crops_per_image), held_out
