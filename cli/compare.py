@@ -10,7 +10,7 @@ import wsurgery
 from wsurgery.calibrate import calibration_images
 from wsurgery.compare import CONFIDENT, same_data_config
 from wsurgery.data import find_images
-from wsurgery.errors import NetworkUnavailableError
+from wsurgery.errors import NetworkUnavailableError, UsageError
 
 from ._common import (
     SEED_MAX,
@@ -47,12 +47,17 @@ def compare(
     limit: int | None = typer.Option(None, "--limit", help="Use at most N images (or crops)."),
     crops_per_image: int = typer.Option(
         1, "--crops-per-image", help="1: center crop of each file; N: N random resized crops/flips of each."),
-    img_size: int | None = typer.Option(None, "--img-size", help="Input size (default: B's data config)."),
+    img_size: int | None = typer.Option(
+        None, "--img-size", help="Input size for both (default: each model's own data config; with "
+        "--crops-per-image above 1, B's)."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX, help="Seeds the choice of images and the crops."),
     as_json: bool = flag(False, "--json", help="Print the agreement as JSON."),
 ) -> None:
     """Print top-1 agreement, top-5 overlap and KL(B || A) of model A against reference B."""
     check_at_least(("--limit", limit, 1), ("--crops-per-image", crops_per_image, 1))
+    if remap_by_order and a_checkpoint is None and b_checkpoint is None:  # it would be ignored silently
+        raise UsageError("--remap-by-order matches a checkpoint's tensors in order; it needs --a-checkpoint or "
+                         "--b-checkpoint: pass one, or drop it")
     paths = find_images([str(i) for i in images])  # a wrong path fails before minutes of model loading
     with err_console.status("loading models"):
         model_a = _load(a, a_checkpoint, remap_by_order, "a")

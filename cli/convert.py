@@ -123,8 +123,15 @@ def _load_for_calibration(source: str, pretrained: bool | None, checkpoint: Path
                          num_classes=num_classes), None
 
 
+#: convert's parameters that only calibration reads
+CALIBRATION_FLAGS = ("calib_data", "calib_images", "calib_crops", "calib_held_out", "calib_steps", "calib_batch",
+                     "calib_train", "calib_lr", "calib_size", "calib_seconds", "calib_temperature", "calib_augment",
+                     "calib_precondition")
+
+
 @handle_errors
 def convert(
+    ctx: typer.Context,
     model: str = typer.Argument(..., help="timm model name, hf-hub:org/name, or a saved directory."),
     output: Path = typer.Option(..., "--output", "-o", help="Directory to write the converted model to."),
     pretrained: bool | None = flag(
@@ -198,6 +205,17 @@ def convert(
         raise UsageError(f"--calibrate must be one of {', '.join(METHODS)}, got {method!r}")
     if method != "none" and not calib_data:
         raise UsageError(f"--calibrate {method} needs unlabeled images: pass --calib-data PATH (folder, files or glob)")
+    if method == "none":  # every calibration setting would be ignored silently
+        # by name: typer runs on its own vendored click (0.2x) or on click itself, each with its own enum
+        given = [name for name in CALIBRATION_FLAGS
+                 if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+        if given:
+            flag_name = "--" + given[0].replace("_", "-")
+            raise UsageError(f"{flag_name} has no effect: calibration is off (no --calib-data, or --calibrate none); "
+                             "pass --calib-data PATH to calibrate, or drop it")
+    if calib_precondition and norm != "gn":  # before the (slow) load; calibrate itself refuses it too
+        raise UsageError("--calib-precondition is a step of gn-init, for models whose BatchNorms become GroupNorm; "
+                         "add --norm gn, or drop it")
     if not 0 <= calib_held_out < 1:
         raise UsageError(f"--calib-held-out must be a fraction in [0, 1), got {calib_held_out}")
     check_at_least(("--calib-images", calib_images, 1), ("--calib-crops", calib_crops, 1))

@@ -30,7 +30,8 @@ def demo(
     set_: list[str] = typer.Option(
         [], "--set", metavar="KEY=VALUE",
         help="Override a key of the fine-tune's recipe (micro-batch), after the demo's own: "
-        "--set lr=0.001 (repeatable; the demo sets epochs=2, warmup_steps=5, lr=0.003)."),
+        "--set lr=0.001 (repeatable; the demo sets epochs=2, warmup_steps=5, lr=0.003; with --quick "
+        "epochs=1, warmup_steps=1, accum_steps=4)."),
     force: bool = flag(False, "--force", help="Delete and redo an existing work directory."),
 ) -> None:
     """EfficientNet-Lite0 (real ImageNet weights) -> adaptive WS + GN -> calibrate -> micro-batch fine-tune on

@@ -122,6 +122,10 @@ def train(
     if model is not None and Path(model).is_dir():
         if checkpoint is not None:  # the directory's own weights would be trained, the checkpoint never read
             raise fail(f"{model} is a saved directory and already holds its weights; drop --checkpoint", 2)
+        if remap_by_order or pretrained is not None:  # they would be ignored silently
+            given = "--remap-by-order" if remap_by_order else "--pretrained/--no-pretrained"
+            raise fail(f"{model} is a saved directory and already holds its weights; {given} does not apply to it "
+                       "(drop it)", 2)
         load_kwargs = {}
     view = ProgressView()
     try:

@@ -12,7 +12,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import weight_norm
 
 import wsurgery
-from wsurgery.errors import ConversionError
+from wsurgery.errors import ConversionError, UsageError
 from wsurgery.train import evaluate
 
 X = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
@@ -190,3 +190,64 @@ def test_frozen_batchnorm_becomes_a_trainable_groupnorm():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), FrozenBatchNorm2d(8))
     wsurgery.convert(model, mode="ws", norm="gn", gn_groups=2, trace=False, probe=False)
     assert isinstance(model[1], nn.GroupNorm) and model[1].weight.requires_grad and model[1].bias.requires_grad
+
+
+# --- what the docstrings say, from a review of them against the code ------------------------------------------
+
+
+def test_calibrate_takes_the_method_from_its_config():
+    """calibrate(config=CalibrationConfig(method="bn-stats")) ran `auto` (bn-stats + distill): the
+    method argument's default overwrote the config's."""
+    from test_calibrate import _images, make_teacher
+
+    from wsurgery.calibrate import CalibrationConfig
+
+    teacher = make_teacher()
+    student, _ = wsurgery.convert(teacher, mode="ws", inplace=False)
+    result = wsurgery.calibrate(student, teacher, _images(16), config=CalibrationConfig(method="bn-stats", steps=1),
+                                held_out=None)
+    assert result.phases == ["bn-stats"]
+    # an explicit method still wins over the config's
+    result = wsurgery.calibrate(student, teacher, _images(16), method="distill",
+                                config=CalibrationConfig(method="bn-stats", steps=1), held_out=None)
+    assert result.phases == ["distill"]
+
+
+def test_misspelled_settings_are_config_errors_naming_them():
+    from wsurgery.errors import ConfigError
+
+    model = timm.create_model("resnet10t")
+    with pytest.raises(ConfigError, match=r"unknown surgery setting 'nrm'; the settings are mode, convention"):
+        wsurgery.convert(model, nrm="gn")
+    assert not wsurgery.is_converted(model)
+    from test_calibrate import _images, make_teacher
+
+    teacher = make_teacher()
+    student, _ = wsurgery.convert(teacher, mode="aws", norm="gn", inplace=False)
+    with pytest.raises(ConfigError, match=r"unknown calibration setting 'step'; the settings are method"):
+        wsurgery.calibrate(student, teacher, _images(8), step=3)
+
+
+def test_precondition_where_gn_init_does_not_run_is_refused():
+    from test_calibrate import _images, make_teacher
+
+    from wsurgery.errors import ConfigError
+
+    teacher = make_teacher()
+    student, _ = wsurgery.convert(teacher, mode="aws", inplace=False)  # BatchNorm kept: no gn-init
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    with pytest.raises(ConfigError, match=r"precondition .* is a step of gn-init, which method 'auto' does not run"):
+        wsurgery.calibrate(student, teacher, _images(8), precondition=True, held_out=None)
+    assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+
+
+def test_export_takes_one_format_as_a_string(tmp_path):
+    """formats="torch-export" was read letter by letter: "unknown deployment format 't'"."""
+    model, _ = wsurgery.convert(timm.create_model("resnet10t", num_classes=3), mode="ws")
+    result = wsurgery.export(model, tmp_path / "e", formats="torch-export", img_size=32)
+    assert [d.format for d in result.deployments] == ["torch-export"] and (tmp_path / "e" / "model.pt2").is_file()
+
+
+def test_load_with_remap_by_order_needs_a_checkpoint():
+    with pytest.raises(UsageError, match=r"remap_by_order .* needs checkpoint"):
+        wsurgery.load("resnet10t", pretrained=False, remap_by_order=True)

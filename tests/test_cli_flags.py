@@ -433,3 +433,43 @@ def test_fold_bn_with_nothing_to_fold_says_so(base, gn_runs, tmp_path):
     folded = invoke("export", base["runs"], "-o", tmp_path / "bn", "--fold-bn")
     ok(folded)
     assert "found no BatchNorm" not in folded.stderr and int(kv(folded.stdout)["BN folded into convs"]) > 0
+
+
+# --- flags that would be ignored silently (a review of help texts against the code) -----------------------------
+
+
+@pytest.mark.parametrize("args,named", [
+    (["--calib-steps", "5"], "--calib-steps"), (["--no-calib-augment"], "--calib-augment"),
+    (["--calibrate", "none", "--calib-data", "x"], "--calib-data")])
+def test_calibration_flags_without_calibration_are_refused(tmp_path, args, named):
+    """Without --calib-data every --calib-* setting was dropped without a word (exit 0)."""
+    one_error(invoke("convert", "resnet10t", "--no-pretrained", "-o", tmp_path / "c", *args), 2, named,
+              "has no effect: calibration is off")
+    assert not (tmp_path / "c").exists()
+
+
+def test_precondition_without_groupnorm_is_refused_before_loading(tmp_path):
+    """--calib-precondition with --norm keep did nothing and was recorded as done."""
+    one_error(invoke("convert", "resnet10t", "--no-pretrained", "-o", tmp_path / "c", "--calib-data", tmp_path,
+                     "--calib-precondition"), 2, "--calib-precondition is a step of gn-init", "--norm gn")
+
+
+@pytest.mark.parametrize("command", [["export", "resnet10t", "--no-pretrained", "-o", "OUT"],
+                                     ["convert", "resnet10t", "--no-pretrained", "-o", "OUT"],
+                                     ["compare", "resnet10t", "resnet10t", "--images", "IMAGES"]])
+def test_remap_by_order_without_a_checkpoint_is_refused(tmp_path, command):
+    from _data import make_folder
+
+    images = make_folder(tmp_path / "img", per_class=1)
+    args = [str(tmp_path / "o") if a == "OUT" else str(images) if a == "IMAGES" else a for a in command]
+    one_error(invoke(*args, "--remap-by-order"), 2, "--remap-by-order", "checkpoint", "drop it")
+    assert not (tmp_path / "o").exists()
+
+
+def test_train_from_a_directory_refuses_weight_flags(tmp_path):
+    import wsurgery
+
+    wsurgery.save(wsurgery.convert(timm.create_model("resnet10t", num_classes=3), mode="ws")[0], tmp_path / "c")
+    for flags, named in ((["--remap-by-order"], "--remap-by-order"), (["--no-pretrained"], "--pretrained")):
+        one_error(invoke("train", tmp_path / "c", "--data", tmp_path, "-o", tmp_path / "r", *flags), 2,
+                  "already holds its weights", named)

@@ -7,8 +7,8 @@ The flow, one module per step::
 >>> import wsurgery
 >>> model = wsurgery.load("resnet18", pretrained=False)
 >>> model, report = wsurgery.convert(model, mode="aws", norm="gn")
->>> wsurgery.save(model, "runs/r18-ws")            # doctest: +SKIP
->>> wsurgery.export(model, "export/r18")           # doctest: +SKIP
+>>> saved = wsurgery.save(model, "runs/r18-ws")            # doctest: +SKIP
+>>> exported = wsurgery.export(model, "export/r18")        # doctest: +SKIP
 >>> wsurgery.verify("export/r18", model).passed    # doctest: +SKIP
 True
 """

@@ -62,6 +62,7 @@ from timm.data import create_transform
 from torch import nn
 
 from .compare import Agreement, agreement_from_logits, predict_logits
+from .config import build_config_from
 from .convert import get_surgery_config, is_converted, modes_kept, placement, unwrap, ws_parametrizations
 from .data import eval_transform, find_images, image_config_for, open_rgb
 from .errors import ConfigError, ConversionError, DatasetError, UsageError
@@ -831,7 +832,7 @@ def calibrate(
     teacher: nn.Module,
     images: torch.Tensor | ImageSpec,
     *,
-    method: str = "auto",
+    method: str | None = None,
     steps: int | None = None,
     held_out: float | int | torch.Tensor | ImageSpec | None = 0.25,
     seed: int = 0,
@@ -846,7 +847,8 @@ def calibrate(
         teacher: the original model; never modified.
         images: unlabeled calibration images: a normalized batch ``(N, 3, H, W)``, or files,
             folders or globs (read with :func:`calibration_images`: eval transform, at most 256).
-        method: ``auto``, ``bn-stats``, ``gn-init``, ``distill`` or ``none`` (see the module docs).
+        method: ``auto``, ``bn-stats``, ``gn-init``, ``distill`` or ``none`` (see the module docs);
+            default ``config.method``, which is ``auto``.
         steps: distillation steps (default ``config.steps``).
         held_out: images to measure agreement on, kept out of calibration: a fraction (0.25)
             or a count of ``images``, a separate batch or image spec, or None (no measurement).
@@ -865,10 +867,11 @@ def calibrate(
     """
     base = config.to_dict() if config is not None else {}
     base.update(overrides)
-    base["method"] = method
+    if method is not None:  # else config.method (CalibrationConfig's default: auto)
+        base["method"] = method
     if steps is not None:
         base["steps"] = steps
-    cfg = CalibrationConfig(**base)
+    cfg = build_config_from(CalibrationConfig, base, "calibration")
     if isinstance(student, nn.Module) and isinstance(teacher, nn.Module):
         student, teacher = unwrap(student), unwrap(teacher)
     _check_models(student, teacher)
@@ -907,6 +910,10 @@ def _on_models(batch: torch.Tensor, student: nn.Module, teacher: nn.Module) -> t
 
 def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> CalibrationResult:
     phases = resolve_method(student, teacher, cfg.method)
+    if cfg.precondition and "gn-init" not in phases:  # it would do nothing, and be recorded as done
+        raise ConfigError(f"precondition (--calib-precondition) is a step of gn-init, which method "
+                          f"{cfg.method!r} does not run here ({' + '.join(phases) or 'nothing'}); it applies to "
+                          "a model whose BatchNorms became GroupNorm (norm='gn'; CLI: --norm gn): drop it")
     batch = _on_models(_as_batch(images, teacher, seed), student, teacher)
     _check_outputs(student, teacher, batch)
     calib, held = _split_held_out(batch, held_out, teacher, seed)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 from .errors import ArgumentTypeError, ConfigError
 from .standardize import CONVENTIONS, WSConvention, get_convention
 
-__all__ = ["GroupRule", "SurgeryConfig"]
+__all__ = ["GroupRule", "SurgeryConfig", "build_config_from"]
 
 GroupRule = Literal["gcd", "divisor", "error"]
 
@@ -94,3 +94,13 @@ class SurgeryConfig:
         if unknown:
             raise ConfigError(f"unknown surgery config keys {unknown}; valid keys are {sorted(names)}")
         return cls(**data)
+
+
+def build_config_from(cls: type, values: dict[str, Any], what: str) -> Any:
+    """``cls(**values)``, with an unknown key a ConfigError naming it and the known ones (a misspelled
+    keyword such as ``convert(model, nrm="gn")`` was a bare TypeError from the dataclass)."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in values if k not in known]
+    if unknown:
+        raise ConfigError(f"unknown {what} setting {unknown[0]!r}; the settings are {', '.join(known)}")
+    return cls(**values)

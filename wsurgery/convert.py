@@ -25,7 +25,7 @@ from timm.layers import CondConv2d, MixedConv2d, ScaledStdConv2d, ScaledStdConv2
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .config import SurgeryConfig
+from .config import SurgeryConfig, build_config_from
 from .errors import ArgumentTypeError, ConversionError, NonFiniteWeightsError
 from .graph import module_successors
 from .norm import batchnorm_to_groupnorm, gn_num_groups, is_batchnorm
@@ -499,6 +499,7 @@ def convert(
 
     Raises:
         ConversionError: see :func:`plan_surgery`.
+        ConfigError: a bad or unknown setting (``mode="xx"``, a misspelled keyword such as ``nrm="gn"``).
 
     Example:
         >>> import timm, wsurgery
@@ -512,9 +513,9 @@ def convert(
     # model's: torch.compile and DataParallel/DDP wrappers share it, and save/export unwrap too
     model = unwrap(outer)
     if config is None:
-        config = SurgeryConfig(**overrides)
+        config = build_config_from(SurgeryConfig, overrides, "surgery")
     elif overrides:
-        config = SurgeryConfig(**{**config.to_dict(), **overrides})
+        config = build_config_from(SurgeryConfig, {**config.to_dict(), **overrides}, "surgery")
     config, pooled = _keep_earlier_structure(model, config)
     if pooled is None:
         pooled = (pooled_norms(model) or frozenset()) if config.norm == "gn" and probe else frozenset()

@@ -148,7 +148,7 @@ def export(
     dtype: Dtype = "fp32",
     force: bool = False,
     verify: bool = False,
-    formats: tuple[str, ...] | list[str] = (),
+    formats: str | tuple[str, ...] | list[str] = (),
     img_size: int | None = None,
     opset: int | None = None,
 ) -> ExportResult:
@@ -171,18 +171,22 @@ def export(
             replace an existing output (``force``), which is then kept.
         formats: also write ``onnx`` (``model.onnx``) and/or ``torch-export`` (``model.pt2``) into the
             directory, before it is put in place (:mod:`wsurgery.deploy`; fp32 graphs, verified with
-            ``verify``); ``img_size`` and ``opset`` are theirs.
+            ``verify``); ``img_size`` and ``opset`` are theirs. One name may be passed as a string.
 
     Returns:
         An :class:`ExportResult`; ``timm_compatible`` says whether stock timm loads it.
 
     Raises:
+        ConfigError: an unknown ``dtype`` or format.
+        MissingDependencyError: ``onnx`` without onnx/onnxruntime installed.
         NonFiniteWeightsError: a weight is NaN or inf (nothing is written).
         OutputExistsError: ``directory`` exists and ``force`` is False.
         VerificationError: with ``force``, a check failed (the existing output was kept).
     """
     from . import deploy  # deploy builds on this module
 
+    if isinstance(formats, str):  # formats="onnx" was read letter by letter ("unknown format 'o'")
+        formats = (formats,)
     if dtype not in DTYPES:
         raise ConfigError(f"`dtype` (--dtype) must be one of {', '.join(DTYPES)}, got {dtype!r}")
     unknown = [f for f in formats if f not in deploy.FORMATS]

@@ -195,8 +195,13 @@ def load_checkpoint(
             checkpoint's has the same shape (a checkpoint without a head, or a model without one
             with ``num_classes=0``, also fits); only the classifier keys are exempt from the checks.
 
+    Returns:
+        ``model``, filled.
+
     Raises:
         CheckpointMismatchError: naming the first key or shape that does not fit.
+        InputNotFoundError: ``path`` does not exist; CheckpointError: it is not a readable checkpoint
+            (UnsafeCheckpointError: a pickle holding anything but tensors, never unpickled).
     """
     state_dict = load_state_dict_file(path)
     source = f"checkpoint {Path(path).name}"
@@ -490,6 +495,9 @@ def load(
         if num_classes is not None and num_classes != getattr(model, "num_classes", num_classes):
             model.reset_classifier(num_classes)
     else:
+        if remap_by_order and checkpoint is None:  # it would be ignored silently
+            raise UsageError("remap_by_order (--remap-by-order) matches a checkpoint's tensors to the model in order; "
+                             "it needs checkpoint (--checkpoint PATH): pass one, or drop it")
         if source_str.startswith("local-dir:"):  # timm's prefix for a saved directory: the same as its path
             target = source_str[len("local-dir:"):]
             if not Path(target).is_dir():

@@ -327,7 +327,7 @@ def standardize_weight(weight: torch.Tensor, fan_in: int, convention: WSConventi
         ``W_hat`` with the shape, dtype and memory format of ``weight``.
 
     Raises:
-        ConfigError: the ``paper`` convention with fewer than 2 entries per filter.
+        ConfigError: an unknown convention, or ``paper`` with fewer than 2 entries per filter.
     """
     convention = as_convention(convention)
     _check_fan_in(fan_in, convention)

@@ -1019,7 +1019,7 @@ def train(
         recipe: a :class:`Recipe`, a YAML path or a shipped recipe name (default: ``Recipe()``).
         overrides: ``["key=value", ...]`` applied to the recipe.
         val_data: validation folder/CSV (default: ``DATA/val``, else ``val_split`` of the data).
-        device: ``cuda``, ``mps``, ``cpu`` (default: the best available).
+        device: ``cuda``, ``mps``, ``cpu`` (default: ``$WSURGERY_DEVICE``, else the best available).
         resume: a run directory to continue exactly where it stopped (recipe and data come from it).
         export: after training, fold and export the best model there and verify it.
         force: replace an existing ``output`` (or ``export``).
