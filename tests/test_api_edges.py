@@ -251,3 +251,24 @@ def test_export_takes_one_format_as_a_string(tmp_path):
 def test_load_with_remap_by_order_needs_a_checkpoint():
     with pytest.raises(UsageError, match=r"remap_by_order .* needs checkpoint"):
         wsurgery.load("resnet10t", pretrained=False, remap_by_order=True)
+
+
+@pytest.mark.slow
+def test_a_stem_that_rearranges_the_image_takes_rgb(tmp_path):
+    """TResNet's space-to-depth stem gives its first conv 48 channels (CSATv2's DCT stem 64): verify and
+    export's check fed 48-channel images (a raw RuntimeError; export said stock timm could not load
+    it), and image reading refused the model as a 48-channel one. Found by a sweep of 173 timm models."""
+    from wsurgery.convert import input_channels
+    from wsurgery.data import eval_transform
+
+    torch.manual_seed(0)
+    model = timm.create_model("tresnet_m", num_classes=3).eval()
+    assert input_channels(model) == 3 and eval_transform(model) is not None
+    converted, _ = wsurgery.convert(model, mode="aws", inplace=False)
+    result = wsurgery.export(converted, tmp_path / "e", verify=True)
+    assert result.verification.passed and result.timm_compatible
+    # and a model built with in_chans=1 still takes one channel (recorded by timm, or its first conv's)
+    assert input_channels(timm.create_model("resnet10t", in_chans=1)) == 1
+    bare = timm.create_model("resnet10t", in_chans=1)
+    del bare._model_args
+    assert input_channels(bare) == 1

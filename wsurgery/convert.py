@@ -394,9 +394,24 @@ def modes_kept(model: nn.Module) -> Iterator[nn.Module]:
 
 
 def input_channels(model: nn.Module) -> int | None:
-    """The channels ``model`` takes: its first conv's (timm keeps ``pretrained_cfg``'s 3 for ``in_chans=1``)."""
+    """The channels ``model`` takes.
+
+    timm records ``in_chans`` where it was passed (``model._model_args``); ``pretrained_cfg`` keeps
+    its 3 for a model built with ``in_chans=1``, so otherwise the first conv's input channels say it,
+    unless they are more than ``pretrained_cfg``'s: a stem that rearranges the image before its first
+    conv (TResNet's space-to-depth makes 3 channels 48; CSATv2's DCT stem makes them 64).
+    """
+    model = unwrap(model)
+    recorded = (getattr(model, "_model_args", None) or {}).get("in_chans")
+    if isinstance(recorded, int) and not isinstance(recorded, bool):
+        return recorded
     first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return first.in_channels if first is not None else None
+    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+    if first is None:
+        return None
+    if size and first.in_channels > size[0]:
+        return int(size[0])
+    return first.in_channels
 
 
 def with_input_channels(model: nn.Module, size: tuple[int, ...]) -> tuple[int, ...]:
