@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -352,7 +353,9 @@ def test_debug_after_the_command_name_shows_the_traceback(capfd):
 
 
 @pytest.mark.parametrize("argv,fragment", [
-    (["convert", "resnet18", "--bogus"], "No such option: --bogus (see wsurgery convert --help)"),
+    # click 8.4 words it "No such option '--bogus'."; typer >= 0.26 runs its own click, which says it as before
+    (["convert", "resnet18", "--bogus"], re.compile(r"No such option(: --bogus|( '--bogus')\.) \(see wsurgery convert "
+                                                    r"--help\)")),
     (["convert", "resnet18", "--gn-groups", "abc"], "Invalid value for '--gn-groups'"),
     (["verify", "somewhere"], "Missing option '--against'"),
     (["bogus"], "No such command 'bogus'. (see wsurgery --help)"),
@@ -370,7 +373,8 @@ def test_command_line_parse_errors_are_one_line_with_exit_code_2(capfd, argv, fr
     assert exc.value.code == 2
     captured = capfd.readouterr()
     lines = [line for line in captured.err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], captured.err
+    found = fragment.search(lines[0]) if isinstance(fragment, re.Pattern) else fragment in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and found, captured.err
     assert "Usage:" not in captured.err + captured.out
 
 
