@@ -66,6 +66,7 @@ from wsurgery.calibrate import (
     calibrate,
     calibration_images,
     init_gn_from_teacher,
+    resolve_method,
 )
 from wsurgery.compare import agreement_from_logits, predict_logits
 from wsurgery.data import find_images, load_images
@@ -177,11 +178,13 @@ def run_calibration(args) -> dict:
         if not _selected(_row_name(label, method, cal_kw), args.only):
             continue
         student = wsurgery.convert(teacher, inplace=False, **conv_kw)[0]
+        # --precondition is a step of gn-init: rows that do not run it (BN kept, method none) go without
+        precondition = args.precondition and "gn-init" in resolve_method(student, teacher, method)
         wall, cpu = time.perf_counter(), time.process_time()
         # held-out = a quarter of the calibration crops (it may select keep_best); judged on xev below
         result = calibrate(student, teacher, xcal, method=method, held_out=0.25, steps=args.steps, seed=seed,
                            batch_size=args.batch, distill_size=args.distill_size, lr=args.distill_lr,
-                           augment=args.augment, max_seconds=args.distill_seconds, precondition=args.precondition,
+                           augment=args.augment, max_seconds=args.distill_seconds, precondition=precondition,
                            **({"temperature": temperature} if temperature else {}), **cal_kw)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         after = agreement_from_logits(predict_logits(student, xev), reference)

@@ -205,17 +205,20 @@ def convert(
         raise UsageError(f"--calibrate must be one of {', '.join(METHODS)}, got {method!r}")
     if method != "none" and not calib_data:
         raise UsageError(f"--calibrate {method} needs unlabeled images: pass --calib-data PATH (folder, files or glob)")
-    if method == "none":  # every calibration setting would be ignored silently
+    if calibrate_method is None and method == "none":  # every calibration setting would be ignored silently
+        # (an explicit --calibrate none is an off switch: scripts pass it with their usual --calib-* flags)
         # by name: typer runs on its own vendored click (0.2x) or on click itself, each with its own enum
         given = [name for name in CALIBRATION_FLAGS
                  if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
         if given:
             flag_name = "--" + given[0].replace("_", "-")
-            raise UsageError(f"{flag_name} has no effect: calibration is off (no --calib-data, or --calibrate none); "
+            raise UsageError(f"{flag_name} has no effect: calibration is off (no --calib-data); "
                              "pass --calib-data PATH to calibrate, or drop it")
-    if calib_precondition and norm != "gn":  # before the (slow) load; calibrate itself refuses it too
-        raise UsageError("--calib-precondition is a step of gn-init, for models whose BatchNorms become GroupNorm; "
-                         "add --norm gn, or drop it")
+    if calib_precondition and method != "none" and (norm != "gn" or method not in ("auto", "gn-init")):
+        # before the (slow) load; calibrate itself refuses it too
+        fix = "add --norm gn" if norm != "gn" else f"--calibrate {method} does not run it: use auto or gn-init"
+        raise UsageError(f"--calib-precondition is a step of gn-init, for models whose BatchNorms become GroupNorm; "
+                         f"{fix}, or drop it")
     if not 0 <= calib_held_out < 1:
         raise UsageError(f"--calib-held-out must be a fraction in [0, 1), got {calib_held_out}")
     check_at_least(("--calib-images", calib_images, 1), ("--calib-crops", calib_crops, 1))

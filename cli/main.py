@@ -82,6 +82,8 @@ def _stdout_output(args: list[str], end: int) -> str | None:
     """The output option given ``-`` (stdout, by convention), if any: every output here is a directory
     or file that is written atomically, and ``-o -`` made a folder named ``-``."""
     for i, arg in enumerate(args[:end]):
+        if arg == "-o-":  # a short option with its value attached
+            return "-o"
         option, eq, value = arg.partition("=")
         if option in OUTPUT_OPTIONS and ((eq and value == "-") or (not eq and i + 1 < end and args[i + 1] == "-")):
             return option
@@ -95,7 +97,11 @@ for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)
 
 
+_SIGNALLED: dict[str, bool] = {}
+
+
 def _terminate(signum: int, frame: object) -> None:
+    _SIGNALLED["term"] = True  # for _run: outside a command's own handling, typer turns it into exit 130
     raise Terminated
 
 
@@ -135,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _run(args: list[str]) -> None:
+    _SIGNALLED.clear()
     # click's own parse errors (unknown or missing option, a value of the wrong type) would print a
     # five-line usage box; every other error is one line (cli/_common.handle_errors), so these are too
     try:
@@ -149,8 +156,10 @@ def _run(args: list[str]) -> None:
     except ClickException as e:  # e.g. a file option that cannot be opened
         print(f"error: {e.format_message()}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except typer.Abort as e:  # Ctrl-C (130) or SIGTERM (143) outside a command's own handling
+    except typer.Abort as e:  # Ctrl-C (130) or SIGTERM (143) outside a command's own handling (older typer)
         sys.exit(getattr(e.__cause__, "exit_code", 130))
+    if code == 130 and _SIGNALLED.pop("term", False):  # typer >= 0.2x: a KeyboardInterrupt becomes Exit(130)
+        code = Terminated.exit_code
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -3,6 +3,8 @@ parametrizations, timm entrypoints that build differently when pretrained."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import timm
 import torch
@@ -226,6 +228,17 @@ def test_misspelled_settings_are_config_errors_naming_them():
     student, _ = wsurgery.convert(teacher, mode="aws", norm="gn", inplace=False)
     with pytest.raises(ConfigError, match=r"unknown calibration setting 'step'; the settings are method"):
         wsurgery.calibrate(student, teacher, _images(8), step=3)
+    import dataclasses
+
+    from wsurgery.config import build_config_from
+
+    @dataclasses.dataclass
+    class WithDerived:
+        a: int = 1
+        b: int = dataclasses.field(default=2, init=False)  # not a setting: derived
+
+    with pytest.raises(ConfigError, match=r"unknown test setting 'b'; the settings are a$"):
+        build_config_from(WithDerived, {"b": 3}, "test")
 
 
 def test_precondition_where_gn_init_does_not_run_is_refused():
@@ -236,9 +249,13 @@ def test_precondition_where_gn_init_does_not_run_is_refused():
     teacher = make_teacher()
     student, _ = wsurgery.convert(teacher, mode="aws", inplace=False)  # BatchNorm kept: no gn-init
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    with pytest.raises(ConfigError, match=r"precondition .* is a step of gn-init, which method 'auto' does not run"):
+    with pytest.raises(ConfigError, match=r"precondition .* is a step of gn-init, which method 'auto' does not run"
+                                          r".*norm='gn'"):
         wsurgery.calibrate(student, teacher, _images(8), precondition=True, held_out=None)
     assert all(torch.equal(v, before[k]) for k, v in student.state_dict().items())
+    gn_student, _ = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=4, inplace=False)
+    with pytest.raises(ConfigError, match=r"method 'distill' does not run here \(distill\); use method 'auto' or"):
+        wsurgery.calibrate(gn_student, teacher, _images(8), method="distill", precondition=True, held_out=None)
 
 
 def test_export_takes_one_format_as_a_string(tmp_path):
@@ -272,3 +289,8 @@ def test_a_stem_that_rearranges_the_image_takes_rgb(tmp_path):
     bare = timm.create_model("resnet10t", in_chans=1)
     del bare._model_args
     assert input_channels(bare) == 1
+    # built by the entrypoint itself (no record): the first conv's channels, 4, where there is no such stem
+    assert input_channels(timm.models.resnet.resnet10t(in_chans=4)) == 4
+    bare_s2d = timm.models.tresnet.tresnet_m(in_chans=1)  # space-to-depth: 16 channels, 1 before it
+    assert getattr(bare_s2d, "_model_args", None) is None and input_channels(bare_s2d) == 1
+    assert input_channels(sys.modules["timm.models.csatv2"].csatv2()) == 3  # the module name is shadowed

@@ -439,19 +439,24 @@ def test_fold_bn_with_nothing_to_fold_says_so(base, gn_runs, tmp_path):
 
 
 @pytest.mark.parametrize("args,named", [
-    (["--calib-steps", "5"], "--calib-steps"), (["--no-calib-augment"], "--calib-augment"),
-    (["--calibrate", "none", "--calib-data", "x"], "--calib-data")])
+    (["--calib-steps", "5"], "--calib-steps"), (["--no-calib-augment"], "--calib-augment")])
 def test_calibration_flags_without_calibration_are_refused(tmp_path, args, named):
     """Without --calib-data every --calib-* setting was dropped without a word (exit 0)."""
     one_error(invoke("convert", "resnet10t", "--no-pretrained", "-o", tmp_path / "c", *args), 2, named,
-              "has no effect: calibration is off")
+              "has no effect: calibration is off (no --calib-data)")
     assert not (tmp_path / "c").exists()
+    # an explicit --calibrate none is an off switch: a script may keep its usual --calib-* flags
+    ok(invoke("convert", "resnet10t", "--no-pretrained", "-o", tmp_path / "c", "--calibrate", "none",
+              "--calib-data", tmp_path, *args))
+    assert (tmp_path / "c" / "config.json").is_file()
 
 
-def test_precondition_without_groupnorm_is_refused_before_loading(tmp_path):
-    """--calib-precondition with --norm keep did nothing and was recorded as done."""
+@pytest.mark.parametrize("args,fix", [([], "add --norm gn"),
+                                      (["--norm", "gn", "--calibrate", "distill"], "--calibrate distill does not")])
+def test_precondition_where_gn_init_does_not_run_is_refused_before_loading(tmp_path, args, fix):
+    """--calib-precondition with --norm keep (or a method without gn-init) did nothing and was recorded as done."""
     one_error(invoke("convert", "resnet10t", "--no-pretrained", "-o", tmp_path / "c", "--calib-data", tmp_path,
-                     "--calib-precondition"), 2, "--calib-precondition is a step of gn-init", "--norm gn")
+                     "--calib-precondition", *args), 2, "--calib-precondition is a step of gn-init", fix)
 
 
 @pytest.mark.parametrize("command", [["export", "resnet10t", "--no-pretrained", "-o", "OUT"],

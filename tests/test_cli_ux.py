@@ -171,6 +171,7 @@ def test_convert_and_train_print_json_with_progress_on_stderr(tmp_path):
 
 
 @pytest.mark.parametrize("args", [["convert", "resnet10t", "--no-pretrained", "-o", "-"],
+                                  ["convert", "resnet10t", "--no-pretrained", "-o-"],
                                   ["export", "x", "--output=-"], ["train", "x", "--data", "d", "-o", "r",
                                                                    "--export", "-"]])
 def test_an_output_of_dash_is_refused_not_made_a_folder_named_dash(tmp_path, args):
@@ -178,7 +179,26 @@ def test_an_output_of_dash_is_refused_not_made_a_folder_named_dash(tmp_path, arg
     result = subprocess.run([sys.executable, "-m", "wsurgery", *args], capture_output=True, text=True, cwd=tmp_path,
                             env={**ENV, "FORCE_COLOR": ""}, timeout=120)
     assert result.returncode == 2 and result.stdout == ""
-    option = "--output" if "--output=-" in args else args[args.index("-") - 1]
+    option = "--output" if "--output=-" in args else "-o" if "-o-" in args else args[args.index("-") - 1]
     assert result.stderr.strip() == (f"error: {option} - would write to stdout, but this output is a folder or file "
                                      f"written whole; name one (e.g. {option} ./out) (see wsurgery {args[0]} --help)")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_sigterm_outside_a_command_exits_143(monkeypatch):
+    """typer >= 0.2x turns a KeyboardInterrupt that escapes a command (parsing, help) into exit 130."""
+    import typer
+    from wsurgery.cli import main as cli_main
+
+    def boom() -> None:
+        cli_main._terminate(15, None)
+
+    monkeypatch.setattr(cli_main, "app", typer.Typer())
+    cli_main.app.command("boom")(boom)
+    cli_main.app.command("other")(lambda: None)
+    with pytest.raises(SystemExit) as exc:
+        cli_main._run(["boom"])
+    assert exc.value.code == 143
+    with pytest.raises(SystemExit) as exc:  # the flag does not outlive its command
+        cli_main._run(["other"])
+    assert exc.value.code == 0

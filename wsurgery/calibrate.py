@@ -911,9 +911,10 @@ def _on_models(batch: torch.Tensor, student: nn.Module, teacher: nn.Module) -> t
 def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> CalibrationResult:
     phases = resolve_method(student, teacher, cfg.method)
     if cfg.precondition and "gn-init" not in phases:  # it would do nothing, and be recorded as done
+        fix = ("use method 'auto' or 'gn-init' (CLI: --calibrate)" if _norm_pairs(student, teacher) else
+               "it applies to a model whose BatchNorms became GroupNorm (norm='gn'; CLI: --norm gn)")
         raise ConfigError(f"precondition (--calib-precondition) is a step of gn-init, which method "
-                          f"{cfg.method!r} does not run here ({' + '.join(phases) or 'nothing'}); it applies to "
-                          "a model whose BatchNorms became GroupNorm (norm='gn'; CLI: --norm gn): drop it")
+                          f"{cfg.method!r} does not run here ({' + '.join(phases) or 'nothing'}); {fix}, or drop it")
     batch = _on_models(_as_batch(images, teacher, seed), student, teacher)
     _check_outputs(student, teacher, batch)
     calib, held = _split_held_out(batch, held_out, teacher, seed)

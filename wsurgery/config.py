@@ -99,7 +99,7 @@ class SurgeryConfig:
 def build_config_from(cls: type, values: dict[str, Any], what: str) -> Any:
     """``cls(**values)``, with an unknown key a ConfigError naming it and the known ones (a misspelled
     keyword such as ``convert(model, nrm="gn")`` was a bare TypeError from the dataclass)."""
-    known = [f.name for f in dataclasses.fields(cls)]
+    known = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = [k for k in values if k not in known]
     if unknown:
         raise ConfigError(f"unknown {what} setting {unknown[0]!r}; the settings are {', '.join(known)}")

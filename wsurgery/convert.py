@@ -397,21 +397,32 @@ def input_channels(model: nn.Module) -> int | None:
     """The channels ``model`` takes.
 
     timm records ``in_chans`` where it was passed (``model._model_args``); ``pretrained_cfg`` keeps
-    its 3 for a model built with ``in_chans=1``, so otherwise the first conv's input channels say it,
-    unless they are more than ``pretrained_cfg``'s: a stem that rearranges the image before its first
-    conv (TResNet's space-to-depth makes 3 channels 48; CSATv2's DCT stem makes them 64).
+    its 3 for a model built with ``in_chans=1``, so otherwise the first conv's input channels say
+    it, except after a stem that rearranges the image before its first conv: TResNet's
+    space-to-depth (3 channels become 48: divided back by its block size squared) and CSATv2's DCT
+    stem (3 become 64: ``pretrained_cfg``'s channels).
     """
     model = unwrap(model)
     recorded = (getattr(model, "_model_args", None) or {}).get("in_chans")
     if isinstance(recorded, int) and not isinstance(recorded, bool):
         return recorded
-    first = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
-    if first is None:
-        return None
-    if size and first.in_channels > size[0]:
-        return int(size[0])
-    return first.in_channels
+    stem = None
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            if stem is None:
+                return module.in_channels
+            block = getattr(stem, "bs", None)
+            if "SpaceToDepth" in type(stem).__name__ and isinstance(block, int) and block > 0:
+                return module.in_channels // (block * block)
+            size = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+            return int(size[0]) if size else 3
+        if stem is None and any(kind in type(module).__name__ for kind in _REARRANGING_STEMS):
+            stem = module
+    return None
+
+
+#: class-name fragments of timm stem modules that reshape the image before the first conv
+_REARRANGING_STEMS = ("SpaceToDepth", "Dct")
 
 
 def with_input_channels(model: nn.Module, size: tuple[int, ...]) -> tuple[int, ...]:
