@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from wsurgery.errors import DatasetError, NetworkUnavailableError
+from wsurgery.errors import DatasetError, NetworkUnavailableError, UsageError
 from wsurgery.predict import predict as predict_images
 from wsurgery.train import pick_device
 
@@ -18,7 +18,9 @@ from ._common import console, err_console, flag, handle_errors, print_json
 @handle_errors
 def predict(
     model: str = typer.Argument(..., help="Export directory (or a surgery / run directory)."),
-    images: list[str] = typer.Argument(..., help="Image files, folders or glob patterns."),
+    images: list[str] | None = typer.Argument(None, help="Image files, folders or glob patterns."),
+    more_images: list[str] = typer.Option(
+        [], "--images", metavar="PATH", help="Images as compare and verify take them (repeatable; adds to IMAGES)."),
     topk: int = typer.Option(5, "--topk", "-k", help="Classes to show per image."),
     img_size: int | None = typer.Option(None, "--img-size", help="Input size (default: the model's)."),
     device: str | None = typer.Option(
@@ -26,6 +28,9 @@ def predict(
     as_json: bool = flag(False, "--json", help="Print the predictions as JSON (one object per image)."),
 ) -> None:
     """Print the top-k class names and probabilities for each image."""
+    images = [*(images or []), *more_images]
+    if not images:
+        raise UsageError("predict needs images: name them after the model, or with --images PATH")
     try:
         results = predict_images(model, images, topk, img_size=img_size, device=pick_device(device))
     except NetworkUnavailableError:  # load's advice names convert's flags, which predict does not have

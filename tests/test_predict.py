@@ -105,6 +105,21 @@ def test_cli_predict(exported):
     assert res.exit_code == 1 and "does not exist" in res.output and "Traceback" not in res.output
 
 
+def test_cli_predict_takes_images_as_compare_and_verify_do(exported):
+    """predict took images only as arguments, compare and verify only with --images."""
+    _, export_dir, images = exported
+    positional = CliRunner().invoke(app, ["predict", str(export_dir), str(images / "circle"), "--json"])
+    option = CliRunner().invoke(app, ["predict", str(export_dir), "--images", str(images / "circle"), "--json"])
+    assert option.exit_code == 0 and json.loads(option.stdout) == json.loads(positional.stdout)
+    both = CliRunner().invoke(app, ["predict", str(export_dir), str(images / "circle"), "--images",
+                                    str(images / CLASSES[1]), "--json"])
+    extra = len(list((images / CLASSES[1]).iterdir()))
+    assert len(json.loads(both.stdout)) == len(json.loads(positional.stdout)) + extra > extra
+    none = CliRunner().invoke(app, ["predict", str(export_dir)])
+    assert none.exit_code == 2 and none.stderr.strip() == (
+        "error: predict needs images: name them after the model, or with --images PATH")
+
+
 def test_device_and_offline_errors_are_one_line(exported, monkeypatch):
     import importlib
 
