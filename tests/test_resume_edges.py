@@ -229,6 +229,21 @@ def test_sigterm_mid_run_is_exit_code_143_and_ctrl_c_130(data, tmp_path):
     assert info.value.exit_code == 130
 
 
+def test_decode_failures_count_every_process_of_a_resumed_run(tmp_path):
+    """train.json's decode_failures counted the last process's reads only."""
+    data = make_train_val(tmp_path / "data")
+    first = sorted((data / "train" / CLASSES[0]).iterdir())[0]
+    whole = first.read_bytes()
+    (first.parent / "truncated.png").write_bytes(whole[: len(whole) // 2])  # passes the header check
+    overrides = [o if not o.startswith("batch_size") else "batch_size=5" for o in FAST]  # 25 images: 5 updates/epoch
+    train(tiny(), data, tmp_path / "full", "cpu-quick", overrides=overrides)
+    full = read_json(tmp_path / "full" / "train.json")["decode_failures"]
+    with pytest.raises(TrainingInterrupted):  # in epoch 2: its first process read the file in epoch 1
+        train(tiny(), data, tmp_path / "cut", "cpu-quick", overrides=overrides, callback=_stop_at(7))
+    train(None, None, None, resume=tmp_path / "cut")
+    assert full >= 2 and read_json(tmp_path / "cut" / "train.json")["decode_failures"] == full
+
+
 def test_the_data_fingerprint_takes_relative_and_absolute_paths_alike(tmp_path, monkeypatch):
     """A CSV mixing relative and absolute image paths crashed every new run (os.path.commonpath)."""
     from _data import make_folder

@@ -473,6 +473,9 @@ class _State:
     epoch_seconds: float = 0.0
     #: wall time of the run's earlier processes (before the last resume), for train.json's total
     seconds_before: float = 0.0
+    #: image reads that failed to decode in the run's earlier processes (in a distributed run, rank
+    #: 0's: the other ranks' counts would need a collective in the interrupt path)
+    decode_failures_before: int = 0
 
 
 class _Run:
@@ -640,6 +643,7 @@ class _Run:
             "ema": self.ema is not None,
         }
         plain["state"]["seconds_before"] = self.state.seconds_before + time.perf_counter() - self.t_start
+        plain["state"]["decode_failures_before"] = self.state.decode_failures_before + self.bundle.load_failures
         rng_tensors, plain["rng"] = _rng_to_files(self.rng_at_boundary or _capture_rng(self.cuda))
         tensors.update(rng_tensors)
         if self.ema is not None:
@@ -1170,7 +1174,7 @@ def train(
         if out is not None:  # a rank that did not write: a copy, as rank 0's load(out) is
             best_model = clone_model(best_model)
         best_model.load_state_dict(run.best_state)  # the best epoch's weights, as a run directory holds them
-    decode_failures = _total_over_ranks(bundle.load_failures, run)
+    decode_failures = run.state.decode_failures_before + _total_over_ranks(bundle.load_failures, run)
     if decode_failures:
         notes.append(f"{decode_failures} image read(s) failed to decode (a truncated file?) and were replaced by "
                      "the next sample")
