@@ -18,6 +18,7 @@ from wsurgery.calibrate import (
     CalibrationResult,
     calibrate,
     calibration_split,
+    dataset_train_split,
     preconditioned_convs,
 )
 from wsurgery.compare import CONFIDENT
@@ -230,6 +231,10 @@ def convert(
                                               calibrating=method != "none")
     images = None
     if method != "none":
+        for item in calib_data:
+            if (train_split := dataset_train_split(item)) is not None:
+                note(f"{item} is a dataset root: calibrating on {train_split} only (its evaluation splits are left "
+                     "for judging the model)")
         with err_console.status("reading calibration images"):
             # with several crops per file, the held-out crops come from photos not calibrated on
             images, held_out = calibration_split(calib_data, net, calib_held_out, limit=calib_images, seed=seed,

@@ -99,6 +99,13 @@ def test_a_dataset_root_calibrates_on_its_train_split_only(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "plain" / "train" / "a.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "plain" / "b.png")
     assert len(calibration_files(tmp_path / "plain")) == 2
+    # the CLI says so
+    from _cli import invoke
+
+    result = invoke("convert", "resnet10t", "--no-pretrained", "--mode", "aws", "--norm", "gn", "-o", tmp_path / "c",
+                    "--calib-data", root, "--calib-steps", "1", "--calib-batch", "4", "--calib-size", "32")
+    assert result.exit_code == 0, result.stderr
+    assert f"note: {root} is a dataset root: calibrating on {root / 'train'} only" in " ".join(result.stderr.split())
 
 
 def _se_like() -> nn.Module:

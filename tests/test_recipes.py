@@ -217,3 +217,17 @@ def test_wheel_ships_recipes_and_the_cli_inside_the_package(tmp_path):
                          env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}).stdout.split()
     assert Path(out[0]) == tmp_path / "site" / "wsurgery" / "_recipes"
     assert int(out[1]) >= 1
+
+
+def test_epochs_under_a_recipe_counted_in_steps_is_refused_not_ignored():
+    """--set epochs=1 with bit-hyperrule (steps=auto) ran its 500 steps without a word."""
+    from wsurgery.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=r"`epochs` is ignored by recipe bit-hyperrule, which counts the run in "
+                                          r"steps \(steps=auto\); set steps instead"):
+        load_recipe("bit-hyperrule", ["epochs=1"])
+    with pytest.raises(RecipeError, match="counts the run in steps"):
+        load_recipe("bit-hyperrule", {"epochs": 1})
+    assert load_recipe("bit-hyperrule", ["epochs=1", "steps=null"]).epochs == 1  # the fix the message names
+    assert load_recipe("bit-hyperrule", ["steps=20"]).steps == 20
+    assert load_recipe("micro-batch", ["epochs=1"]).epochs == 1  # counted in epochs: as before

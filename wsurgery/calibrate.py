@@ -81,6 +81,7 @@ __all__ = [
     "calibration_files",
     "calibration_images",
     "calibration_split",
+    "dataset_train_split",
     "distill",
     "init_gn_from_teacher",
     "precondition_gn_inputs",
@@ -217,11 +218,18 @@ def calibration_files(spec: ImageSpec) -> list[Path]:
     images would later be judged on images it had seen.
     """
     items = [spec] if isinstance(spec, (str, os.PathLike)) else list(spec)
-    for i, item in enumerate(items):
-        if isinstance(item, (str, os.PathLike)) and (root := Path(item)).is_dir() and (root / "train").is_dir() \
-                and any((root / split).is_dir() for split in EVAL_SPLITS):
-            items[i] = root / "train"
-    return find_images(items)
+    return find_images([dataset_train_split(item) or item for item in items])
+
+
+def dataset_train_split(item: Any) -> Path | None:
+    """``item/train`` where ``item`` is a dataset root (``train/`` beside ``val/``, ``validation/`` or
+    ``test/``), else None."""
+    if not isinstance(item, (str, os.PathLike)):
+        return None
+    root = Path(item)
+    if root.is_dir() and (root / "train").is_dir() and any((root / split).is_dir() for split in EVAL_SPLITS):
+        return root / "train"
+    return None
 
 
 def calibration_images(

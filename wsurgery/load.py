@@ -485,7 +485,8 @@ def load(
     if path.is_dir():
         if checkpoint is not None:
             raise ConversionError("a saved directory already holds its weights; drop `checkpoint` (--checkpoint)")
-        ignored = [name for name, value in (("pretrained", pretrained), ("remap_by_order", remap_by_order),
+        ignored = [name for name, value in (("pretrained (--pretrained)", pretrained),
+                                            ("remap_by_order (--remap-by-order)", remap_by_order),
                                             ("model_args", model_args)) if value]
         if ignored:  # they would be ignored silently: the directory's own config.json decides
             raise UsageError(f"{path} is a saved directory, rebuilt from its own config.json and weights; "

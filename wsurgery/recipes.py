@@ -365,10 +365,16 @@ def apply_overrides(recipe: Recipe, overrides: list[str] | dict[str, Any] | None
     """A new recipe with ``key=value`` strings (or a dict) applied and validated."""
     if not overrides:
         return recipe
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides]
+    items = list(overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides])
     data = recipe.to_dict()
     for key, value in items:
         data[key] = value
+    given = {key for key, _ in items}
+    if "epochs" in given and "steps" not in given and data.get("steps") is not None:
+        # it would be ignored silently: a run of bit-hyperrule's 500 steps where one epoch was asked for
+        raise RecipeError(f"`epochs` is ignored by recipe {recipe.name or '(unnamed)'}, which counts the run in "
+                          f"steps (steps={data['steps']}); set steps instead (--set steps=N), or steps=null to "
+                          "count in epochs")
     return Recipe.from_dict(data, source="--set")
 
 
