@@ -613,8 +613,9 @@ def test_load_of_a_directory_refuses_arguments_it_would_ignore(tmp_path):
     model, _ = wsurgery.convert(timm.create_model("test_efficientnet", num_classes=3), mode="aws")
     wsurgery.save(model, tmp_path / "s")
     for kwargs, said in (({"model_args": {"drop_rate": 0.5}}, "model_args does"),
-                         ({"pretrained": True}, "pretrained does"),
-                         ({"remap_by_order": True, "pretrained": True}, "pretrained and remap_by_order do")):
+                         ({"pretrained": True}, r"pretrained \(--pretrained\) does"),
+                         ({"remap_by_order": True, "pretrained": True},
+                          r"pretrained \(--pretrained\) and remap_by_order \(--remap-by-order\) do")):
         with pytest.raises(UsageError, match=f"saved directory.*; {said} not apply"):
             wsurgery.load(tmp_path / "s", **kwargs)
     # what changes nothing is accepted: the same model comes back
