@@ -87,7 +87,7 @@ def test_local_dir_prefix_takes_every_argument_the_path_does(tmp_path):
     try:
         wsurgery.load(f"local-dir:{saved}", pretrained=True)
     except UsageError as e:
-        assert "pretrained does not apply" in str(e)
+        assert "pretrained (--pretrained) does not apply" in str(e)
     else:
         raise AssertionError("local-dir: dropped an argument the plain path refuses")
     try:
