@@ -124,10 +124,29 @@ def _load_for_calibration(source: str, pretrained: bool | None, checkpoint: Path
                          num_classes=num_classes), None
 
 
-#: convert's parameters that only calibration reads
-CALIBRATION_FLAGS = ("calib_data", "calib_images", "calib_crops", "calib_held_out", "calib_steps", "calib_batch",
-                     "calib_train", "calib_lr", "calib_size", "calib_seconds", "calib_temperature", "calib_augment",
-                     "calib_precondition")
+def _summary_rows(report: wsurgery.SurgeryReport, result: CalibrationResult | None,
+                  classifier: tuple[int, int] | None, output: Path) -> list[tuple[str, object]]:
+    """The summary table's rows; ``classifier`` is (the original's classes, the new head's) when swapped."""
+    unnormalized = report.convs_without_norm
+    rows: list[tuple[str, object]] = [
+        ("convs standardized", report.num_convs),
+        ("norms replaced", report.num_norms),
+        ("already WS (timm)", len(report.already_standardized)),
+        ("convs not followed by a norm", "unknown (not traceable)" if unnormalized is None else
+         f"{len(unnormalized)}" + (f" (+{len(report.convs_not_traced)} inside untraced modules, not judged)"
+                                   if report.convs_not_traced else "")),
+        ("params", f"{report.params_before:,} -> {report.params_after:,}"),
+    ]
+    if report.other_convs:  # Conv1d/Conv3d/transposed: WS is for the model's 2-D convs
+        rows.insert(3, ("other convs, left as they are", f"{len(report.other_convs)} (e.g. {report.other_convs[0]})"))
+    if result is not None:
+        rows.append(("calibration", f"{result.num_images} images, {result.steps} distill steps, "
+                                    f"{result.seconds:.1f} s"))
+    if classifier is not None:
+        rows.append(("classifier", f"calibrated with the original's {classifier[0]} classes, then a new head "
+                                   f"of {classifier[1]}"))
+    rows.append(("saved to", output))
+    return rows
 
 
 @handle_errors
@@ -208,9 +227,10 @@ def convert(
         raise UsageError(f"--calibrate {method} needs unlabeled images: pass --calib-data PATH (folder, files or glob)")
     if calibrate_method is None and method == "none":  # every calibration setting would be ignored silently
         # (an explicit --calibrate none is an off switch: scripts pass it with their usual --calib-* flags)
-        # by name: typer runs on its own vendored click (0.2x) or on click itself, each with its own enum
-        given = [name for name in CALIBRATION_FLAGS
-                 if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+        # the parameters only calibration reads are the calib_* ones; their source by name: typer runs on
+        # its own vendored click (0.2x) or on click itself, each with its own enum
+        given = [name for name in ctx.params if name.startswith("calib_")
+                 and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
         if given:
             flag_name = "--" + given[0].replace("_", "-")
             raise UsageError(f"{flag_name} has no effect: calibration is off (no --calib-data); "
@@ -260,27 +280,8 @@ def convert(
         console.print(report_table(report))
         if result is not None:
             console.print(calibration_table(result))
-    unnormalized = report.convs_without_norm
-    rows = [
-        ("convs standardized", report.num_convs),
-        ("norms replaced", report.num_norms),
-        ("already WS (timm)", len(report.already_standardized)),
-        ("convs not followed by a norm", "unknown (not traceable)" if unnormalized is None else
-         f"{len(unnormalized)}" + (f" (+{len(report.convs_not_traced)} inside untraced modules, not judged)"
-                                   if report.convs_not_traced else "")),
-        ("params", f"{report.params_before:,} -> {report.params_after:,}"),
-    ]
-    if report.other_convs:  # Conv1d/Conv3d/transposed: WS is for the model's 2-D convs
-        rows.insert(3, ("other convs, left as they are", f"{len(report.other_convs)} (e.g. {report.other_convs[0]})"))
-    if result is not None:
-        rows.append(("calibration", f"{result.num_images} images, {result.steps} distill steps, "
-                                    f"{result.seconds:.1f} s"))
-    if new_head is not None:
-        rows.append(("classifier", f"calibrated with the original's {net.num_classes} classes, then a new head "
-                                   f"of {new_head}"))
-    rows.append(("saved to", output))
-    if not as_json:
-        console.print(kv_table("summary", rows))
+        classifier = (net.num_classes, new_head) if new_head is not None else None
+        console.print(kv_table("summary", _summary_rows(report, result, classifier, output)))
     if preconditioned_convs(student):
         # measured (benchmarks/demo_variants.py --preset lr): the demo diverges at the micro-batch recipe's lr 0.01
         note("preconditioned models fine-tune at a lower learning rate: pass --set lr=0.003 "

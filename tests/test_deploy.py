@@ -29,6 +29,7 @@ from wsurgery.cli.main import app
 
 import wsurgery
 from wsurgery import deploy
+from wsurgery._compat import version_tuple
 from wsurgery.convert import clone_model, ws_parametrizations
 from wsurgery.errors import (
     CheckpointError,
@@ -101,11 +102,7 @@ def _lite0():
     return model
 
 
-def _version(text: str) -> tuple[int, ...]:
-    return tuple(int(v) for v in re.findall(r"\d+", text)[:2])
-
-
-_ORT_VERSION = _version(importlib.metadata.version("onnxruntime"))
+_ORT_VERSION = version_tuple(importlib.metadata.version("onnxruntime"), 2)
 
 
 def _bit():

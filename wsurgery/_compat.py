@@ -17,10 +17,14 @@ import timm
 TIMM_MIN = (1, 0, 31)
 
 
+def version_tuple(version: str, parts: int = 3) -> tuple[int, ...]:
+    """``"1.0.32.dev0"`` -> ``(1, 0, 32)``: the first ``parts`` numbers of a version string."""
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:parts])
+
+
 def check_timm(version: str) -> None:
     """Raise ImportError naming the fix if timm ``version`` is older than :data:`TIMM_MIN`."""
-    found = tuple(int(part) for part in re.findall(r"\d+", version)[:3])
-    if found < TIMM_MIN:
+    if version_tuple(version) < TIMM_MIN:
         need = ".".join(map(str, TIMM_MIN))
         raise ImportError(f"wsurgery needs timm >= {need}, this environment has timm {version}: "
                           f"upgrade it with pip install -U 'timm>={need}'")

@@ -89,11 +89,7 @@ class SurgeryConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SurgeryConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ConfigError(f"unknown surgery config keys {unknown}; valid keys are {sorted(names)}")
-        return cls(**data)
+        return build_config_from(cls, data, "surgery")
 
 
 def build_config_from(cls: type, values: dict[str, Any], what: str) -> Any:

@@ -393,6 +393,10 @@ def modes_kept(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+#: class-name fragments of timm stem modules that reshape the image before the first conv
+_REARRANGING_STEMS = ("SpaceToDepth", "Dct")
+
+
 def input_channels(model: nn.Module) -> int | None:
     """The channels ``model`` takes.
 
@@ -419,10 +423,6 @@ def input_channels(model: nn.Module) -> int | None:
         if stem is None and any(kind in type(module).__name__ for kind in _REARRANGING_STEMS):
             stem = module
     return None
-
-
-#: class-name fragments of timm stem modules that reshape the image before the first conv
-_REARRANGING_STEMS = ("SpaceToDepth", "Dct")
 
 
 def with_input_channels(model: nn.Module, size: tuple[int, ...]) -> tuple[int, ...]:
