@@ -25,6 +25,7 @@ from wsurgery.compare import CONFIDENT
 from wsurgery.config import SurgeryConfig
 from wsurgery.errors import CheckpointError, ConfigError, UsageError
 from wsurgery.io import CONFIG_NAME
+from wsurgery.load import checkpoint_num_classes
 
 from ._common import (
     SEED_MAX,
@@ -113,8 +114,13 @@ def _load_for_calibration(source: str, pretrained: bool | None, checkpoint: Path
         try:
             original = wsurgery.load(source, pretrained=pretrained, checkpoint=checkpoint,
                                      remap_by_order=remap_by_order)
-        except CheckpointError:  # a checkpoint whose head fits only the new size: loaded with it below
-            original = None
+        except CheckpointError:  # a fine-tuned checkpoint's head: the original is the model with that head
+            classes = checkpoint_num_classes(source, checkpoint, remap_by_order=remap_by_order) if checkpoint else None
+            try:
+                original = None if classes in (None, num_classes) else wsurgery.load(
+                    source, checkpoint=checkpoint, remap_by_order=remap_by_order, num_classes=classes)
+            except CheckpointError:  # the backbone does not fit either: the load below says why
+                original = None
         # a Linear head only: a conv classifier (dla, dpn) would be converted with the body, and the new
         # head put in after surgery would not be; such a model is calibrated with its new head as before
         if original is not None and isinstance(original.get_classifier(), nn.Linear):

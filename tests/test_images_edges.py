@@ -223,3 +223,44 @@ def test_a_checkpoint_with_its_own_head_size_calibrates_with_that_head(tmp_path)
               "--mode", "aws", "--calib-data", tmp_path / "img", "--calib-steps", "1", "-o", tmp_path / "c"))
     saved = wsurgery.load(tmp_path / "c")
     assert torch.equal(saved.get_classifier().weight, source.get_classifier().weight)
+
+
+@pytest.mark.parametrize("remap", [False, True])
+def test_a_checkpoint_head_of_a_third_size_is_the_calibration_teacher(tmp_path, monkeypatch, remap):
+    """A 7-class fine-tuned checkpoint converted with --num-classes 3 fits neither the default head nor
+    the new one: it was calibrated against a new random head (a random projection of the features).
+    The teacher is now the checkpoint's own 7-class model, then the 3-class head goes in."""
+    import sys
+
+    from _cli import invoke, ok
+    from safetensors.torch import save_file
+
+    from wsurgery.load import checkpoint_num_classes
+
+    cli_convert = sys.modules["wsurgery.cli.convert"]
+    torch.manual_seed(0)
+    source = timm.create_model("test_efficientnet", pretrained=False, num_classes=7).eval()
+    state = source.state_dict()
+    if remap:  # names lost, order kept (a .pth keeps it): what --remap-by-order is for
+        state = {f"t{i}": v for i, v in enumerate(state.values())}
+    ckpt = tmp_path / ("w.pth" if remap else "w.safetensors")
+    torch.save(state, ckpt) if remap else save_file(state, ckpt)
+    assert checkpoint_num_classes("test_efficientnet", ckpt, remap_by_order=remap) == 7
+    rng = np.random.default_rng(0)
+    (tmp_path / "img").mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "img" / f"{i}.png")
+    seen = []
+
+    def spy(student, teacher, *args, **kwargs):
+        seen.append(teacher.get_classifier().weight.detach().clone())
+        return calibrate(student, teacher, *args, **kwargs)
+
+    calibrate = cli_convert.calibrate
+    monkeypatch.setattr(cli_convert, "calibrate", spy)
+    ok(invoke("convert", "test_efficientnet", "--checkpoint", ckpt, "--num-classes", "3",
+              *(["--remap-by-order"] if remap else []), "--mode", "aws", "--norm", "gn",
+              "--calib-data", tmp_path / "img", "--calib-steps", "1", "-o", tmp_path / "c"))
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], source.get_classifier().weight, rtol=0, atol=0)
+    assert wsurgery.load(tmp_path / "c").num_classes == 3

@@ -312,6 +312,21 @@ def test_remap_by_order(tmp_path, r18_state):
         wsurgery.load("resnet18", checkpoint=tmp_path / "short.pth", remap_by_order=True)
 
 
+def test_remap_by_order_from_safetensors_says_the_file_keeps_no_order(tmp_path, r18_state):
+    """safetensors sorts its tensors by dtype and name, so a renamed .safetensors file cannot be
+    remapped by order: the mismatch names that, and the fix (the original .pth)."""
+    from safetensors.torch import save_file
+
+    renamed = {f"t{i}": v for i, v in enumerate(r18_state.values())}  # t10 sorts before t2
+    save_file(renamed, tmp_path / "other_impl.safetensors")
+    with pytest.raises(CheckpointMismatchError, match=r"keeps no order .*sorted by dtype and name.*\.pth"):
+        wsurgery.load("resnet18", checkpoint=tmp_path / "other_impl.safetensors", remap_by_order=True)
+    torch.save(renamed, tmp_path / "other_impl.pth")
+    with pytest.raises(CheckpointMismatchError) as e:  # not said of a file that keeps its order
+        wsurgery.load("resnet34", checkpoint=tmp_path / "other_impl.pth", remap_by_order=True)
+    assert "keeps no order" not in str(e.value)
+
+
 def test_remap_by_order_with_a_new_head(tmp_path, r18_state):
     renamed = OrderedDict((f"backbone.t{i:03d}", v) for i, v in enumerate(r18_state.values()))
     torch.save(renamed, tmp_path / "other_impl.pth")

@@ -47,7 +47,8 @@ from .errors import (
 from .fold import fold, fold_conv_bn
 from .io import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_dict_file, read_json, read_safetensors_metadata
 
-__all__ = ["SOURCE_ATTR", "load", "load_checkpoint", "model_record", "rebuild", "suggest_models"]
+__all__ = ["SOURCE_ATTR", "checkpoint_num_classes", "load", "load_checkpoint", "model_record", "rebuild",
+           "suggest_models"]
 
 #: attribute holding where a model came from (model name, checkpoint, pretrained)
 SOURCE_ATTR = "wsurgery_source"
@@ -132,7 +133,7 @@ def _headed_keys(model: nn.Module) -> list[str] | None:
 
 
 def _remap_by_order(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str,
-                    new_head: bool) -> dict[str, torch.Tensor]:
+                    new_head: bool, hint: str = "") -> dict[str, torch.Tensor]:
     """Match the checkpoint's tensors to the model's in order, names ignored (timm's ``remap_state_dict``).
 
     With ``new_head`` the classifier tensors are set aside on both sides first (found by their
@@ -161,7 +162,7 @@ def _remap_by_order(model: nn.Module, state_dict: dict[str, torch.Tensor], sourc
     if len(ckpt_body) != len(body_keys):
         raise CheckpointMismatchError(
             f"{source} has {len(state_dict)} tensors but the model has {len(expected)}; "
-            "remapping by order needs the same number (another architecture?)"
+            f"remapping by order needs the same number (another architecture?){hint}"
         )
     remapped = {}
     for mk, (ck, cv) in zip(body_keys, ckpt_body):
@@ -169,7 +170,7 @@ def _remap_by_order(model: nn.Module, state_dict: dict[str, torch.Tensor], sourc
         if mv.numel() != cv.numel():
             raise CheckpointMismatchError(
                 f"{source} does not fit this model by order: {ck!r} {tuple(cv.shape)} lands on "
-                f"{mk!r} {tuple(mv.shape)}"
+                f"{mk!r} {tuple(mv.shape)}{hint}"
             )
         remapped[mk] = cv
     head_fits = len(ckpt_head) == len(heads) and all(
@@ -206,12 +207,40 @@ def load_checkpoint(
     state_dict = load_state_dict_file(path)
     source = f"checkpoint {Path(path).name}"
     if remap_by_order:
-        state_dict = _remap_by_order(model, state_dict, source, new_head)
+        # safetensors stores tensors sorted by dtype and name, not in the order they were saved
+        hint = ("; a .safetensors file keeps no order (its tensors are sorted by dtype and name): remap from the "
+                "original .pth/.bin" if Path(path).suffix == ".safetensors" else "")
+        state_dict = _remap_by_order(model, state_dict, source, new_head, hint)
     if new_head:
         state_dict = _keep_new_head(model, state_dict)
     _first_mismatch(model, state_dict, source)
     model.load_state_dict(state_dict, strict=True)
     return model
+
+
+def checkpoint_num_classes(architecture: str, path: str | os.PathLike, *, remap_by_order: bool = False) -> int | None:
+    """The number of classes of the classifier in checkpoint ``path`` for timm's ``architecture``.
+
+    Read off the first classifier weight that ``pretrained_cfg['classifier']`` names (by name, or by
+    its position with ``remap_by_order``); None when the architecture is not timm's, the checkpoint
+    has no such tensor, or it cannot be placed. For callers that must rebuild a model with the head a
+    fine-tuned checkpoint carries (``convert --num-classes`` calibrates against it before the swap).
+    """
+    model = build_on_meta(architecture, {}) if isinstance(architecture, str) else None
+    if model is None:
+        return None
+    prefixes = _classifier_prefixes(model)
+    model_keys = list(model.state_dict())
+    weights = [k for k in model_keys if prefixes and k.startswith(prefixes) and k.endswith("weight")]
+    if not weights:
+        return None
+    state_dict = load_state_dict_file(path)
+    if remap_by_order:
+        tensors = list(state_dict.values())
+        found = tensors[model_keys.index(weights[0])] if len(tensors) == len(model_keys) else None
+    else:
+        found = state_dict.get(weights[0])
+    return int(found.shape[0]) if found is not None and found.ndim >= 1 else None
 
 
 def _hub_unreachable() -> bool:
