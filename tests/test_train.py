@@ -322,3 +322,28 @@ def test_training_in_memory_returns_the_best_epoch_not_the_last(data, tmp_path):
     state = in_memory.model.state_dict()
     for k in best:
         assert torch.equal(state[k], best[k]), k
+
+
+def test_evaluate_counts_whole_images():
+    """timm's accuracy is a float32 percentage per batch; summed back into counts it gave 63.99999969
+    for 16 of 25 (train.json, --json). The counts are whole, so top-1 is exactly 100 * 16 / 25."""
+    from wsurgery.train import evaluate
+
+    y = torch.arange(25) % 10
+    logits = torch.zeros(25, 10)
+    right = torch.arange(25) < 16
+    logits[right, y[right]] = 5.0  # the first 16 right
+    logits[~right, (y[~right] + 1) % 10] = 5.0  # the other 9 wrong, their label last (out of the top 5 too)
+    logits[~right, y[~right]] = -5.0
+    in_top5 = (logits.topk(5, 1).indices == y[:, None]).any(1)
+
+    class Lookup(torch.nn.Module):  # a model that returns the logits of the image index it is given
+        num_classes = 10
+
+        def forward(self, x):
+            return logits[x[:, 0].long()]
+
+    data = torch.utils.data.TensorDataset(torch.arange(25.0)[:, None], y)
+    metrics = evaluate(Lookup(), data, batch_size=7)
+    assert int((logits.argmax(1) == y).sum()) == 16
+    assert metrics["top1"] == 100 * 16 / 25 and metrics["top5"] == 100 * int(in_top5.sum()) / 25

@@ -436,7 +436,7 @@ def evaluate(
     """Top-1, top-5 (percent) and mean cross-entropy of ``model`` on a labelled ``dataset``."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
                         generator=torch.Generator())
-    loss_sum, top1, top5, n = 0.0, 0.0, 0.0, 0
+    loss_sum, top1, top5, n = 0.0, 0, 0, 0
     k = min(5, getattr(model, "num_classes", 5) or 5)
     with modes_kept(model):  # every submodule back in its own mode afterwards
         model.eval()
@@ -447,8 +447,10 @@ def evaluate(
             out = out.float()
             loss_sum += nn.functional.cross_entropy(out, y, reduction="sum").item()
             a1, a5 = accuracy(out, y, topk=(1, k))
-            top1 += a1.item() * len(y) / 100
-            top5 += a5.item() * len(y) / 100
+            # timm gives float32 percentages of whole counts: round back to the count, so 16 of 25 is 64.0
+            # (not 63.99999969 in train.json and --json)
+            top1 += round(a1.item() * len(y) / 100)
+            top5 += round(a5.item() * len(y) / 100)
             n += len(y)
     if n == 0:
         return {"val_loss": float("nan"), "top1": float("nan"), "top5": float("nan"), "n": 0}
