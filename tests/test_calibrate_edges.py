@@ -32,6 +32,12 @@ def test_held_out_crops_come_from_photos_not_calibrated_on(tmp_path):
     # one crop per file: the fraction goes to calibrate as it is
     images, fraction = calibration_split(tmp_path, model, 0.25, crops_per_image=1)
     assert images.shape[0] == 4 and fraction == 0.25
+    # --calib-images is a limit on every image read, held-out ones included: 1 image with 2 crops each
+    # was 1 calibration crop + 1 held out; as calibrate's own split, too few to hold one out
+    for limit, calibrated, held_out in [(1, 1, None), (2, 2, None), (4, 3, 1)]:
+        images, held = calibration_split(tmp_path, model, 0.25, limit=limit, seed=0, crops_per_image=2)
+        assert images.shape[0] == calibrated, limit
+        assert (held if held is None else held.shape[0]) == held_out, limit
 
 
 def test_bn_stats_weigh_every_image_alike_with_a_partial_last_batch():

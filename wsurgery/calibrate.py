@@ -312,10 +312,13 @@ def calibration_split(
     images). With several crops per file the crops of one photo are alike, so the held-out
     images are the crops of their own photos (a ``held_out`` fraction of the files, at least one),
     never of a photo calibrated on; with a single file that is impossible and the crops are split.
+    Never more than ``limit`` images in all: where ``held_out * limit`` rounds to 0 none are held out.
     """
-    if not held_out or crops_per_image == 1:
+    # too few images to hold any out (calibrate's own split rounds the same way): all calibrate, within the limit
+    if not held_out or crops_per_image == 1 or (limit is not None and round(held_out * limit) == 0):
         return calibration_images(spec, model, limit=limit, seed=seed, img_size=img_size,
-                                  crops_per_image=crops_per_image), held_out or None
+                                  crops_per_image=crops_per_image), held_out if crops_per_image == 1 and held_out \
+            else None
     paths = calibration_files(spec)
     if len(paths) < 2:
         return calibration_images(paths, model, limit=limit, seed=seed, img_size=img_size,
