@@ -3,6 +3,8 @@ files named twice; BatchNorm statistics from a batch of one; compare of models w
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import timm
@@ -264,3 +266,30 @@ def test_a_checkpoint_head_of_a_third_size_is_the_calibration_teacher(tmp_path, 
     assert len(seen) == 1
     torch.testing.assert_close(seen[0], source.get_classifier().weight, rtol=0, atol=0)
     assert wsurgery.load(tmp_path / "c").num_classes == 3
+
+
+@pytest.mark.parametrize("broken", [False, True])
+def test_an_installed_pillow_heif_is_registered(tmp_path, broken):
+    """HEIC photos were read only if the user registered pillow-heif before importing wsurgery; an
+    installed plugin is now registered by wsurgery (a stand-in plugin here: it maps .heic to PNG).
+    A plugin that fails to register is a warning, never a failed import."""
+    import subprocess
+    import sys
+
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    body = "raise RuntimeError('libheif missing')" if broken else "Image.register_extension('PNG', '.heic')"
+    (plugin / "pillow_heif.py").write_text(f"from PIL import Image\n\ndef register_heif_opener():\n    {body}\n")
+    Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8)).save(tmp_path / "phone.png")
+    (tmp_path / "phone.png").rename(tmp_path / "phone.heic")
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "from wsurgery.data import IMAGE_SUFFIXES, find_images, open_rgb\n"
+            f"print('.heic' in IMAGE_SUFFIXES)\n"
+            f"print([open_rgb(p).size for p in find_images({str(tmp_path)!r})] if '.heic' in IMAGE_SUFFIXES else '')\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(plugin), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    if broken:
+        assert proc.stdout.split("\n")[0] == "False" and "could not be registered (libheif missing)" in proc.stderr
+    else:
+        assert proc.stdout.split("\n")[:2] == ["True", "[(8, 8)]"], proc.stdout

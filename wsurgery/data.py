@@ -8,6 +8,7 @@ exactly what timm's own eval pipeline would give the model.
 from __future__ import annotations
 
 import glob
+import importlib.util
 import os
 import random
 import warnings
@@ -36,9 +37,24 @@ __all__ = [
 
 _PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".jfif", ".jpe")
 # read where this Pillow can: AVIF is built into Pillow's wheels since 11.3; HEIC/HEIF needs the
-# pillow-heif plugin (registered before wsurgery is imported, e.g. by `import pillow_heif;
-# pillow_heif.register_heif_opener()`)
+# pillow-heif plugin, registered here when it is installed (a user who installed it expects phone photos
+# to be read; registering is what its docs ask every program to do before opening images)
 _IF_SUPPORTED = (".avif", ".heic", ".heif")
+
+
+def _register_heif() -> None:
+    if importlib.util.find_spec("pillow_heif") is None:
+        return
+    try:
+        import pillow_heif
+
+        pillow_heif.register_heif_opener()
+    except Exception as e:  # noqa: BLE001 - a broken plugin must not stop wsurgery: HEIC is then unread
+        warnings.warn(f"pillow-heif is installed but could not be registered ({e}); HEIC/HEIF files are skipped",
+                      stacklevel=2)
+
+
+_register_heif()
 IMAGE_SUFFIXES = _PHOTO_SUFFIXES + tuple(s for s in _IF_SUPPORTED if s in Image.registered_extensions())
 
 
