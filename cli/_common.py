@@ -18,6 +18,7 @@ from rich.table import Table
 
 from wsurgery.compare import Agreement
 from wsurgery.errors import UsageError, WSurgeryError
+from wsurgery.train import TrainingInterrupted
 
 console = Console()
 err_console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -41,11 +42,16 @@ def debug_enabled() -> bool:
     return debug_flag or os.environ.get(DEBUG_ENV, "") not in ("", "0", "false", "no")
 
 
-def fail(message: str, code: int = 1) -> typer.Exit:
+def fail(message: str, code: int = 1, label: str = "[bold red]error:[/]") -> typer.Exit:
     """Print one error line to stderr and return the Exit to raise."""
     # escape: messages hold literal brackets (pip install 'wsurgery[onnx]', shapes) that rich would eat as markup
-    err_console.print(f"[bold red]error:[/] {escape(message)}", markup=True, highlight=False)
+    err_console.print(f"{label} {escape(message)}", markup=True, highlight=False)
     return typer.Exit(code)
+
+
+def stopped(message: str, code: int) -> typer.Exit:
+    """Like :func:`fail` for a stop the user asked for (Ctrl-C, SIGTERM): not an error, the same one line."""
+    return fail(message, code, label="[bold yellow]stopped:[/]")
 
 
 def check_at_least(*checks: tuple[str, int | None, int]) -> None:
@@ -96,7 +102,10 @@ def handle_errors(fn: F) -> F:
         except (typer.Exit, typer.Abort, SystemExit):
             raise
         except KeyboardInterrupt as e:  # Ctrl-C 130, SIGTERM (Terminated) 143, as shells report them
-            raise fail("interrupted", getattr(e, "exit_code", 130)) from None
+            code = getattr(e, "exit_code", 130)
+            raise stopped("terminated (SIGTERM)" if code == 143 else "interrupted (Ctrl-C)", code) from None
+        except TrainingInterrupted as e:  # the run stopped as asked, after writing its checkpoint
+            raise stopped(_one_line(e), e.exit_code) from None
         except WSurgeryError as e:
             if debug_enabled():
                 traceback.print_exc(file=sys.stderr)
