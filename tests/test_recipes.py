@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 import torch
@@ -231,3 +232,37 @@ def test_epochs_under_a_recipe_counted_in_steps_is_refused_not_ignored():
     assert load_recipe("bit-hyperrule", ["epochs=1", "steps=null"]).epochs == 1  # the fix the message names
     assert load_recipe("bit-hyperrule", ["steps=20"]).steps == 20
     assert load_recipe("micro-batch", ["epochs=1"]).epochs == 1  # counted in epochs: as before
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"decay_rate": -1.0}, "`decay_rate` must be a fraction in (0, 1]"),
+    ({"decay_rate": 0.0}, "`decay_rate` must be a fraction in (0, 1]"),
+    ({"decay_rate": 5.0}, "`decay_rate` must be a fraction in (0, 1]"),
+    ({"momentum": 1.5}, "`momentum` must be a fraction in [0, 1)"),
+    ({"seed": -1}, "`seed` must be zero or more"),
+    ({"warmup_lr": 0.5, "lr": 0.1}, "`warmup_lr` (0.5) must not exceed the peak learning rate (0.1)"),
+    ({"layer_decay": 0.7}, "layer-wise lr decay is not offered"),
+    ({"drop_path_rate": 0.1}, "pass drop_path_rate to the model when it is created"),
+    ({"nesterov": True}, "did you mean `optimizer`"),
+    ({"betas": [0.9, 0.99]}, "did you mean `momentum`"),
+    ({"ema_dekay": 0.99}, "did you mean `ema_decay`"),
+])
+def test_values_and_keys_from_a_review_of_timm_semantics(data, message):
+    """decay_rate -1 made every other phase climb the loss; unknown keys were matched to unrelated ones
+    (layer_decay -> ema_decay, drop_path_rate -> decay_rate, nesterov/eps -> steps, betas -> ema)."""
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        Recipe.from_dict(data)
+    assert Recipe.from_dict({"decay_rate": 1.0}).decay_rate == 1.0
+
+
+def test_bit_hyperrule_under_several_processes_says_how_to_keep_its_batch():
+    from wsurgery.train import _world_notes
+
+    bit = load_recipe("bit-hyperrule")
+    resolved = resolve_recipe(bit, 1_000, (32, 32))[0]
+    assert _world_notes(bit, resolved, 1) == []
+    (note,) = _world_notes(bit, resolved, 4)
+    assert "each step takes 2048 (4 x 512)" in note and "--set accum_steps=2 keeps 512" in note
+    (note,) = _world_notes(bit, resolved, 3)  # 8 accumulation steps do not divide by 3
+    assert "set batch_size x accum_steps x 3 processes to the 512" in note
+    assert _world_notes(load_recipe("micro-batch"), load_recipe("micro-batch"), 4) == []  # steps not by the rule

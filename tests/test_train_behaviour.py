@@ -423,3 +423,60 @@ def test_a_preconditioned_model_gets_a_note_when_its_lr_is_high(data):
     assert notes[PRECONDITIONED_MAX_LR] == []
     plain = train(tiny(), data, None, None, device="cpu", overrides=[f"img_size={IMG}", "lr=0.1", "steps=1"])
     assert not [n for n in plain.notes if "preconditioning" in n]  # only preconditioned models get it
+
+
+# --- from a review of the recipes against timm ----------------------------------------------------
+
+
+def test_adaptive_clipping_leaves_the_zero_initialised_head_free(data):
+    """AGC clips a gradient to a fraction of its weight's norm: the zero-initialised head (every shipped
+    recipe's head_init) got no update and the run stayed at chance. As timm's train.py does, the head
+    is left out of AGC: it is what it is without clipping, the body is clipped. Two updates: the body's
+    gradients are zero while the head is (the first update moves only the head)."""
+    heads, bodies = [], []
+    for clip in ([], ["clip_grad=0.01", "clip_mode=agc"]):
+        model = tiny()
+        train(model, data, None, None, device="cpu",
+              overrides=[f"img_size={IMG}", "batch_size=4", "steps=2", "lr=0.1", "warmup_steps=0", "head_init=zero",
+                         *clip])
+        heads.append(model.get_classifier().weight.detach().clone())
+        bodies.append(model.conv_stem.parametrizations.weight.original.detach().clone())
+    assert heads[0].abs().max() > 1e-3  # the unclipped head moved off zero
+    torch.testing.assert_close(heads[1], heads[0], rtol=0, atol=0)
+    assert not torch.equal(bodies[0], bodies[1])  # and the clipping did act on the body
+
+
+@pytest.mark.parametrize(("optimizer", "key", "value"), [("rmsprop", "momentum", 0.5), ("lars", "momentum", 0.0),
+                                                          ("adamw", "betas", (0.5, 0.999))])
+def test_momentum_reaches_every_optimizer_that_takes_one(data, optimizer, key, value):
+    """`momentum` went only to the SGD family: rmsprop and lars ran at timm's default 0.9 whatever it said."""
+    with optimizer_steps() as steps:
+        train(tiny(), data, None, None, device="cpu",
+              overrides=[f"img_size={IMG}", "batch_size=4", "steps=1", "lr=0.01", f"optimizer={optimizer}",
+                         "momentum=" + str(value[0] if isinstance(value, tuple) else value)])
+    assert {tuple(g[key]) if isinstance(g[key], tuple) else g[key] for g in steps[0]} == {value}
+
+
+def test_the_reported_lr_is_the_lr_of_that_update(data):
+    """Step events and metrics.csv read the lr after the scheduler had set the next update's (a cosine
+    run's last epoch showed lr 0): each is now the lr its update used."""
+    events = []
+    with optimizer_steps() as steps:
+        result = train(tiny(), data, None, None, device="cpu", callback=events.append,
+                       overrides=[f"img_size={IMG}", "batch_size=4", "steps=6", "lr=0.1", "sched=cosine",
+                                  "warmup_steps=0"])
+    used = [groups[0]["lr"] for groups in steps]
+    assert [e.lr for e in events if e.kind == "step"] == used
+    assert [h["lr"] for h in result.history] == [used[2], used[5]]  # 3 updates per epoch: each epoch's last
+    assert used[-1] > 0
+
+
+def test_min_lr_is_checked_against_the_lr_the_run_uses(data, tmp_path):
+    """min_lr 0.008 under lr 0.01 per 32 images at 16 images per update (0.005): the cosine rose."""
+    from wsurgery.recipes import RecipeError
+
+    with pytest.raises(RecipeError, match=r"`min_lr` \(0.008\) must not exceed the peak learning rate \(0.005 = lr"):
+        train(tiny(), data, tmp_path / "r", device="cpu",
+              overrides=[f"img_size={IMG}", "batch_size=2", "accum_steps=8", "lr=0.01", "lr_base_batch=32",
+                         "min_lr=0.008"])
+    assert not (tmp_path / "r").exists()

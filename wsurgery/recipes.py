@@ -43,6 +43,7 @@ __all__ = [
     "apply_overrides",
     "bit_hyperrule",
     "builtin_recipes",
+    "check_below_peak",
     "load_recipe",
     "parse_override",
     "recipe_reference",
@@ -95,8 +96,8 @@ class Recipe:
     # --- schedule
     epochs: int = _help("Passes over the training set (ignored when `steps` is set).", 10)
     steps: int | Auto | None = _help(
-        "Total optimizer steps; rounded up to whole epochs. auto: BiT-HyperRule by dataset size "
-        "(500 below 20k images, 10k below 500k, else 20k) at the effective batch.", None)
+        "Total optimizer steps (the last epoch stops part-way when they end inside it). auto: BiT-HyperRule by "
+        "dataset size (500 below 20k images, 10k below 500k, else 20k) at the effective batch.", None)
     batch_size: int = _help("Images per forward pass (per process under DDP).", 32)
     accum_steps: int = _help("Micro-batches accumulated per optimizer step (effective batch = batch_size x this).", 1)
     eval_batch_size: int | None = _help("Batch size for evaluation (null: max(batch_size, 32)).", None)
@@ -107,18 +108,23 @@ class Recipe:
     lr: float = _help("Peak learning rate (at `lr_base_batch` images per step when that is set).", 0.01)
     lr_base_batch: int | None = _help(
         "If set, lr is scaled linearly: lr x (batch_size x accum_steps x world size) / lr_base_batch.", None)
-    momentum: float = _help("SGD momentum, or beta1 of adam, adamw, nadam(w), radam, adamp, lamb(w).", 0.9)
+    momentum: float = _help("Momentum of the optimizers that take one (SGD, RMSprop, LARS ...), or beta1 of adam, "
+                            "adamw, nadam(w), radam, adamp, lamb(w); in [0, 1).", 0.9)
     weight_decay: float = _help(
         "Weight decay. 1-D parameters (biases, norm affines, adaptive-WS gain/shift) never decay.", 0.0)
     sched: Literal["cosine", "multistep", "step", "constant"] = _help(
         "timm scheduler (create_scheduler_v2), stepped every optimizer update.", "cosine")
-    warmup_steps: int | Auto = _help("Linear warmup from warmup_lr, in optimizer steps (auto: BiT-HyperRule).", 0)
-    warmup_lr: float = _help("Learning rate at the start of warmup.", 0.0)
+    warmup_steps: int | Auto = _help(
+        "Linear warmup from warmup_lr towards `lr`, in optimizer steps (auto: BiT-HyperRule). As timm does by "
+        "default, the warmup overlaps the schedule's first steps, which then goes on from where it is at that "
+        "step: with cosine and a warmup of half the run, the lr climbs to near `lr`, then drops to half of it.", 0)
+    warmup_lr: float = _help("Learning rate at the start of warmup (at most the peak lr).", 0.0)
     decay_milestones: list[float] | Auto = _help(
-        "multistep: fractions of the total steps at which lr is multiplied by decay_rate (auto: BiT-HyperRule).",
+        "multistep: fractions of the total steps at which lr is multiplied by decay_rate (auto: BiT-HyperRule); "
+        "step: the first one is the period (lr x decay_rate every that many steps), the others are unused.",
         factory=lambda: [0.3, 0.6, 0.9])
-    decay_rate: float = _help("multistep/step: factor applied at each milestone.", 0.1)
-    min_lr: float = _help("cosine: final learning rate.", 0.0)
+    decay_rate: float = _help("multistep/step: factor applied at each milestone, in (0, 1].", 0.1)
+    min_lr: float = _help("cosine: final learning rate (at most the peak lr).", 0.0)
 
     # --- model
     head_init: Literal["zero", "default"] = _help(
@@ -146,7 +152,7 @@ class Recipe:
     standardize_once: bool = _help(
         "With accum_steps > 1, standardize WS weights once per optimizer step (wsurgery.accumulate) instead of "
         "once per micro-batch; same gradients, less work.", True)
-    seed: int = _help("Seed of weights init, data order, augmentation, mixup and dropout.", 0)
+    seed: int = _help("Seed of weights init, data order, augmentation, mixup and dropout (0 or more).", 0)
     deterministic: bool = _help("torch.use_deterministic_algorithms on CPU (bitwise-reproducible runs).", True)
 
     def __post_init__(self) -> None:
@@ -164,8 +170,11 @@ class Recipe:
         names = [f.name for f in dataclasses.fields(cls)]
         for key in data:
             if key not in names:
+                if key in _NOT_OFFERED:
+                    raise RecipeError(f"{source}: unknown key `{key}`: {_NOT_OFFERED[key]} "
+                                      "(`wsurgery train --help-recipe` lists the keys)")
                 close = [_ALIASES[key]] if key in _ALIASES else difflib.get_close_matches(str(key), names, n=1,
-                                                                                          cutoff=0.4)
+                                                                                          cutoff=0.6)
                 hint = f"did you mean `{close[0]}`?" if close else "`wsurgery train --help-recipe` lists the keys"
                 raise RecipeError(f"{source}: unknown key `{key}`; {hint}")
         return cls(**data)
@@ -226,7 +235,14 @@ def _accepts_float_not_int(tp: Any) -> bool:
 _ALIASES = {"learning_rate": "lr", "wd": "weight_decay", "bs": "batch_size", "num_epochs": "epochs",
             "opt": "optimizer", "scheduler": "sched", "lr_scheduler": "sched", "smoothing": "label_smoothing",
             "mixup": "mixup_alpha", "cutmix": "cutmix_alpha",
-            "grad_accum": "accum_steps", "gradient_accumulation_steps": "accum_steps"}
+            "grad_accum": "accum_steps", "gradient_accumulation_steps": "accum_steps",
+            "nesterov": "optimizer", "betas": "momentum", "beta1": "momentum", "clip": "clip_grad",
+            "warmup": "warmup_steps", "warmup_epochs": "warmup_steps"}
+#: timm training options a recipe does not offer, and what to do instead
+_NOT_OFFERED = {"layer_decay": "layer-wise lr decay is not offered", "drop_path_rate": "pass drop_path_rate to the "
+                "model when it is created (timm.create_model), not to the recipe", "drop_rate": "pass drop_rate to "
+                "the model when it is created", "cooldown_epochs": "cooldown is not offered",
+                "eps": "the optimizer's eps is timm's default", "opt_eps": "the optimizer's eps is timm's default"}
 
 
 def _number(text: str) -> float | str:
@@ -284,8 +300,10 @@ def _check_values(r: Recipe) -> None:
                  "lr_base_batch", "ema_decay", "clip_grad"):
         _positive(name, getattr(r, name))
     for name in ("weight_decay", "warmup_lr", "min_lr", "label_smoothing", "mixup_alpha", "cutmix_alpha",
-                 "color_jitter", "workers", "warmup_steps", "momentum"):
+                 "color_jitter", "workers", "warmup_steps", "momentum", "seed"):
         _positive(name, getattr(r, name), allow_zero=True)
+    _fraction("momentum", r.momentum, high_open=True)
+    _fraction("decay_rate", r.decay_rate, low_open=True)  # -1 made every other phase climb the loss
     for name in ("hflip", "re_prob", "mixup_prob", "mixup_switch_prob"):
         _fraction(name, getattr(r, name))
     _fraction("val_split", r.val_split, high_open=True)
@@ -303,11 +321,18 @@ def _check_values(r: Recipe) -> None:
                                          or list(r.decay_milestones) != sorted(r.decay_milestones)):
         raise RecipeError(f"`decay_milestones` must be increasing fractions of the run in (0, 1), "
                           f"got {r.decay_milestones}")
-    if r.min_lr > r.lr:
-        raise RecipeError(f"`min_lr` ({r.min_lr}) must not exceed `lr` ({r.lr})")
+    check_below_peak(r, r.lr)
     mixing = (r.mixup_alpha == "auto" or r.mixup_alpha > 0 or r.cutmix_alpha > 0)
     if mixing and r.batch_size % 2:
         raise RecipeError(f"mixup/cutmix mixes pairs within a batch and needs an even `batch_size`, got {r.batch_size}")
+
+
+def check_below_peak(r: Recipe, peak: float, scaled: str = "") -> None:
+    """``min_lr`` and ``warmup_lr`` at most the peak lr (``scaled``: how the run's lr came from ``lr``)."""
+    for name in ("min_lr", "warmup_lr"):
+        if getattr(r, name) > peak:
+            raise RecipeError(f"`{name}` ({getattr(r, name)}) must not exceed the peak learning rate "
+                              f"({peak:.3g}{scaled}); lower it, or raise `lr`")
 
 
 # --- loading -----------------------------------------------------------------------------

@@ -90,7 +90,7 @@ from .io import (
     save_safetensors,
     write_json,
 )
-from .recipes import Recipe, apply_overrides, load_recipe, resolve_recipe
+from .recipes import Recipe, apply_overrides, check_below_peak, load_recipe, resolve_recipe
 from .save import build_config
 
 __all__ = [
@@ -420,6 +420,20 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, r: Recipe, total: int, warmup
     return scheduler
 
 
+def _world_notes(recipe: Recipe, resolved: Recipe, world: int) -> list[str]:
+    """What changes under ``world`` processes that a recipe written for one does not say."""
+    if world <= 1 or recipe.steps != "auto":
+        return []
+    # BiT-HyperRule's step counts are for its batch (512: 64 x 8 accumulation in bit-hyperrule); batch_size and
+    # accum_steps are per process, so every process multiplies the images each step sees
+    per_step = resolved.effective_batch * world
+    fit = resolved.accum_steps // world if resolved.accum_steps % world == 0 else None
+    fix = (f"--set accum_steps={fit} keeps {resolved.effective_batch}" if fit else
+           f"set batch_size x accum_steps x {world} processes to the {resolved.effective_batch} the rule counts in")
+    return [f"steps=auto counts BiT-HyperRule's steps of {resolved.effective_batch} images, but under {world} "
+            f"processes each step takes {per_step} ({world} x {resolved.effective_batch}): {fix}"]
+
+
 # --- evaluation --------------------------------------------------------------------------
 
 
@@ -584,16 +598,17 @@ class _Run:
             self.notes.append(f"lr {r.lr:g} x {r.effective_batch * self.world}/{r.lr_base_batch} images per step "
                               f"= {lr:.3g}")
         self.lr = lr
+        check_below_peak(r, lr, f" = lr {r.lr:g} x {r.effective_batch * self.world}/{r.lr_base_batch} images per step"
+                         if r.lr_base_batch else "")
         if preconditioned_convs(self.model) and lr > PRECONDITIONED_MAX_LR:
             # measured (benchmarks/demo_variants.py --preset lr): the demo diverged at 0.005 per update
             # (the micro-batch recipe's 0.01 per 32 images, 16 per update) and trained at 0.0015 and below
             self.notes.append(f"this model was calibrated with preconditioning, which fine-tunes at a lower lr: "
                               f"{lr:.3g} per update may diverge (measured: diverged at 0.005, trained at "
                               f"{PRECONDITIONED_MAX_LR:g} and below)")
-        kwargs: dict[str, Any] = {}
-        if r.optimizer.lower() in ("sgd", "nesterov", "momentum", "sgdp", "sgdw"):
-            kwargs["momentum"] = r.momentum
-        elif r.optimizer.lower() in _ADAM_FAMILY:  # `momentum` is Adam's beta1 (0.9 by default in both)
+        # timm passes `momentum` to the optimizers that take one (SGD, RMSprop, LARS ...) and drops it elsewhere
+        kwargs: dict[str, Any] = {"momentum": r.momentum}
+        if r.optimizer.lower() in _ADAM_FAMILY:  # `momentum` is Adam's beta1 (0.9 by default in both)
             kwargs["betas"] = (r.momentum, 0.999)
         known = list_optimizers()
         if r.optimizer.lower() not in known:
@@ -613,6 +628,12 @@ class _Run:
             warmup = max(0, total // 10)
             self.notes.append(f"warmup_steps shortened to {warmup} (the run has only {total} steps)")
         self.scheduler = lr_scheduler(self.optimizer, r, total, warmup)
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # the lr of the latest update (after it, the next's)
+        # timm's train.py leaves the classifier out of adaptive gradient clipping: AGC clips a gradient to a
+        # fraction of its weight's norm, so a zero-initialised head (head_init=zero) could never move
+        head = getattr(unwrap(self.model), "get_classifier", None)
+        self.unclipped = ({id(p) for p in head().parameters()} if r.clip_mode == "agc" and callable(head)
+                          and isinstance(head(), nn.Module) else set())
 
     # checkpoints ----------------------------------------------------------------------------
 
@@ -770,7 +791,7 @@ class _Run:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         if r.clip_grad is not None:
-            params = [p for p in self.model.parameters() if p.grad is not None]
+            params = [p for p in self.model.parameters() if p.grad is not None and id(p) not in self.unclipped]
             dispatch_clip_grad(params, r.clip_grad, mode=r.clip_mode)
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
@@ -779,6 +800,7 @@ class _Run:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
+        self.last_lr = self.optimizer.param_groups[0]["lr"]  # before the scheduler sets the next update's
         self.scheduler.step_update(self.state.step)
         if self.ema is not None:
             self.ema.update(self.model, step=self.state.step)
@@ -855,13 +877,13 @@ class _Run:
             self.in_update = False
             self.callback(TrainEvent("step", epoch=epoch, epochs=self.epochs, step=self.state.step,
                                      total_steps=self.total_steps, loss=loss,
-                                     lr=self.optimizer.param_groups[0]["lr"],
+                                     lr=self.last_lr,
                                      images_per_s=images * self.world / dt if dt > 0 else 0.0))
             if self.stop["stop"]:
                 raise KeyboardInterrupt
         del it
         seconds = time.perf_counter() - t_epoch
-        metrics = {"epoch": epoch + 1, "step": st.step, "lr": self.optimizer.param_groups[0]["lr"],
+        metrics = {"epoch": epoch + 1, "step": st.step, "lr": self.last_lr,
                    "train_loss": st.epoch_loss_sum / st.epoch_loss_n if st.epoch_loss_n else float("nan"),
                    "seconds": round(seconds, 3),
                    "images_per_s": st.epoch_images / st.epoch_seconds if st.epoch_seconds > 0 else 0.0}
@@ -1122,6 +1144,7 @@ def train(
                          "resuming would not continue that run (its schedule and split were made for the old "
                          "files); restore them, or start a new run")
     resolved, notes = resolve_recipe(recipe_obj, len(bundle.train), bundle.original_size)
+    notes.extend(_world_notes(recipe_obj, resolved, _world))
     notes.extend(resume_notes)
     if bundle.skipped:
         notes.append(f"skipped {len(bundle.skipped)} unreadable file(s), e.g. {bundle.skipped[0]}")
