@@ -105,6 +105,8 @@ def handle_errors(fn: F) -> F:
             code = getattr(e, "exit_code", 130)
             raise stopped("terminated (SIGTERM)" if code == 143 else "interrupted (Ctrl-C)", code) from None
         except TrainingInterrupted as e:  # the run stopped as asked, after writing its checkpoint
+            if debug_enabled():
+                traceback.print_exc(file=sys.stderr)
             raise stopped(_one_line(e), e.exit_code) from None
         except WSurgeryError as e:
             if debug_enabled():

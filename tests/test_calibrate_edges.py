@@ -34,10 +34,14 @@ def test_held_out_crops_come_from_photos_not_calibrated_on(tmp_path):
     assert images.shape[0] == 4 and fraction == 0.25
     # --calib-images is a limit on every image read, held-out ones included: 1 image with 2 crops each
     # was 1 calibration crop + 1 held out; as calibrate's own split, too few to hold one out
-    for limit, calibrated, held_out in [(1, 1, None), (2, 2, None), (4, 3, 1)]:
-        images, held = calibration_split(tmp_path, model, 0.25, limit=limit, seed=0, crops_per_image=2)
-        assert images.shape[0] == calibrated, limit
-        assert (held if held is None else held.shape[0]) == held_out, limit
+    for fraction, limit, calibrated, held_out in [(0.25, 1, 1, None), (0.25, 2, 2, None), (0.25, 4, 3, 1),
+                                                  (0.75, 2, 1, 1), (0.9, 4, 1, 3)]:
+        images, held = calibration_split(tmp_path, model, fraction, limit=limit, seed=0, crops_per_image=2)
+        assert images.shape[0] == calibrated, (fraction, limit)
+        assert (held if held is None else held.shape[0]) == held_out, (fraction, limit)
+    for count in (2, 1.0, -0.1, True):  # a count (calibrate takes one) would be read as a fraction of the photos
+        with pytest.raises(UsageError, match="held_out must be a fraction in"):
+            calibration_split(tmp_path, model, count, limit=8, crops_per_image=2)
 
 
 def test_bn_stats_weigh_every_image_alike_with_a_partial_last_batch():

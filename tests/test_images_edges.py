@@ -293,3 +293,27 @@ def test_an_installed_pillow_heif_is_registered(tmp_path, broken):
         assert proc.stdout.split("\n")[0] == "False" and "could not be registered (libheif missing)" in proc.stderr
     else:
         assert proc.stdout.split("\n")[:2] == ["True", "[(8, 8)]"], proc.stdout
+
+
+def test_checkpoint_num_classes_reads_only_a_head_of_the_model(tmp_path):
+    """From a review: a tag whose pretrained_cfg has no head (convnextv2_atto.fcmae) built without one,
+    so the checkpoint's head was never read; a tensor of another shape under the head's name or position
+    was taken for it; a .safetensors file (no order) was read by position."""
+    from safetensors.torch import save_file
+
+    from wsurgery.load import checkpoint_num_classes
+
+    state = timm.create_model("convnextv2_atto", pretrained=False, num_classes=7).state_dict()
+    torch.save(state, tmp_path / "c.pth")
+    assert checkpoint_num_classes("convnextv2_atto.fcmae", tmp_path / "c.pth") == 7
+    assert checkpoint_num_classes("convnextv2_atto", tmp_path / "c.pth") == 7
+    state["head.fc.weight"] = torch.zeros(7, 5)  # not a head of this model: 5 features, not 320
+    torch.save(state, tmp_path / "odd.pth")
+    assert checkpoint_num_classes("convnextv2_atto", tmp_path / "odd.pth") is None
+    small = timm.create_model("test_efficientnet", pretrained=False, num_classes=7).state_dict()
+    renamed = {f"t{i}": v for i, v in enumerate(small.values())}
+    torch.save(renamed, tmp_path / "r.pth")
+    save_file(renamed, tmp_path / "r.safetensors")
+    assert checkpoint_num_classes("test_efficientnet", tmp_path / "r.pth", remap_by_order=True) == 7
+    assert checkpoint_num_classes("test_efficientnet", tmp_path / "r.safetensors", remap_by_order=True) is None
+    assert checkpoint_num_classes("not_a_timm_model", tmp_path / "r.pth") is None

@@ -314,6 +314,10 @@ def calibration_split(
     never of a photo calibrated on; with a single file that is impossible and the crops are split.
     Never more than ``limit`` images in all: where ``held_out * limit`` rounds to 0 none are held out.
     """
+    if held_out is not None and (isinstance(held_out, bool) or not isinstance(held_out, (int, float))
+                                 or not 0 <= held_out < 1):
+        raise UsageError(f"held_out must be a fraction in [0, 1) here (the images are read per photo), "
+                         f"got {held_out!r}")
     # too few images to hold any out (calibrate's own split rounds the same way): all calibrate, within the limit
     if not held_out or crops_per_image == 1 or (limit is not None and round(held_out * limit) == 0):
         return calibration_images(spec, model, limit=limit, seed=seed, img_size=img_size,
@@ -325,7 +329,7 @@ def calibration_split(
                                   crops_per_image=crops_per_image), held_out
     order = random.Random(seed + 1).sample(paths, len(paths))
     k = min(max(1, round(held_out * len(paths))), len(paths) - 1)
-    held_limit = None if limit is None else max(1, round(held_out * limit))
+    held_limit = None if limit is None else min(max(1, round(held_out * limit)), limit - 1)  # 1+ left to calibrate
     calib_limit = None if limit is None else max(1, limit - held_limit)
     calib = calibration_images(sorted(order[k:]), model, limit=calib_limit, seed=seed, img_size=img_size,
                                crops_per_image=crops_per_image)

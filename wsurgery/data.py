@@ -43,9 +43,9 @@ _IF_SUPPORTED = (".avif", ".heic", ".heif")
 
 
 def _register_heif() -> None:
-    if importlib.util.find_spec("pillow_heif") is None:
-        return
     try:
+        if importlib.util.find_spec("pillow_heif") is None:
+            return
         import pillow_heif
 
         pillow_heif.register_heif_opener()

@@ -45,7 +45,15 @@ from .errors import (
     WSurgeryError,
 )
 from .fold import fold, fold_conv_bn
-from .io import CONFIG_NAME, WEIGHTS_NAME, load_safetensors, load_state_dict_file, read_json, read_safetensors_metadata
+from .io import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
+    _is_safetensors,  # the same test load_state_dict_file reads a file by
+    load_safetensors,
+    load_state_dict_file,
+    read_json,
+    read_safetensors_metadata,
+)
 
 __all__ = ["SOURCE_ATTR", "checkpoint_num_classes", "load", "load_checkpoint", "model_record", "rebuild",
            "suggest_models"]
@@ -209,7 +217,7 @@ def load_checkpoint(
     if remap_by_order:
         # safetensors stores tensors sorted by dtype and name, not in the order they were saved
         hint = ("; a .safetensors file keeps no order (its tensors are sorted by dtype and name): remap from the "
-                "original .pth/.bin" if Path(path).suffix == ".safetensors" else "")
+                "original .pth/.bin" if _is_safetensors(Path(path)) else "")
         state_dict = _remap_by_order(model, state_dict, source, new_head, hint)
     if new_head:
         state_dict = _keep_new_head(model, state_dict)
@@ -226,21 +234,25 @@ def checkpoint_num_classes(architecture: str, path: str | os.PathLike, *, remap_
     has no such tensor, or it cannot be placed. For callers that must rebuild a model with the head a
     fine-tuned checkpoint carries (``convert --num-classes`` calibrates against it before the swap).
     """
-    model = build_on_meta(architecture, {}) if isinstance(architecture, str) else None
+    # with a head of 1 class: tags whose pretrained_cfg has none (.fcmae, .dinov2) would build without one
+    model = build_on_meta(architecture, {"num_classes": 1}) if isinstance(architecture, str) else None
     if model is None:
         return None
     prefixes = _classifier_prefixes(model)
-    model_keys = list(model.state_dict())
-    weights = [k for k in model_keys if prefixes and k.startswith(prefixes) and k.endswith("weight")]
-    if not weights:
+    expected = model.state_dict()
+    weights = [k for k in expected if prefixes and k.startswith(prefixes) and k.endswith("weight")]
+    if not weights or (remap_by_order and _is_safetensors(Path(path))):  # a safetensors file keeps no order
         return None
     state_dict = load_state_dict_file(path)
     if remap_by_order:
         tensors = list(state_dict.values())
-        found = tensors[model_keys.index(weights[0])] if len(tensors) == len(model_keys) else None
+        found = tensors[list(expected).index(weights[0])] if len(tensors) == len(expected) else None
     else:
         found = state_dict.get(weights[0])
-    return int(found.shape[0]) if found is not None and found.ndim >= 1 else None
+    head = expected[weights[0]]
+    if found is None or found.ndim != head.ndim or found.shape[1:] != head.shape[1:]:  # not a head of this model
+        return None
+    return int(found.shape[0])
 
 
 def _hub_unreachable() -> bool:
