@@ -447,14 +447,18 @@ def test_adaptive_clipping_leaves_the_zero_initialised_head_free(data):
 
 
 @pytest.mark.parametrize(("optimizer", "key", "value"), [("rmsprop", "momentum", 0.5), ("lars", "momentum", 0.0),
-                                                          ("adamw", "betas", (0.5, 0.999))])
+                                                          ("adamw", "betas", (0.5, 0.999)),
+                                                          ("lookahead_adamw", "betas", (0.5, 0.999))])
 def test_momentum_reaches_every_optimizer_that_takes_one(data, optimizer, key, value):
-    """`momentum` went only to the SGD family: rmsprop and lars ran at timm's default 0.9 whatever it said."""
+    """`momentum` went only to the SGD family: rmsprop and lars ran at timm's default 0.9 whatever it said.
+    timm's `lookahead_` prefix was refused as an unknown optimizer."""
     with optimizer_steps() as steps:
         train(tiny(), data, None, None, device="cpu",
               overrides=[f"img_size={IMG}", "batch_size=4", "steps=1", "lr=0.01", f"optimizer={optimizer}",
                          "momentum=" + str(value[0] if isinstance(value, tuple) else value)])
     assert {tuple(g[key]) if isinstance(g[key], tuple) else g[key] for g in steps[0]} == {value}
+    # timm's Lookahead keeps its settings in the wrapped optimizer's groups
+    assert all(("lookahead_k" in g) == optimizer.startswith("lookahead_") for g in steps[0])
 
 
 def test_the_reported_lr_is_the_lr_of_that_update(data):

@@ -608,11 +608,13 @@ class _Run:
                               f"{PRECONDITIONED_MAX_LR:g} and below)")
         # timm passes `momentum` to the optimizers that take one (SGD, RMSprop, LARS ...) and drops it elsewhere
         kwargs: dict[str, Any] = {"momentum": r.momentum}
-        if r.optimizer.lower() in _ADAM_FAMILY:  # `momentum` is Adam's beta1 (0.9 by default in both)
+        # timm wraps any optimizer in Lookahead when its name is prefixed `lookahead_`
+        base = r.optimizer.lower().removeprefix("lookahead_")
+        if base in _ADAM_FAMILY:  # `momentum` is Adam's beta1 (0.9 by default in both)
             kwargs["betas"] = (r.momentum, 0.999)
         known = list_optimizers()
-        if r.optimizer.lower() not in known:
-            close = difflib.get_close_matches(r.optimizer.lower(), known, n=1)
+        if base not in known:
+            close = difflib.get_close_matches(base, known, n=1)
             hint = f"did you mean {close[0]}?" if close else "timm.optim.list_optimizers() lists them"
             raise RecipeError(f"`optimizer` {r.optimizer!r} is not a timm optimizer; {hint}")
         try:
