@@ -232,11 +232,73 @@ def test_bit_hyperrule_trains_end_to_end(data, tmp_path):
     assert recipe.decay_milestones == pytest.approx([0.402, 0.602, 0.802]) and recipe.mixup_alpha == 0.0
     assert (recipe.sched, recipe.decay_rate, recipe.optimizer) == ("multistep", 0.1, "momentum")
     # lr 0.003 per 512 images, scaled to 4 x 2 images per step; warm-up over 2 updates, then /10 after
-    # 4, 6 and 8 of the 10 updates. A step event reports the lr of the next update.
+    # 4, 6 and 8 of the 10 updates. A step event reports the lr its update used.
     peak = 0.003 * 8 / 512
     lrs = [e.lr for e in events if e.kind == "step"]
     assert len(lrs) == 10
-    expected = [peak / 2, peak, peak, peak / 10, peak / 10, peak / 100, peak / 100, peak / 1000, peak / 1000]
-    torch.testing.assert_close(torch.tensor(lrs[:9], dtype=torch.float64),
+    expected = [0.0, peak / 2, peak, peak, peak / 10, peak / 10, peak / 100, peak / 100, peak / 1000, peak / 1000]
+    torch.testing.assert_close(torch.tensor(lrs, dtype=torch.float64),
                                torch.tensor(expected, dtype=torch.float64), rtol=1e-9, atol=0)
     assert wsurgery.is_converted(wsurgery.load(out)) and (out / "last" / "train_state.json").is_file()
+
+
+# Loaded into the child (sitecustomize): DataLoader workers start with `spawn` (macOS's and Windows' default). In
+# the main process, while it fetches the 2nd micro-batch of update 2 (train fetches an update's 8 micro-batches
+# before computing them; the workers have prefetched 4 ahead, so 3 more must come from them after the signal),
+# tell the test and wait for Ctrl-C
+_SPAWN_AND_HOLD_IN_A_FETCH = """
+import multiprocessing, os, sys, time
+multiprocessing.set_start_method("spawn", force=True)
+if "spawn_main" not in " ".join(sys.orig_argv):  # the main process, not a worker
+    from torch.utils.data import dataloader
+    _next, _count = dataloader._MultiProcessingDataLoaderIter._next_data, []
+    def _held(self):
+        _count.append(1)
+        if len(_count) == 10:
+            open(os.environ["WSURGERY_TEST_STEPPED"], "w").close()
+            deadline = time.monotonic() + 120
+            while not os.path.exists(os.environ["WSURGERY_TEST_SIGNALLED"]) and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(1.0)  # the workers have had the signal by now
+        return _next(self)
+    dataloader._MultiProcessingDataLoaderIter._next_data = _held
+"""
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_with_spawned_dataloader_workers_stops_cleanly(tmp_path, data, signum, code):
+    """Ctrl-C reaches the whole foreground process group. Forked DataLoader workers inherited train's
+    stop-flag handler; spawned ones (macOS, Windows) died of the KeyboardInterrupt, and the run failed
+    with "DataLoader worker exited unexpectedly" instead of stopping at a checkpoint. Workers now ignore
+    SIGINT and SIGTERM: the main process finishes the update it is fetching (2 of 3), writes the checkpoint and
+    exits 130 (143)."""
+    surgery = wsurgery.save(_tiny(), tmp_path / "conv")
+    out = tmp_path / "run"
+    shim = Path(tempfile.mkdtemp(prefix="wsurgery-shim-", dir=tmp_path))
+    (shim / "sitecustomize.py").write_text(_SPAWN_AND_HOLD_IN_A_FETCH)
+    stepped, signalled = shim / "stepped", shim / "signalled"
+    env = {**ONE_THREAD, "PYTHONPATH": os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p),
+           "WSURGERY_TEST_STEPPED": str(stepped), "WSURGERY_TEST_SIGNALLED": str(signalled)}
+    args = ["train", str(surgery), "--data", str(data), "--recipe", "cpu-quick", "--img-size", "32", "--set",
+            "epochs=1", "--set", "batch_size=1", "--set", "accum_steps=8", "--set", "workers=2", "--set",
+            "warmup_steps=1", "-o", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "wsurgery", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not stepped.exists():
+            assert proc.poll() is None, f"the run ended before its tenth micro-batch: {proc.communicate()}"
+            assert time.monotonic() < deadline, "no tenth micro-batch"
+            time.sleep(0.01)
+        os.killpg(proc.pid, signum)  # as a terminal's Ctrl-C (systemd's stop): the main process and its workers
+        signalled.touch()
+        _, stderr = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == code, stderr[-3000:]
+    assert lines[-1].startswith("stopped: interrupted at step 2") and "Traceback" not in stderr, stderr[-3000:]
+    state = json.loads((out / "last" / "train_state.json").read_text())["state"]
+    assert state["step"] == 2

@@ -359,6 +359,16 @@ def _optimizer_state_from_files(plain: dict[str, Any], tensors: dict[str, torch.
     return {"state": state, "param_groups": _join_state(plain["param_groups"], tensors)}
 
 
+def _worker_ignores_stops(worker_id: int) -> None:  # noqa: ARG001 - DataLoader's worker_init_fn signature
+    """DataLoader workers ignore Ctrl-C and SIGTERM, which a terminal (or systemd, ``kill -- -PGID``) sends
+    to the whole process group: the main process stops the run at the end of the update
+    (:func:`_signals_to_flag`) and needs its workers for the micro-batches left to fetch. Forked workers
+    inherited that handler; spawned ones (macOS, Windows) died and the run failed with "worker exited
+    unexpectedly". The main process still ends them (at the end of each epoch, or when it exits)."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def _signals_to_flag(flag: dict[str, bool]) -> Iterator[None]:
     """First Ctrl-C/SIGTERM sets ``flag['stop']`` and ``flag['signal']`` (the loop checkpoints at the next
@@ -449,7 +459,7 @@ def evaluate(
 ) -> dict[str, float]:
     """Top-1, top-5 (percent) and mean cross-entropy of ``model`` on a labelled ``dataset``."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        generator=torch.Generator())
+                        generator=torch.Generator(), worker_init_fn=_worker_ignores_stops if workers else None)
     loss_sum, top1, top5, n = 0.0, 0, 0, 0
     k = min(5, getattr(model, "num_classes", 5) or 5)
     with modes_kept(model):  # every submodule back in its own mode afterwards
@@ -574,7 +584,8 @@ class _Run:
         drop_last = mixing and n // self.world >= r.batch_size
         self.sampler = _EpochSampler(n, self.world, self.rank, r.seed, shuffle=True, drop_last=drop_last)
         self.loader = DataLoader(self.view, batch_size=r.batch_size, sampler=self.sampler, drop_last=drop_last,
-                                 num_workers=r.workers, generator=torch.Generator(), pin_memory=self.cuda)
+                                 num_workers=r.workers, generator=torch.Generator(), pin_memory=self.cuda,
+                                 worker_init_fn=_worker_ignores_stops if r.workers else None)
         per_rank = len(self.sampler.inner)
         self.batches_per_epoch = per_rank // r.batch_size if drop_last else math.ceil(per_rank / r.batch_size)
         if self.batches_per_epoch == 0:
