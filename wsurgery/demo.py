@@ -277,7 +277,7 @@ def run_demo(
     from .data import load_images
     from .datasets import eval_transform_for
     from .predict import predict
-    from .train import evaluate, set_num_classes, train
+    from .train import TrainingInterrupted, evaluate, set_num_classes, train
 
     cfg = config or (DemoConfig.quick() if quick else DemoConfig())
     cfg.__post_init__()  # a config edited after it was made (the CLI sets img_size) is checked again
@@ -348,8 +348,14 @@ def run_demo(
 
     def _train():
         overrides = list(cfg.overrides) + [f"img_size={cfg.img_size}", f"seed={cfg.seed}"]
-        res = train(student, data, run_dir, cfg.recipe, overrides=overrides, val_data=data / "val",
-                    export=export_dir, callback=train_callback)
+        try:
+            res = train(student, data, run_dir, cfg.recipe, overrides=overrides, val_data=data / "val",
+                        export=export_dir, callback=train_callback)
+        except TrainingInterrupted as e:  # train's advice (--resume) is not the demo's: it has none, it starts over
+            stop = TrainingInterrupted(f"the demo stopped during fine-tuning ({str(e).split(';')[0]}); run it again "
+                                       f"to start over (its unfinished {work} is replaced without --force)")
+            stop.exit_code = e.exit_code
+            raise stop from None
         best = res.best or {}
         return res, (f"recipe {cfg.recipe} ({', '.join(overrides)}): {res.steps} steps, "
                      f"best val top-1 {best.get('top1', float('nan')):.1f}%")
