@@ -265,17 +265,41 @@ if "spawn_main" not in " ".join(sys.orig_argv):  # the main process, not a worke
 """
 
 
+# Loaded into the child (sitecustomize): spawned DataLoader workers; in the main process, once the first loader has
+# started its workers (they import torch for seconds before their worker_init_fn runs), tell the test, wait for the
+# signal, and go on
+_SPAWN_AND_HOLD_AT_WORKER_START = """
+import multiprocessing, os, sys, time
+multiprocessing.set_start_method("spawn", force=True)
+if "spawn_main" not in " ".join(sys.orig_argv):  # the main process, not a worker
+    from torch.utils.data import dataloader
+    _init, _count = dataloader._MultiProcessingDataLoaderIter.__init__, []
+    def _held(self, *args, **kwargs):
+        _init(self, *args, **kwargs)
+        _count.append(1)
+        if len(_count) == 1:
+            open(os.environ["WSURGERY_TEST_STEPPED"], "w").close()
+            deadline = time.monotonic() + 120
+            while not os.path.exists(os.environ["WSURGERY_TEST_SIGNALLED"]) and time.monotonic() < deadline:
+                time.sleep(0.01)
+    dataloader._MultiProcessingDataLoaderIter.__init__ = _held
+"""
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_ctrl_c_with_spawned_dataloader_workers_stops_cleanly(tmp_path, data, signum, code):
+@pytest.mark.parametrize(("when", "step"), [("in a fetch", 2), ("at worker start", 1)])
+def test_ctrl_c_with_spawned_dataloader_workers_stops_cleanly(tmp_path, data, signum, code, when, step):
     """Ctrl-C reaches the whole foreground process group. Forked DataLoader workers inherited train's
     stop-flag handler; spawned ones (macOS, Windows) died of the KeyboardInterrupt, and the run failed
     with "DataLoader worker exited unexpectedly" instead of stopping at a checkpoint. Workers now ignore
-    SIGINT and SIGTERM: the main process finishes the update it is fetching (2 of 3), writes the checkpoint and
-    exits 130 (143)."""
+    SIGINT and SIGTERM, and hold both while workers start (a spawned worker imports torch for seconds before
+    its worker_init_fn runs): the main process finishes the update it is in (2 of 3 when the signal comes in
+    a fetch, 1 when it comes as the first workers start), writes the checkpoint and exits 130 (143)."""
     surgery = wsurgery.save(_tiny(), tmp_path / "conv")
     out = tmp_path / "run"
     shim = Path(tempfile.mkdtemp(prefix="wsurgery-shim-", dir=tmp_path))
-    (shim / "sitecustomize.py").write_text(_SPAWN_AND_HOLD_IN_A_FETCH)
+    (shim / "sitecustomize.py").write_text(
+        _SPAWN_AND_HOLD_IN_A_FETCH if when == "in a fetch" else _SPAWN_AND_HOLD_AT_WORKER_START)
     stepped, signalled = shim / "stepped", shim / "signalled"
     env = {**ONE_THREAD, "PYTHONPATH": os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p),
            "WSURGERY_TEST_STEPPED": str(stepped), "WSURGERY_TEST_SIGNALLED": str(signalled)}
@@ -287,8 +311,8 @@ def test_ctrl_c_with_spawned_dataloader_workers_stops_cleanly(tmp_path, data, si
     try:
         deadline = time.monotonic() + 300
         while not stepped.exists():
-            assert proc.poll() is None, f"the run ended before its tenth micro-batch: {proc.communicate()}"
-            assert time.monotonic() < deadline, "no tenth micro-batch"
+            assert proc.poll() is None, f"the run ended before it was held: {proc.communicate()}"
+            assert time.monotonic() < deadline, "the run was never held"
             time.sleep(0.01)
         os.killpg(proc.pid, signum)  # as a terminal's Ctrl-C (systemd's stop): the main process and its workers
         signalled.touch()
@@ -299,6 +323,6 @@ def test_ctrl_c_with_spawned_dataloader_workers_stops_cleanly(tmp_path, data, si
             proc.communicate()
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert proc.returncode == code, stderr[-3000:]
-    assert lines[-1].startswith("stopped: interrupted at step 2") and "Traceback" not in stderr, stderr[-3000:]
+    assert lines[-1].startswith(f"stopped: interrupted at step {step}") and "Traceback" not in stderr, stderr[-3000:]
     state = json.loads((out / "last" / "train_state.json").read_text())["state"]
-    assert state["step"] == 2
+    assert state["step"] == step

@@ -370,6 +370,28 @@ def _worker_ignores_stops(worker_id: int) -> None:  # noqa: ARG001 - DataLoader'
 
 
 @contextlib.contextmanager
+def _stops_held(workers: int) -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while DataLoader workers start, delivering them afterwards.
+
+    A spawned worker (macOS, Windows) imports torch, timm and wsurgery for seconds before its
+    ``worker_init_fn`` (:func:`_worker_ignores_stops`) runs; a signal to the process group in that
+    window killed it, and the run failed with "worker exited unexpectedly". Blocked here, the signal
+    waits: the workers inherit the mask and drop it once they ignore the signals; this process gets it
+    when the mask is restored (its handler then stops the run at the end of the update). CPython's
+    resource_tracker starts its process the same way. Where there is no signal mask (Windows), a no-op.
+    """
+    if not workers or not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not \
+            threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+@contextlib.contextmanager
 def _signals_to_flag(flag: dict[str, bool]) -> Iterator[None]:
     """First Ctrl-C/SIGTERM sets ``flag['stop']`` and ``flag['signal']`` (the loop checkpoints at the next
     step); a second one raises."""
@@ -464,7 +486,9 @@ def evaluate(
     k = min(5, getattr(model, "num_classes", 5) or 5)
     with modes_kept(model):  # every submodule back in its own mode afterwards
         model.eval()
-        for x, y in loader:
+        with _stops_held(workers):
+            batches = iter(loader)  # starts the workers
+        for x, y in batches:
             x, y = x.to(device), y.to(device)
             with autocast or contextlib.nullcontext():
                 out = model(x)
@@ -865,7 +889,8 @@ class _Run:
         start_batch = self.state.batch
         self.sampler.set_epoch(epoch, start=start_batch * r.batch_size)
         self._set_train_mode()
-        it = iter(self.loader)
+        with _stops_held(r.workers):
+            it = iter(self.loader)  # starts the workers
         pos = start_batch
         st = self.state
         while pos < self.batches_per_epoch and self.state.step < self.total_steps:
