@@ -271,13 +271,27 @@ def test_amp_autocasts_the_convs_keeps_fp32_weights_and_learns(data, tmp_path, a
     assert not any("amp" in n for n in result.notes)
 
 
-def test_worker_processes_do_not_change_the_result(data):
-    # every image's augmentation has its own seed (SeededView), so DataLoader workers give the same run
-    common = ["img_size=32", "batch_size=4", "steps=3", "lr=0.01", "warmup_steps=0"]
+def test_worker_processes_do_not_change_the_result(data, monkeypatch):
+    # every image's augmentation has its own seed (SeededView), so DataLoader workers give the same run.
+    # Over three epochs with validation: the workers persist (started once per loader, as timm's; starting
+    # them again each epoch costs seconds where they are spawned) and learn each epoch from the sampler
+    from torch.utils.data import dataloader
+
+    started = []
+    real_init = dataloader._MultiProcessingDataLoaderIter.__init__
+
+    def counting(self, loader):
+        started.append(loader.dataset)
+        real_init(self, loader)
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "__init__", counting)
+    common = ["img_size=32", "batch_size=4", "epochs=3", "lr=0.01", "warmup_steps=0"]
     a = train(tiny(), data, None, "cpu-quick", overrides=common + ["workers=2"])
+    assert len(started) == 2 and len(a.history) == 3  # the training loader's workers and the validation loader's
     b = train(tiny(), data, None, "cpu-quick", overrides=common + ["workers=0"])
     for (k, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert torch.equal(x, y), k
+    assert [h["top1"] for h in a.history] == [h["top1"] for h in b.history]
 
 
 def test_a_failing_setup_leaves_an_existing_run_alone(data, tmp_path):

@@ -51,13 +51,13 @@ def test_resume_into_another_directory_is_a_whole_run(data, tmp_path, monkeypatc
     # every evaluation scores lower than the one before: no epoch after the resume beats the first,
     # so the best model is the one only the first directory held
     train_module = sys.modules["wsurgery.train"]
-    real, calls = train_module.evaluate, []
+    real, calls = train_module._evaluate_loader, []  # what the run evaluates each epoch with
 
     def falling(*args, **kwargs):
         calls.append(1)
         return {**real(*args, **kwargs), "top1": 100.0 - 10 * len(calls)}
 
-    monkeypatch.setattr(train_module, "evaluate", falling)
+    monkeypatch.setattr(train_module, "_evaluate_loader", falling)
     _interrupted(data, tmp_path / "a", step=8)  # 6 steps per epoch: in epoch 2
     result = train(None, None, tmp_path / "b", resume=tmp_path / "a")
     assert len(calls) == 2

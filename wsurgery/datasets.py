@@ -454,8 +454,11 @@ class SeededView(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int):
-        sample_seed = hash((self.seed, self.epoch, int(index))) % (2**63)  # int tuples hash the same in every process
+    def __getitem__(self, index: int | tuple[int, int]):
+        # (epoch, index) from a sampler that knows the epoch: persistent DataLoader workers hold a copy of this
+        # view made when they started, whose `epoch` a later set_epoch in the main process does not reach
+        epoch, index = index if isinstance(index, tuple) else (self.epoch, index)
+        sample_seed = hash((self.seed, int(epoch), int(index))) % (2**63)  # int tuples hash the same in every process
         py_state = random.getstate()
         np_state = np.random.get_state()
         torch_state = torch.get_rng_state()

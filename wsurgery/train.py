@@ -265,20 +265,26 @@ def _set_input_size(model: nn.Module, img_size: int | None) -> None:
         model.default_cfg = cfg
 
 
-class _EpochSampler(Sampler[int]):
-    """timm/torch's ``DistributedSampler`` order for an epoch, optionally starting part-way through."""
+class _EpochSampler(Sampler[tuple[int, int]]):
+    """timm/torch's ``DistributedSampler`` order for an epoch, optionally starting part-way through.
+
+    Yields ``(epoch, index)``: :class:`~wsurgery.datasets.SeededView` seeds each sample by both, and
+    persistent DataLoader workers, started in an earlier epoch, learn the epoch from the index.
+    """
 
     def __init__(self, n: int, world: int, rank: int, seed: int, shuffle: bool, drop_last: bool):
         self.inner = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
                                         drop_last=drop_last)
+        self.epoch = 0
         self.start = 0
 
     def set_epoch(self, epoch: int, start: int = 0) -> None:
         self.inner.set_epoch(epoch)
+        self.epoch = epoch
         self.start = start
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(list(self.inner)[self.start:])
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(self.epoch, i) for i in list(self.inner)[self.start:]])
 
     def __len__(self) -> int:
         return len(self.inner) - self.start
@@ -480,13 +486,26 @@ def evaluate(
     autocast: contextlib.AbstractContextManager | None = None,
 ) -> dict[str, float]:
     """Top-1, top-5 (percent) and mean cross-entropy of ``model`` on a labelled ``dataset``."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                        generator=torch.Generator(), worker_init_fn=_worker_ignores_stops if workers else None)
+    return _evaluate_loader(model, _eval_loader(dataset, batch_size, workers), device=device, autocast=autocast)
+
+
+def _eval_loader(dataset: torch.utils.data.Dataset, batch_size: int, workers: int,
+                 persistent: bool = False) -> DataLoader:
+    # persistent: a training run evaluates every epoch; starting workers again each time costs seconds where
+    # they are spawned (macOS, Windows), as timm's loaders keep theirs
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, generator=torch.Generator(),
+                      worker_init_fn=_worker_ignores_stops if workers else None,
+                      persistent_workers=persistent and workers > 0)
+
+
+@torch.no_grad()
+def _evaluate_loader(model: nn.Module, loader: DataLoader, *, device: torch.device | str = "cpu",
+                     autocast: contextlib.AbstractContextManager | None = None) -> dict[str, float]:
     loss_sum, top1, top5, n = 0.0, 0, 0, 0
     k = min(5, getattr(model, "num_classes", 5) or 5)
     with modes_kept(model):  # every submodule back in its own mode afterwards
         model.eval()
-        with _stops_held(workers):
+        with _stops_held(loader.num_workers):
             batches = iter(loader)  # starts the workers
         for x, y in batches:
             x, y = x.to(device), y.to(device)
@@ -607,9 +626,15 @@ class _Run:
         n = len(self.bundle.train)
         drop_last = mixing and n // self.world >= r.batch_size
         self.sampler = _EpochSampler(n, self.world, self.rank, r.seed, shuffle=True, drop_last=drop_last)
+        # persistent workers (as timm's loaders): starting them again every epoch costs seconds where they are
+        # spawned (macOS, Windows); the sampler hands them the epoch with each index (SeededView), so workers
+        # started in an earlier epoch augment as the epoch asks
         self.loader = DataLoader(self.view, batch_size=r.batch_size, sampler=self.sampler, drop_last=drop_last,
                                  num_workers=r.workers, generator=torch.Generator(), pin_memory=self.cuda,
-                                 worker_init_fn=_worker_ignores_stops if r.workers else None)
+                                 worker_init_fn=_worker_ignores_stops if r.workers else None,
+                                 persistent_workers=r.workers > 0)
+        self.val_loader = (_eval_loader(self.bundle.val, r.eval_batch_size or max(r.batch_size, 32), r.workers,
+                                        persistent=True) if self.bundle.val is not None else None)
         per_rank = len(self.sampler.inner)
         self.batches_per_epoch = per_rank // r.batch_size if drop_last else math.ceil(per_rank / r.batch_size)
         if self.batches_per_epoch == 0:
@@ -927,9 +952,9 @@ class _Run:
                    "images_per_s": st.epoch_images / st.epoch_seconds if st.epoch_seconds > 0 else 0.0}
         st.epoch_loss_sum, st.epoch_loss_n, st.epoch_images, st.epoch_seconds = 0.0, 0, 0, 0.0
         if self.bundle.val is not None and self.is_main:
-            metrics.update({k: v for k, v in evaluate(
-                self._eval_model(), self.bundle.val, batch_size=r.eval_batch_size or max(r.batch_size, 32),
-                device=self.device, workers=r.workers, autocast=self._autocast()).items() if k != "n"})
+            metrics.update({k: v for k, v in _evaluate_loader(
+                self._eval_model(), self.val_loader, device=self.device, autocast=self._autocast()).items()
+                if k != "n"})
         if self.distributed and self.bundle.val is not None:
             # rank 0 evaluated; every rank takes its numbers, so all of them keep the same best epoch
             # (the weights are the same on every rank) and return the same model and history
