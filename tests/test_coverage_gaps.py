@@ -243,47 +243,31 @@ def test_bit_hyperrule_trains_end_to_end(data, tmp_path):
 
 
 # Loaded into the child (sitecustomize): DataLoader workers start with `spawn` (macOS's and Windows' default). In
-# the main process, while it fetches the 2nd micro-batch of update 2 (train fetches an update's 8 micro-batches
-# before computing them; the workers have prefetched 4 ahead, so 3 more must come from them after the signal),
-# tell the test and wait for Ctrl-C
-_SPAWN_AND_HOLD_IN_A_FETCH = """
+# the main process, at the {at}th call of the loader iterator's {method} ({after}: after the call, else before it),
+# tell the test, wait for its signal, and go on
+_SPAWN_AND_HOLD = """
 import multiprocessing, os, sys, time
 multiprocessing.set_start_method("spawn", force=True)
 if "spawn_main" not in " ".join(sys.orig_argv):  # the main process, not a worker
     from torch.utils.data import dataloader
-    _next, _count = dataloader._MultiProcessingDataLoaderIter._next_data, []
-    def _held(self):
+    _real, _count = dataloader._MultiProcessingDataLoaderIter.{method}, []
+    def _held(self, *args, **kwargs):
+        result = _real(self, *args, **kwargs) if {after} else None
         _count.append(1)
-        if len(_count) == 10:
+        if len(_count) == {at}:
             open(os.environ["WSURGERY_TEST_STEPPED"], "w").close()
             deadline = time.monotonic() + 120
             while not os.path.exists(os.environ["WSURGERY_TEST_SIGNALLED"]) and time.monotonic() < deadline:
                 time.sleep(0.01)
             time.sleep(1.0)  # the workers have had the signal by now
-        return _next(self)
-    dataloader._MultiProcessingDataLoaderIter._next_data = _held
+        return result if {after} else _real(self, *args, **kwargs)
+    dataloader._MultiProcessingDataLoaderIter.{method} = _held
 """
-
-
-# Loaded into the child (sitecustomize): spawned DataLoader workers; in the main process, once the first loader has
-# started its workers (they import torch for seconds before their worker_init_fn runs), tell the test, wait for the
-# signal, and go on
-_SPAWN_AND_HOLD_AT_WORKER_START = """
-import multiprocessing, os, sys, time
-multiprocessing.set_start_method("spawn", force=True)
-if "spawn_main" not in " ".join(sys.orig_argv):  # the main process, not a worker
-    from torch.utils.data import dataloader
-    _init, _count = dataloader._MultiProcessingDataLoaderIter.__init__, []
-    def _held(self, *args, **kwargs):
-        _init(self, *args, **kwargs)
-        _count.append(1)
-        if len(_count) == 1:
-            open(os.environ["WSURGERY_TEST_STEPPED"], "w").close()
-            deadline = time.monotonic() + 120
-            while not os.path.exists(os.environ["WSURGERY_TEST_SIGNALLED"]) and time.monotonic() < deadline:
-                time.sleep(0.01)
-    dataloader._MultiProcessingDataLoaderIter.__init__ = _held
-"""
+# the signal lands while the main process fetches the 2nd micro-batch of update 2 (train fetches an update's 8
+# micro-batches before computing them; the workers have prefetched 4 ahead, so 3 more must come from them), or
+# once the first loader has started its workers (they import torch for seconds before their worker_init_fn runs)
+_HOLDS = {"in a fetch": {"method": "_next_data", "at": 10, "after": False},
+          "at worker start": {"method": "__init__", "at": 1, "after": True}}
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -298,8 +282,7 @@ def test_ctrl_c_with_spawned_dataloader_workers_stops_cleanly(tmp_path, data, si
     surgery = wsurgery.save(_tiny(), tmp_path / "conv")
     out = tmp_path / "run"
     shim = Path(tempfile.mkdtemp(prefix="wsurgery-shim-", dir=tmp_path))
-    (shim / "sitecustomize.py").write_text(
-        _SPAWN_AND_HOLD_IN_A_FETCH if when == "in a fetch" else _SPAWN_AND_HOLD_AT_WORKER_START)
+    (shim / "sitecustomize.py").write_text(_SPAWN_AND_HOLD.format(**_HOLDS[when]))
     stepped, signalled = shim / "stepped", shim / "signalled"
     env = {**ONE_THREAD, "PYTHONPATH": os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p),
            "WSURGERY_TEST_STEPPED": str(stepped), "WSURGERY_TEST_SIGNALLED": str(signalled)}
