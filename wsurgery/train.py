@@ -425,12 +425,17 @@ def _signals_to_flag(flag: dict[str, bool]) -> Iterator[None]:
 def _deterministic(enabled: bool) -> Iterator[None]:
     before = torch.are_deterministic_algorithms_enabled()
     before_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    before_fill = torch.utils.deterministic.fill_uninitialized_memory
     if enabled:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # deterministic mode also fills every new tensor with NaN (a debugging aid): 13-15% of a lite0 step on
+        # CPU, measured; the weights are bitwise the same without it (every tensor is written before it is read)
+        torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before, warn_only=before_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = before_fill
 
 
 def _standardize_once_ctx(model: nn.Module, wanted: bool) -> contextlib.AbstractContextManager:
