@@ -370,7 +370,7 @@ def _worker_ignores_stops(worker_id: int) -> None:  # noqa: ARG001 - DataLoader'
     to the whole process group: the main process stops the run at the end of the update
     (:func:`_signals_to_flag`) and needs its workers for the micro-batches left to fetch. Forked workers
     inherited that handler; spawned ones (macOS, Windows) died and the run failed with "worker exited
-    unexpectedly". The main process still ends them (at the end of each epoch, or when it exits)."""
+    unexpectedly". The main process still ends them when the run is over (or when it exits)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, signal.SIG_IGN)
 
