@@ -53,7 +53,10 @@ _save_file = _st.save_file
 def save_file(*args, **kwargs):  # write the weights file for real, then stop before anything else
     _save_file(*args, **kwargs)
     open(os.environ["WSURGERY_TEST_WRITTEN"], "w").close()
-    time.sleep(3600)
+    # short sleeps: a signal the kernel hands to another thread (torch's) does not wake a long sleep of the
+    # main thread, and Python runs its handler only when the main thread next runs bytecode
+    for _ in range(72000):
+        time.sleep(0.05)
 _st.save_file = save_file
 """
 
