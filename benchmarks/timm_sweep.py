@@ -71,6 +71,19 @@ def rel(a, b):
     return (a - b).abs().max().item() / scale
 
 
+def check(rec, key, value, label):
+    """Record the relative difference ``value`` as ``rec[key]``; above TOL it is a failure named ``label``."""
+    rec[key] = value
+    if not value <= TOL:
+        rec.setdefault("fails", []).append(f"{label} rel={value:.3g}")
+
+
+def folded_rel(model, x, y):
+    """Relative difference between the fold of ``model`` and ``y`` (``model``'s own output on ``x``)."""
+    with torch.no_grad():
+        return rel(fold(model).eval()(x), y)
+
+
 def make(name, **kw):
     return timm.create_model(name, pretrained=False, num_classes=10, **kw)
 
@@ -125,17 +138,9 @@ def run(name):
         aws.eval()
         with torch.no_grad():
             y = aws(x)
-        rec["aws_rel"] = rel(y, ref)
-        if not rec["aws_rel"] <= TOL:
-            rec.setdefault("fails", []).append(f"aws_equal rel={rec['aws_rel']:.3g}")
+        check(rec, "aws_rel", rel(y, ref), "aws_equal")
         step = "fold_aws"
-        with torch.no_grad():
-            f = fold(aws)
-            f.eval()
-            rec["fold_aws_rel"] = rel(f(x), y)
-        if not rec["fold_aws_rel"] <= TOL:
-            rec.setdefault("fails", []).append(f"fold_aws rel={rec['fold_aws_rel']:.3g}")
-        del f
+        check(rec, "fold_aws_rel", folded_rel(aws, x, y), "fold_aws")
         # --- export aws + keep
         step = "export_aws"
         d = f"{tmp}/aws"
@@ -148,17 +153,13 @@ def run(name):
         step = "wsurgery_load_aws"
         m2 = wsurgery.load(d).eval()
         with torch.no_grad():
-            rec["load_rel"] = rel(m2(x), y)
-        if not rec["load_rel"] <= TOL:
-            rec.setdefault("fails", []).append(f"wsurgery.load rel={rec['load_rel']:.3g}")
+            check(rec, "load_rel", rel(m2(x), y), "wsurgery.load")
         del m2
         if res.timm_compatible:
             step = "timm_local_dir_aws"
             m3 = timm.create_model("local-dir:" + d, pretrained=True).eval()
             with torch.no_grad():
-                rec["timm_rel"] = rel(m3(x), y)
-            if not rec["timm_rel"] <= TOL:
-                rec.setdefault("fails", []).append(f"timm local-dir rel={rec['timm_rel']:.3g}")
+                check(rec, "timm_rel", rel(m3(x), y), "timm local-dir")
             del m3
         del aws
         # --- ws + gn
@@ -172,13 +173,7 @@ def run(name):
         if not torch.isfinite(out_tensor(y)).all():
             rec.setdefault("fails", []).append("ws_gn nonfinite")
         step = "fold_ws_gn"
-        with torch.no_grad():
-            f = fold(ws)
-            f.eval()
-            rec["fold_gn_rel"] = rel(f(x), y)
-        if not rec["fold_gn_rel"] <= TOL:
-            rec.setdefault("fails", []).append(f"fold_ws_gn rel={rec['fold_gn_rel']:.3g}")
-        del f
+        check(rec, "fold_gn_rel", folded_rel(ws, x, y), "fold_ws_gn")
         # --- extra: export ws + gn, reload
         step = "export_ws_gn"
         d = f"{tmp}/gn"
@@ -190,9 +185,7 @@ def run(name):
         step = "reload_ws_gn"
         m2 = (timm.create_model("local-dir:" + d, pretrained=True) if res.timm_compatible else wsurgery.load(d)).eval()
         with torch.no_grad():
-            rec["gn_load_rel"] = rel(m2(x), y)
-        if not rec["gn_load_rel"] <= TOL:
-            rec.setdefault("fails", []).append(f"gn reload rel={rec['gn_load_rel']:.3g}")
+            check(rec, "gn_load_rel", rel(m2(x), y), "gn reload")
         rec["status"] = "fail" if rec.get("fails") else "pass"
     except Exception as e:  # noqa
         rec["status"] = "timeout" if isinstance(e, Timeout) else "error"
