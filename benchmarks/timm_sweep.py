@@ -106,7 +106,7 @@ def run(name):
     step = "create"
     t0 = time.time()
     signal.alarm(LIMIT)
-    tmp = tempfile.mkdtemp(prefix="wsx-", dir="/tmp/review_sweep/tmp")
+    tmp = tempfile.mkdtemp(prefix="wsurgery-sweep-")  # the system temp folder
     try:
         model = make(name)
         rec["params"] = sum(p.numel() for p in model.parameters())
