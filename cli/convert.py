@@ -16,6 +16,7 @@ from wsurgery.calibrate import (
     CalibrationConfig,
     CalibrationProgress,
     CalibrationResult,
+    anchored_convs,
     calibrate,
     calibration_split,
     dataset_train_split,
@@ -208,6 +209,11 @@ def convert(
         False, "--calib-precondition/--no-calib-precondition",
         help="gn-init: first standardize each adaptive-WS conv output with the replaced BatchNorm's running statistics "
              "(adds a bias to those convs; closer to the original, but fine-tune it at lr <= 0.003: see the README)."),
+    calib_anchor: bool = flag(
+        False, "--calib-anchor/--no-calib-anchor",
+        help="gn-init: precondition, then hold each GroupNorm's per-image statistics nearly constant with channel "
+             "offsets and signs fitted to the calibration images (closest to the original; keep it in float32, "
+             "fine-tune it in fp32 or with amp=fp16, not bf16: see the README)."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX,
                              help="Seeds the image choice, crops, held-out split and batch order."),
     force: bool = flag(False, "--force", help="Overwrite the output if it exists."),
@@ -221,7 +227,7 @@ def convert(
         )
         calib_overrides = dict(steps=calib_steps, batch_size=calib_batch, train=calib_train, lr=calib_lr,
                                distill_size=calib_size, max_seconds=calib_seconds, augment=calib_augment,
-                               precondition=calib_precondition,
+                               precondition=calib_precondition, anchor=calib_anchor,
                                **({"temperature": calib_temperature} if calib_temperature is not None else {}))
         CalibrationConfig(**calib_overrides)  # bad values fail here, before the (slow) load
     except ConfigError as e:
@@ -241,11 +247,15 @@ def convert(
             flag_name = "--" + given[0].replace("_", "-")
             raise UsageError(f"{flag_name} has no effect: calibration is off (no --calib-data); "
                              "pass --calib-data PATH to calibrate, or drop it")
-    if calib_precondition and method != "none" and (norm != "gn" or method not in ("auto", "gn-init")):
-        # before the (slow) load; calibrate itself refuses it too
-        fix = "add --norm gn" if norm != "gn" else f"--calibrate {method} does not run it: use auto or gn-init"
-        raise UsageError(f"--calib-precondition is a step of gn-init, for models whose BatchNorms become GroupNorm; "
-                         f"{fix}, or drop it")
+    for given, flag_name in ((calib_anchor, "--calib-anchor"), (calib_precondition, "--calib-precondition")):
+        if given and method != "none" and (norm != "gn" or method not in ("auto", "gn-init")):
+            # before the (slow) load; calibrate itself refuses it too
+            fix = "add --norm gn" if norm != "gn" else f"--calibrate {method} does not run it: use auto or gn-init"
+            raise UsageError(f"{flag_name} is a step of gn-init, for models whose BatchNorms become GroupNorm; "
+                             f"{fix}, or drop it")
+        if given and method != "none" and mode != "aws":  # it rescales adaptive WS gains: plain WS has none
+            raise UsageError(f"{flag_name} works on adaptive WS convs, and --mode {mode} has none; "
+                             "use --mode aws, or drop it")
     if not 0 <= calib_held_out < 1:
         raise UsageError(f"--calib-held-out must be a fraction in [0, 1), got {calib_held_out}")
     check_at_least(("--calib-images", calib_images, 1), ("--calib-crops", calib_crops, 1))
@@ -288,8 +298,9 @@ def convert(
             console.print(calibration_table(result))
         classifier = (net.num_classes, new_head) if new_head is not None else None
         console.print(kv_table("summary", _summary_rows(report, result, classifier, output)))
-    if preconditioned_convs(student):
-        # measured (benchmarks/demo_variants.py --preset lr): the demo diverges at the micro-batch recipe's lr 0.01
+    if set(preconditioned_convs(student)) - set(anchored_convs(student)):
+        # measured (benchmarks/demo_variants.py --preset lr): the demo diverges at the micro-batch recipe's lr 0.01;
+        # anchored (--preset anchor) it trains there as the default calibration does
         note("preconditioned models fine-tune at a lower learning rate: pass --set lr=0.003 "
              "(or lower) to wsurgery train")
     if result is None and config.norm == "gn" and (pretrained is not False or checkpoint is not None):

@@ -27,6 +27,9 @@ def demo(
     calib_precondition: bool = flag(
         False, "--calib-precondition", help="Calibrate with gn-init's preconditioning (see convert; the README "
         "measures what it does to this demo)."),
+    calib_anchor: bool = flag(
+        False, "--calib-anchor", help="Calibrate with gn-init's anchoring (see convert; the README measures what it "
+        "does to this demo)."),
     set_: list[str] = typer.Option(
         [], "--set", metavar="KEY=VALUE",
         help="Override a key of the fine-tune's recipe (micro-batch), after the demo's own: "
@@ -47,6 +50,7 @@ def demo(
     if seed is not None:
         cfg.seed = seed
     cfg.calib_precondition = calib_precondition
+    cfg.calib_anchor = calib_anchor
     cfg.overrides = list(cfg.overrides) + list(set_)
     view = ProgressView()
 

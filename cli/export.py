@@ -109,6 +109,8 @@ def export(
         print_json(result.to_dict())
     else:
         console.print(kv_table("export", rows))
+    for line in result.notes:
+        note(line)
     if fold_bn and not result.fold_bn:
         note("--fold-bn found no BatchNorm right after a conv (a GroupNorm model has none), so "
              "nothing was folded; the export is what it would be without the flag")

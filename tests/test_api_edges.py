@@ -256,6 +256,9 @@ def test_precondition_where_gn_init_does_not_run_is_refused():
     gn_student, _ = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=4, inplace=False)
     with pytest.raises(ConfigError, match=r"method 'distill' does not run here \(distill\); use method 'auto' or"):
         wsurgery.calibrate(gn_student, teacher, _images(8), method="distill", precondition=True, held_out=None)
+    with pytest.raises(ConfigError, match=r"anchor \(--calib-anchor\) is a step of gn-init, which method 'distill'"):
+        wsurgery.calibrate(gn_student, teacher, _images(8), method="distill", anchor=True, held_out=None)
+    assert not hasattr(gn_student, "wsurgery_anchored")
 
 
 def test_export_takes_one_format_as_a_string(tmp_path):

@@ -451,12 +451,17 @@ def test_calibration_flags_without_calibration_are_refused(tmp_path, args, named
     assert (tmp_path / "c" / "config.json").is_file()
 
 
-@pytest.mark.parametrize("args,fix", [([], "add --norm gn"),
-                                      (["--norm", "gn", "--calibrate", "distill"], "--calibrate distill does not")])
-def test_precondition_where_gn_init_does_not_run_is_refused_before_loading(tmp_path, args, fix):
-    """--calib-precondition with --norm keep (or a method without gn-init) did nothing and was recorded as done."""
+@pytest.mark.parametrize("step", ["--calib-precondition", "--calib-anchor"])
+@pytest.mark.parametrize("args,fix", [([], "is a step of gn-init, for models whose BatchNorms become GroupNorm; add "
+                                           "--norm gn"),
+                                      (["--norm", "gn", "--calibrate", "distill"], "--calibrate distill does not"),
+                                      (["--norm", "gn"], "works on adaptive WS convs, and --mode ws has none; use "
+                                                         "--mode aws")])
+def test_precondition_where_gn_init_does_not_run_is_refused_before_loading(tmp_path, args, fix, step):
+    """--calib-precondition with --norm keep (or a method without gn-init, or plain WS) did nothing and was
+    recorded as done."""
     one_error(invoke("convert", "resnet10t", "--no-pretrained", "-o", tmp_path / "c", "--calib-data", tmp_path,
-                     "--calib-precondition", *args), 2, "--calib-precondition is a step of gn-init", fix)
+                     step, *args), 2, step, fix)
 
 
 @pytest.mark.parametrize("command", [["export", "resnet10t", "--no-pretrained", "-o", "OUT"],

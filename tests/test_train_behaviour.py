@@ -425,6 +425,30 @@ def test_a_preconditioned_model_gets_a_note_when_its_lr_is_high(data):
     assert not [n for n in plain.notes if "preconditioning" in n]  # only preconditioned models get it
 
 
+def test_an_anchored_model_gets_a_note_under_bf16(data):
+    """Anchoring's offsets leave bf16 too few bits for the signal beside them (measured on Lite0): train says so."""
+    from wsurgery.convert import clone_model
+
+    teacher = tiny(mode=None).eval()
+    student, _ = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=1, inplace=False)
+    wsurgery.calibrate(student, teacher, torch.randn(8, 3, IMG, IMG), method="gn-init", held_out=None, anchor=True)
+    assert student.wsurgery_anchored
+    notes = {}
+    for amp in ("bf16", "fp16", "none"):
+        result = train(clone_model(student), data, None, None, device="cpu",
+                       overrides=[f"img_size={IMG}", "lr=0.001", "steps=1", f"amp={amp}"])
+        notes[amp] = [n for n in result.notes if "anchoring" in n]
+    assert len(notes["bf16"]) == 1 and "amp=fp16 or none" in notes["bf16"][0]
+    assert notes["fp16"] == notes["none"] == []
+    # anchored, it is not the preconditioned model that diverged at a high lr (measured): no lr note
+    assert set(student.wsurgery_anchored) == set(student.wsurgery_preconditioned)
+    result = train(clone_model(student), data, None, None, device="cpu",
+                   overrides=[f"img_size={IMG}", "batch_size=4", "lr_base_batch=4", "lr=0.1", "steps=1"])
+    assert not [n for n in result.notes if "preconditioning" in n]
+    plain = train(tiny(), data, None, None, device="cpu", overrides=[f"img_size={IMG}", "steps=1", "amp=bf16"])
+    assert not [n for n in plain.notes if "anchoring" in n]
+
+
 # --- from a review of the recipes against timm ----------------------------------------------------
 
 

@@ -14,7 +14,9 @@ the original model as teacher and unlabeled images, in up to three phases:
     a GroupNorm that replaced a BatchNorm directly, standardize the conv's output channels with
     that BatchNorm's running statistics (gain and shift times ``1/sigma``, a conv bias
     ``-mu/sigma``), so the GroupNorm pools channels that are zero-mean and unit-variance over
-    the data the teacher saw (:func:`precondition_gn_inputs`; no images needed). Then, for every
+    the data the teacher saw (:func:`precondition_gn_inputs`; no images needed); optionally also
+    (``anchor=True``) hold each such GroupNorm's per-image statistics nearly constant with channel
+    offsets and signs fitted to the images (:func:`anchor_gn_statistics`). Then, for every
     GroupNorm that replaced a BatchNorm, set the GN affine so that its output
     has, per channel, the mean and variance the teacher's BN output has on the same images.
     Layer by layer in one pass: a forward pre-hook on each GN sets its affine from the
@@ -77,6 +79,8 @@ __all__ = [
     "CalibrationProgress",
     "CalibrationResult",
     "Method",
+    "anchor_gn_statistics",
+    "anchored_convs",
     "calibrate",
     "calibration_files",
     "calibration_images",
@@ -120,6 +124,12 @@ class CalibrationConfig:
     # of 71%) and needs lr <= 0.003, where it is no better than without (README, demo_variants.py --preset lr)
     precondition: bool = field(
         default=False, metadata={"help": "gn-init: standardize adaptive-WS conv outputs with the BN statistics first"})
+    # off by default: EfficientNet-Lite0 agrees with the original far more closely with it, and fine-tunes better in
+    # benchmarks/finetune.py but at a third of the default's best lr, and no better in the demo (README). It sets
+    # precondition (it starts from the preconditioned channels).
+    anchor: bool = field(
+        default=False, metadata={"help": "gn-init: precondition, then anchor GN's per-image statistics with channel "
+                                         "offsets and signs (anchor_gn_statistics)"})
     warmup_steps: int = field(default=5, metadata={"help": "linear learning-rate warm-up steps"})
     keep_best: bool = field(
         default=True, metadata={"help": "undo the distillation if it raised the KL on the held-out images"})
@@ -151,6 +161,8 @@ class CalibrationConfig:
             raise ConfigError(f"`max_seconds` must be positive, got {self.max_seconds}")
         if not 0.0 <= self.mix_fraction <= 1.0:
             raise ConfigError(f"`mix_fraction` must be in [0, 1], got {self.mix_fraction}")
+        if self.anchor:  # anchoring starts from the preconditioned channels: the record says it ran
+            self.precondition = True
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -477,7 +489,8 @@ def _channel_moments(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.no_grad()
-def init_gn_from_teacher(student: nn.Module, teacher: nn.Module, images: torch.Tensor) -> int:
+def init_gn_from_teacher(student: nn.Module, teacher: nn.Module, images: torch.Tensor,
+                         anchors: dict[str, _Anchor] | None = None) -> int:
     """Set each GN affine so its output matches the teacher BN output per channel (mean and var).
 
     One pass over ``images`` through the teacher records, per replaced BN, the per-channel
@@ -486,6 +499,12 @@ def init_gn_from_teacher(student: nn.Module, teacher: nn.Module, images: torch.T
     input ``x_hat`` it is about to normalize, its per-channel mean ``m`` and variance ``v``,
     and sets ``weight = sqrt(var_t / v)``, ``bias = mean_t - weight * m`` before the layer
     runs. Later layers therefore see the already-calibrated earlier ones: layer by layer, one pass.
+
+    A GroupNorm in ``anchors`` (from :func:`anchor_gn_statistics`) gets instead the replaced BN's
+    affine rescaled by the average over ``images`` of its per-image group mean and deviation: the
+    affine that computes exactly what BN did when those statistics are constant. A GroupNorm fed by
+    a conv anchored before (listed in ``student.wsurgery_anchored``) and not in ``anchors`` keeps its
+    affine: moment matching knows nothing of the channel signs and would invert the negative ones.
 
     Returns:
         The number of GroupNorm layers initialised.
@@ -498,7 +517,23 @@ def init_gn_from_teacher(student: nn.Module, teacher: nn.Module, images: torch.T
             targets[name] = _channel_moments(_bn_output(module, args[0]))
         return hook
 
+    def anchored_hook(anchor: _Anchor):
+        def hook(module: nn.GroupNorm, args: tuple) -> None:
+            x = args[0].double()
+            var, mean = torch.var_mean(x.reshape(x.shape[0], module.num_groups, -1), dim=2, correction=0)
+            per_group = module.num_channels // module.num_groups
+            mean = mean.mean(0).repeat_interleave(per_group)
+            std = (var + module.eps).sqrt().mean(0).repeat_interleave(per_group)
+            # GN(z)_c = (z_c - mean) / std with z_c = s_c x_c + o_c; BN computed weight_c x_c + bias_c
+            module.weight.copy_((anchor.weight * std / anchor.signs).to(module.weight.dtype))
+            module.bias.copy_((anchor.bias - anchor.weight * (anchor.offsets - mean) / anchor.signs)
+                              .to(module.bias.dtype))
+        return hook
+
     def student_hook(name: str):
+        if anchors and name in anchors:
+            return anchored_hook(anchors[name])
+
         def hook(module: nn.GroupNorm, args: tuple) -> None:
             x_hat = F.group_norm(args[0], module.num_groups, None, None, module.eps)
             mean_s, var_s = _channel_moments(x_hat)
@@ -509,9 +544,22 @@ def init_gn_from_teacher(student: nn.Module, teacher: nn.Module, images: torch.T
             module.bias.copy_((mean_t - scale * mean_s).to(module.bias.dtype))
         return hook
 
+    kept = _anchored_norms(student, teacher) - set(anchors or ())
+    pairs = [(n, s, t) for n, s, t in pairs if n not in kept]
     _run_with_pre_hooks(teacher, [(t, teacher_hook(n)) for n, _, t in pairs], images)
     _run_with_pre_hooks(student, [(s, student_hook(n)) for n, s, _ in pairs], images)
     return len(pairs)
+
+
+def _anchored_norms(student: nn.Module, teacher: nn.Module) -> set[str]:
+    """The GroupNorms fed by convs :func:`anchor_gn_statistics` anchored (by the teacher's conv -> BN pairs)."""
+    anchored = set(anchored_convs(student))
+    if not anchored:
+        return set()
+    try:
+        return {norm for conv, norm in find_conv_bn_pairs(teacher) if conv in anchored}
+    except ConversionError:  # anchoring needed the trace; a record without one leaves every norm to moment matching
+        return set()
 
 
 #: the convs :func:`precondition_gn_inputs` changed; saved, so that loading rebuilds their biases
@@ -596,6 +644,148 @@ def add_precondition_biases(model: nn.Module, names: Sequence[str]) -> None:
             device, dtype = placement(conv)
             conv.bias = nn.Parameter(torch.zeros(conv.out_channels, device=device, dtype=dtype))
     setattr(model, PRECONDITIONED_ATTR, sorted(names))
+
+
+#: the convs :func:`anchor_gn_statistics` anchored; saved, so that calibrating a loaded model again leaves them
+ANCHORED_ATTR = "wsurgery_anchored"
+#: anchoring's channel offset, in units of a channel's deviation over the teacher's data (preconditioned: 1).
+#: Large enough that a channel's own variance barely moves GN's deviation (EfficientNet-Lite0 agreed with the
+#: original as closely at 30 as at 100 and 1000), small enough for fp32 and fp16 to keep the signal beside it.
+ANCHOR_OFFSET = 30.0
+#: the principal directions of the per-image channel means that anchoring's signs cancel
+ANCHOR_COMPONENTS = 20
+
+
+def anchored_convs(model: nn.Module) -> list[str]:
+    """The names of the convs :func:`anchor_gn_statistics` anchored (empty when none)."""
+    return list(getattr(model, ANCHORED_ATTR, None) or ())
+
+
+@dataclass
+class _Anchor:
+    """What the anchored affine of one GroupNorm needs: channel signs and offsets, the replaced BN's affine."""
+
+    signs: torch.Tensor
+    offsets: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+def _cancelling_signs(directions: torch.Tensor, start: torch.Tensor, sweeps: int = 30) -> torch.Tensor:
+    """Signs ``s`` (+-1) near-minimising ``|directions^T s|^2``, by greedy single flips from ``start``.
+
+    ``directions`` (channels x k) holds the data's main directions of variation scaled by their
+    deviation, so the objective is the variance over the data of ``s . x``: a signed sum of the channels
+    that stays nearly constant from image to image. Exact minimisation is a max-cut problem; one-flip
+    local search from a fixed start is deterministic, and cheap (O(channels * k) per sweep).
+    """
+    d = directions.numpy()
+    s = start.numpy().copy()
+    r = d.T @ s  # directions^T s, kept up to date
+    norms = (d * d).sum(1)
+    for _ in range(sweeps):
+        flipped = False
+        for c in range(d.shape[0]):
+            # flipping s_c changes |r|^2 by -4 s_c (d_c . r) + 4 |d_c|^2
+            if norms[c] - s[c] * float(d[c] @ r) < -1e-12:
+                r -= 2 * s[c] * d[c]
+                s[c] = -s[c]
+                flipped = True
+        if not flipped:
+            break
+    return torch.from_numpy(s)
+
+
+def _anchor_pattern(means: torch.Tensor, components: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel signs ``s`` and offset signs ``t`` for one group, from its per-image channel means (images x channels).
+
+    GN's per-image mean of the anchored channels is ``mean(s * x) + const`` and, with offsets ``K t``,
+    its deviation moves with ``mean(t * s * x)``: both signed sums should stay constant over images,
+    so ``s`` and ``u = t * s`` are each chosen to cancel the data's main directions of variation. ``t``
+    must mix signs (it carries GN's deviation), so ``u`` is also pushed to be orthogonal to ``s``.
+    """
+    n, channels = means.shape
+    centred = means - means.mean(0)
+    _, sv, vh = torch.linalg.svd(centred, full_matrices=False)
+    k = max(1, min(components, n - 1, channels))
+    directions = vh[:k].T * sv[:k] / math.sqrt(max(n - 1, 1))
+    alternate = torch.ones(channels, dtype=torch.float64)
+    alternate[1::2] = -1
+    signs = _cancelling_signs(directions, torch.ones(channels, dtype=torch.float64))
+    # balance: |s . u|^2 weighs as much as the data's whole variance per channel, so t = s * u mixes signs
+    weight = math.sqrt(float((directions**2).sum()) / channels)
+    u = _cancelling_signs(torch.cat([directions, weight * signs[:, None]], 1), alternate * signs)
+    offsets = signs * u
+    if abs(float(offsets.mean())) > 0.5:  # too few of one sign to carry the deviation: a fixed mix instead
+        offsets = alternate
+    return signs, offsets
+
+
+@torch.no_grad()
+def anchor_gn_statistics(student: nn.Module, teacher: nn.Module, images: torch.Tensor, *,
+                         offset: float = ANCHOR_OFFSET, components: int = ANCHOR_COMPONENTS,
+                         batch_size: int = 32) -> dict[str, _Anchor]:
+    """Hold each preconditioned GroupNorm's per-image statistics nearly constant on natural images.
+
+    After :func:`precondition_gn_inputs`, GN pools channels that are zero-mean and unit-variance over
+    the teacher's data, and computes what BN did on an image whose pooled mean and deviation are the
+    average ones. Natural images move both (brightness, contrast, texture), a little at each of a
+    network's norms, and the losses add up with depth. Anchoring adds to each channel ``c`` a constant
+    offset ``K t_c`` (``t_c = +-1``, ``K`` = ``offset``) and flips its sign ``s_c``: GN's deviation is
+    then about ``K`` whatever the image, and its mean a signed sum of the channels whose signs were
+    chosen (from the per-image channel means of ``images``, through the teacher) to cancel the main
+    directions in which natural images vary. :func:`init_gn_from_teacher` then gives each anchored GN
+    the replaced BN's affine, rescaled by the average statistics it sees: with constant statistics GN
+    computes exactly what BN did. It is still a GroupNorm, and every parameter stays trainable.
+
+    Applies to the convs :func:`precondition_gn_inputs` changed whose GroupNorm has at least two
+    channels a group (a one-channel group carries no offset); convs anchored before are left alone.
+
+    Returns:
+        For each GroupNorm anchored now (by name), what :func:`init_gn_from_teacher` needs for its affine.
+    """
+    preconditioned = set(preconditioned_convs(student)) - set(anchored_convs(student))
+    if not preconditioned:
+        return {}
+    try:
+        pairs = [(conv, norm) for conv, norm in find_conv_bn_pairs(teacher) if conv in preconditioned]
+    except ConversionError:  # not traceable (a preconditioning record from elsewhere): nothing to anchor
+        return {}
+    norms = {name: (gn, bn) for name, gn, bn in _norm_pairs(student, teacher)}
+    pairs = [(conv, norm) for conv, norm in pairs
+             if norm in norms and norms[norm][0].num_channels // norms[norm][0].num_groups >= 2]
+    teacher_modules = dict(teacher.named_modules())
+    sums: dict[str, list[torch.Tensor]] = {norm: [] for _, norm in pairs}
+
+    def record(name: str):
+        def hook(bn: nn.Module, args: tuple) -> None:  # the BN input's channel means, standardized as BN does
+            x = args[0].double().mean((2, 3))
+            sums[name].append((x - bn.running_mean.double()) * torch.rsqrt(bn.running_var.double() + bn.eps))
+        return hook
+
+    hooks = [(teacher_modules[norm], record(norm)) for _, norm in pairs]
+    for batch in torch.split(images, batch_size):
+        _run_with_pre_hooks(teacher, hooks, batch)
+    modules = dict(student.named_modules())
+    adaptive = {id(m): p for _, m, p in ws_parametrizations(student) if isinstance(p, AdaptiveWeightStandardization)}
+    plan: dict[str, _Anchor] = {}
+    for conv_name, norm_name in pairs:
+        conv, (gn, bn) = modules[conv_name], norms[norm_name]
+        means = torch.cat(sums[norm_name]).cpu()
+        signs = torch.empty(gn.num_channels, dtype=torch.float64)
+        offsets = torch.empty_like(signs)
+        for group in torch.arange(gn.num_channels).chunk(gn.num_groups):
+            signs[group], offsets[group] = _anchor_pattern(means[:, group], components)
+        aws = adaptive[id(conv)]
+        device, dtype = aws.gain.device, aws.gain.dtype
+        s = signs.to(device=device, dtype=dtype)
+        aws.gain.mul_(s)
+        aws.shift.mul_(s)
+        conv.bias.copy_(conv.bias * s + (offset * offsets).to(device=device, dtype=dtype))
+        weight, bias = _bn_affine(bn)
+        plan[norm_name] = _Anchor(signs.to(device), (offset * offsets).to(device), weight.double(), bias.double())
+    setattr(student, ANCHORED_ATTR, sorted(set(anchored_convs(student)) | {c for c, _ in pairs}))
+    return plan
 
 
 def _init_subset(images: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
@@ -895,7 +1085,7 @@ def calibrate(
     # its weights, and no conv biases or record from a preconditioning that ran before the failure
     before = {k: v.detach().clone() for k, v in student.state_dict().items()}
     biasless = [m for m in student.modules() if isinstance(m, nn.Conv2d) and m.bias is None]
-    record = getattr(student, PRECONDITIONED_ATTR, None)
+    records = {attr: getattr(student, attr, None) for attr in (PRECONDITIONED_ATTR, ANCHORED_ATTR)}
     with modes_kept(teacher), modes_kept(student):
         teacher.eval()
         try:
@@ -904,14 +1094,24 @@ def calibrate(
             for conv in biasless:
                 conv.bias = None
             student.load_state_dict(before)
-            if record is None and hasattr(student, PRECONDITIONED_ATTR):
-                delattr(student, PRECONDITIONED_ATTR)
-            elif record is not None:
-                setattr(student, PRECONDITIONED_ATTR, record)
+            for attr, record in records.items():
+                if record is None and hasattr(student, attr):
+                    delattr(student, attr)
+                elif record is not None:
+                    setattr(student, attr, record)
             raise
     result.seconds = time.perf_counter() - start
     student.wsurgery_calibration = result.to_dict()
     return result
+
+
+def _check_step_did_something(step: str, done: list[str]) -> None:
+    """Refuse a gn-init step that changed no layer (now or before): it would be recorded as done."""
+    if not done:
+        need = "GroupNorms of at least two channels a group" if step == "anchor" else "GroupNorms"
+        raise ConfigError(f"{step} (--calib-{step}) changed no layer: it needs adaptive WS convs (mode='aws'; CLI: "
+                          f"--mode aws) feeding {need} that replaced BatchNorms, in a model torch.fx can trace; "
+                          "drop it")
 
 
 def _on_models(batch: torch.Tensor, student: nn.Module, teacher: nn.Module) -> torch.Tensor:
@@ -925,11 +1125,16 @@ def _on_models(batch: torch.Tensor, student: nn.Module, teacher: nn.Module) -> t
 
 def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> CalibrationResult:
     phases = resolve_method(student, teacher, cfg.method)
-    if cfg.precondition and "gn-init" not in phases:  # it would do nothing, and be recorded as done
-        fix = ("use method 'auto' or 'gn-init' (CLI: --calibrate)" if _norm_pairs(student, teacher) else
-               "it applies to a model whose BatchNorms became GroupNorm (norm='gn'; CLI: --norm gn)")
-        raise ConfigError(f"precondition (--calib-precondition) is a step of gn-init, which method "
-                          f"{cfg.method!r} does not run here ({' + '.join(phases) or 'nothing'}); {fix}, or drop it")
+    for step, flag in (("anchor", "--calib-anchor"), ("precondition", "--calib-precondition")):
+        if getattr(cfg, step) and "gn-init" not in phases:  # it would do nothing, and be recorded as done
+            fix = ("use method 'auto' or 'gn-init' (CLI: --calibrate)" if _norm_pairs(student, teacher) else
+                   "it applies to a model whose BatchNorms became GroupNorm (norm='gn'; CLI: --norm gn)")
+            raise ConfigError(f"{step} ({flag}) is a step of gn-init, which method {cfg.method!r} does not run "
+                              f"here ({' + '.join(phases) or 'nothing'}); {fix}, or drop it")
+    if cfg.anchor and placement(student)[1] not in (torch.float32, torch.float64):
+        raise ConfigError(f"anchor (--calib-anchor) needs a float32 student, this one is in {placement(student)[1]}: "
+                          "its offsets of 30 channel deviations leave half precision too few bits for the signal "
+                          "beside them; calibrate in float32 (student.float(), teacher.float())")
     batch = _on_models(_as_batch(images, teacher, seed), student, teacher)
     _check_outputs(student, teacher, batch)
     calib, held = _split_held_out(batch, held_out, teacher, seed)
@@ -953,9 +1158,14 @@ def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> Calib
         if phase == "bn-stats":
             reestimate_bn_stats(student, calib)
         elif phase == "gn-init":
-            if cfg.precondition:
+            if cfg.precondition:  # anchoring preconditions too (CalibrationConfig sets it)
                 precondition_gn_inputs(student, teacher)  # adaptive-WS convs only; no images
-            init_gn_from_teacher(student, teacher, init_batch)
+                _check_step_did_something("anchor" if cfg.anchor else "precondition", preconditioned_convs(student))
+            # anchoring's signs are fitted to every calibration image, not only gn-init's subset
+            anchors = anchor_gn_statistics(student, teacher, calib) if cfg.anchor else None
+            if cfg.anchor:
+                _check_step_did_something("anchor", anchored_convs(student))
+            init_gn_from_teacher(student, teacher, init_batch, anchors=anchors)
         elif phase == "distill":
             guard = cfg.keep_best and held is not None and i > 0
             if guard:  # distilling from few photos can overfit them: keep what generalises better

@@ -163,6 +163,8 @@ class DemoConfig:
     predict_images: int = 5
     #: gn-init's preconditioning (``calibrate(precondition=True)``): closer to the original; needs lr <= 0.003
     calib_precondition: bool = False
+    #: gn-init's anchoring (``calibrate(anchor=True)``): closer still, and fine-tunes at the recipe's lr too
+    calib_anchor: bool = False
 
     def __post_init__(self) -> None:
         # Fashion-MNIST has 6,000 training and 1,000 test images per class; train and val share the first
@@ -240,7 +242,7 @@ def _calibrate(student: torch.nn.Module, teacher: torch.nn.Module, images: torch
     from .calibrate import calibrate
 
     result = calibrate(student, teacher, images, method="auto", steps=cfg.calib_steps, held_out=0.25, seed=cfg.seed,
-                       precondition=cfg.calib_precondition)
+                       precondition=cfg.calib_precondition, anchor=cfg.calib_anchor)
     info = result.to_dict()
     before, after = result.before, result.after
     if before is not None and after is not None:

@@ -400,6 +400,11 @@ def rebuild(config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None =
         apply_surgery(model, cfg, plan_surgery(model, cfg, pooled))
     if ws.get("preconditioned"):  # the biases calibration gave some convs (calibrate.precondition_gn_inputs)
         add_precondition_biases(model, list(ws["preconditioned"]))
+    if ws.get("anchored"):  # not structure: the record that a later calibration leaves these convs as they are
+        if not set(ws["anchored"]) <= set(ws.get("preconditioned") or ()):
+            raise CheckpointError("wsurgery.anchored names convs that wsurgery.preconditioned does not (anchoring "
+                                  "preconditions first); the record is corrupt: re-create the directory")
+        model.wsurgery_anchored = sorted(ws["anchored"])
     if ws.get("stage") == "folded":
         model = fold(model, inplace=True)
         fold_conv_bn(model, [tuple(p) for p in ws.get("fold_bn", [])], structure_only=True)
@@ -455,7 +460,9 @@ def _load_dir(path: Path) -> nn.Module:
 
 #: fields of the wsurgery record that decide the module structure; save/export also store the
 #: record in the weights' metadata, so an edited or corrupt config.json cannot silently change them
-_STRUCTURE_FIELDS = ("stage", "surgery", "fold_bn", "pooled_norms", "preconditioned")
+#: (``anchored`` is not structure, but decides what a later calibration changes: anchoring twice would apply
+#: its signs and offsets twice)
+_STRUCTURE_FIELDS = ("stage", "surgery", "fold_bn", "pooled_norms", "preconditioned", "anchored")
 
 
 def _check_record(config: dict[str, Any], metadata: dict[str, str], config_path: Path) -> None:

@@ -54,7 +54,7 @@ def build_config(model: nn.Module, stage: str, **wsurgery_fields: Any) -> dict[s
         "surgery": surgery.to_dict() if surgery is not None else None,
         "source": jsonable(getattr(model, SOURCE_ATTR, {})),
     }
-    for key in ("calibration", "report", "pooled_norms", "preconditioned"):
+    for key in ("calibration", "report", "pooled_norms", "preconditioned", "anchored"):
         value = getattr(model, f"wsurgery_{key}", None)
         if value is not None:
             ws[key] = jsonable(value)
