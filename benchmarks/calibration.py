@@ -12,6 +12,10 @@ unsure (top-1 probability < 0.5) its own arg-max flips under such nuisances, so 
 model can be expected to agree with it there more often than it agrees with itself; the
 ``top-1 conf`` column (agreement where the original is confident) is free of that noise.
 
+``--eval-more DIR ... | held-out`` adds further sets of whole photos (and their mirror images), each
+reported by its name (``held-out``: the 7 photos the evaluation crops come from, whole); for every
+set of whole photos the results also hold how often the original agrees with its own mirror images.
+
 ``--eval-images DIR`` adds a second, independent evaluation: every photo in DIR whole (timm's
 eval transform: resize, center crop) and flipped. Where a file name ends in ``_<ImageNet class
 index>`` (as foolbox's 20 ImageNet validation samples do: ``imagenet_00_243.jpg``), the
@@ -41,6 +45,9 @@ Usage::
     bash benchmarks/get_photos.sh        # optional extra photos -> benchmarks/photos/{imagenet,nature}
     python benchmarks/calibration.py --only "AWS + GN(1) auto" --eval-images benchmarks/photos/imagenet \\
         --calib-extra benchmarks/photos/nature   # + whole ImageNet photos, calibration from 35 photos
+    python benchmarks/calibration.py --eval 128 --steps 60 --threads 2 --only "AWS + GN(1) auto" \\
+        "AWS + GN(1) gn-init" --distill-seconds 80 --seed 0 1 2 --eval-images benchmarks/photos/imagenet \\
+        --eval-more benchmarks/photos/nature held-out --anchor --tag _224_2min_anchor   # gn-init's anchoring
 """
 
 from __future__ import annotations
@@ -113,16 +120,22 @@ def _whole_photos(spec: str, teacher, img_size: int | None) -> tuple[torch.Tenso
 class _PhotoEval:
     """Agreement (and accuracy, with labels) of a model with the original on the whole photos of ``--eval-images``."""
 
-    def __init__(self, spec: str | None, teacher, img_size: int | None = None):
+    def __init__(self, spec: str | list[str] | None, teacher, img_size: int | None = None,
+                 name: str = "--eval-images"):
         self.x = None
         if spec:
             self.x, self.labels, self.names = _whole_photos(spec, teacher, img_size)
             self.reference = predict_logits(teacher, self.x)
             self.accuracy_original = self.accuracy(self.reference)
             acc = self.accuracy_original
-            print(f"--eval-images: {len(self.names)} photos and their flips"
-                  + (f"; the original's accuracy {acc:.1%} (labels from the file names)" if acc is not None else ""),
-                  flush=True)
+            # the original against its own mirror images: how far its arg-max moves under a flip on these photos
+            half = self.x.shape[0] // 2
+            mirror = agreement_from_logits(self.reference[half:], self.reference[:half])
+            self.floor = {"top1": mirror.top1, "top1_confident": mirror.top1_confident,
+                          "num_confident": mirror.num_confident, "kl": mirror.kl}
+            print(f"{name}: {len(self.names)} photos and their flips"
+                  + (f"; the original's accuracy {acc:.1%} (labels from the file names)" if acc is not None else "")
+                  + f"; the original agrees with its own mirror images on {mirror.top1:.1%}", flush=True)
 
     def accuracy(self, logits: torch.Tensor) -> float | None:
         return float((logits.argmax(1) == self.labels).float().mean()) if self.labels is not None else None
@@ -143,6 +156,33 @@ class _PhotoEval:
         acc = f", accuracy {_pct(row['photos_accuracy'])} (original {_pct(row['photos_accuracy_original'])})" \
             if row["photos_accuracy"] is not None else ""
         return f"\n    whole photos: top-1 {row['photos_top1']:6.1%}  KL {row['photos_kl']:7.3f}{acc}"
+
+
+class _MorePhotos:
+    """``--eval-more``: further sets of whole photos, each reported under its name (``held-out``: the photos
+    the evaluation crops come from, whole)."""
+
+    def __init__(self, specs: list[str], teacher, img_size: int | None):
+        photos = sample_photos()
+        self.sets = {}
+        for spec in specs:
+            name = spec if spec == "held-out" else Path(spec).name
+            files = [str(photos[k]) for k in EVAL_PHOTOS if k in photos] if spec == "held-out" else spec
+            self.sets[name] = _PhotoEval(files, teacher, img_size, name=f"--eval-more {name}")
+
+    def __call__(self, model) -> dict:
+        if not self.sets:
+            return {}
+        return {"more_photos": {name: ev(model) for name, ev in self.sets.items()}}
+
+    def floors(self) -> dict:
+        return {name: ev.floor for name, ev in self.sets.items()}
+
+    @staticmethod
+    def line(row: dict) -> str:
+        return "".join(f"\n    {name}: top-1 {r['photos_top1']:6.1%}  top-1 conf {_pct(r['photos_top1_confident'])} of "
+                       f"{r['photos_num_confident']}  KL {r['photos_kl']:7.3f}"
+                       for name, r in row.get("more_photos", {}).items())
 
 
 def _setup(args):
@@ -173,19 +213,21 @@ def run_calibration(args) -> dict:
     teacher, xcal, xev, reference, calib_names = _setup(args)
     reference_calib = predict_logits(teacher, xcal)
     photos = _PhotoEval(args.eval_images, teacher, args.res)
+    more = _MorePhotos(args.eval_more, teacher, args.res)
     rows = []
     for (label, conv_kw, method, cal_kw), temperature, seed in itertools.product(ROWS, args.temperature, args.seed):
         if not _selected(_row_name(label, method, cal_kw), args.only):
             continue
         student = wsurgery.convert(teacher, inplace=False, **conv_kw)[0]
-        # --precondition is a step of gn-init: rows that do not run it (BN kept, method none) go without
-        precondition = args.precondition and "gn-init" in resolve_method(student, teacher, method)
+        # --precondition/--anchor are steps of gn-init: rows that do not run it (BN kept, method none) go without
+        gn_init = "gn-init" in resolve_method(student, teacher, method)
+        precondition, anchor = args.precondition and gn_init, args.anchor and gn_init
         wall, cpu = time.perf_counter(), time.process_time()
         # held-out = a quarter of the calibration crops (it may select keep_best); judged on xev below
         result = calibrate(student, teacher, xcal, method=method, held_out=0.25, steps=args.steps, seed=seed,
                            batch_size=args.batch, distill_size=args.distill_size, lr=args.distill_lr,
                            augment=args.augment, max_seconds=args.distill_seconds, precondition=precondition,
-                           **({"temperature": temperature} if temperature else {}), **cal_kw)
+                           anchor=anchor, **({"temperature": temperature} if temperature else {}), **cal_kw)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         after = agreement_from_logits(predict_logits(student, xev), reference)
         # the same measure on the calibration crops themselves (three quarters of them were distilled on):
@@ -197,15 +239,17 @@ def run_calibration(args) -> dict:
                "top5_overlap": after.top5_overlap, "kl": after.kl, "top1_calib": seen.top1, "kl_calib": seen.kl,
                "top1_before_on_calib_held_out": result.before.top1, "steps": result.steps, "wall_s": wall, "cpu_s": cpu,
                "reverted": result.reverted, "calib_images": result.num_images, "eval_images": after.num_images,
-               **photos(student)}
+               **photos(student), **more(student)}
         rows.append(row)
         print(f"{label:<14} {method:<9} {'+'.join(result.phases) or '-':<17} {result.train or '-':<6} "
               f"T {row['temperature']:<3g} seed {seed}  top-1 {after.top1:6.1%}  top-1 conf "
               f"{_pct(after.top1_confident)} of {after.num_confident}  top-5 {after.top5_overlap:6.1%}  "
               f"KL {after.kl:7.3f}  (calib crops: top-1 {seen.top1:6.1%} KL {seen.kl:6.3f})  "
-              f"{wall:7.1f} s wall  {cpu:7.1f} s cpu{photos.line(row)}", flush=True)
+              f"{wall:7.1f} s wall  {cpu:7.1f} s cpu{photos.line(row)}{more.line(row)}", flush=True)
         _write(args, {"rows": rows, "calib_photos": calib_names, "eval_photos": EVAL_PHOTOS, "partial": True})
-    return {"rows": rows, "summary": _summary(rows), "calib_photos": calib_names, "eval_photos": EVAL_PHOTOS}
+    floors = {**({"eval_images": photos.floor} if photos.x is not None else {}), **more.floors()}
+    return {"rows": rows, "summary": _summary(rows), "calib_photos": calib_names, "eval_photos": EVAL_PHOTOS,
+            "mirror_floors": floors}
 
 
 def _summary(rows: list[dict]) -> list[dict]:
@@ -429,6 +473,9 @@ def main() -> None:
                              "--calib crops are spread over all of them")
     parser.add_argument("--eval-images", default=None,
                         help="also evaluate on these whole photos and their flips (a folder, files or a glob)")
+    parser.add_argument("--eval-more", nargs="*", default=[],
+                        help="further sets of whole photos (folders), each reported by its name; 'held-out': "
+                             "the photos the evaluation crops come from, whole")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--distill-size", type=int, default=None)
@@ -443,6 +490,8 @@ def main() -> None:
     parser.add_argument("--precondition", action="store_true",
                         help="gn-init standardizes the GN inputs with the BN statistics first "
                              "(calibrate's precondition)")
+    parser.add_argument("--anchor", action="store_true",
+                        help="gn-init preconditions, then anchors GN's per-image statistics (calibrate's anchor)")
     parser.add_argument("--sgd-lrs", type=float, nargs="+", default=[0.01, 0.003], help="SGD learning rates (part sgd)")
     parser.add_argument("--seed", type=int, nargs="+", default=[0],
                         help="calibrate's seed(s) (held-out split, batch order); several run each row once per seed")

@@ -7,6 +7,8 @@ Two presets:
 * ``lr``: the fine-tune's learning rate (the micro-batch recipe's ``lr``, per 32 images; the demo
   uses 0.01) against gn-init's preconditioning (``calibrate(precondition=True)``), seeds 0 and 1,
   on the CPU: is a preconditioned model's worse fine-tune a matter of the learning rate?
+* ``anchor``: the same learning rates and seeds, the default calibration against gn-init's anchoring
+  (``calibrate(anchor=True)``), side by side in one run.
 
 Each variant's test top-1 after fine-tuning, the calibration's held-out agreement and the
 fine-tune line go to the JSON, written after every variant.
@@ -15,6 +17,7 @@ Usage::
 
     python benchmarks/demo_variants.py --preset gpu --out benchmarks/results/gpu/demo_ab.json
     python benchmarks/demo_variants.py --preset lr --out benchmarks/results/demo_lr.json
+    python benchmarks/demo_variants.py --preset anchor --out benchmarks/results/demo_anchor.json
 """
 
 from __future__ import annotations
@@ -35,16 +38,17 @@ import wsurgery
 from wsurgery.demo import DemoConfig, run_demo
 from wsurgery.io import atomic_file, write_json
 
-# (tag, seed, extra recipe overrides, WSURGERY_DEVICE, TF32 for cuDNN convs, preconditioning)
+# (tag, seed, extra recipe overrides, WSURGERY_DEVICE, TF32 for cuDNN convs, calibration: default, pre or anchor)
 PRESETS = {
     "gpu": [
-        ("cuda_s1", 1, [], None, True, False), ("cuda_s2", 2, [], None, True, False),
-        ("cuda_nocl", 0, ["channels_last=false"], None, True, False),
-        ("cuda_notf32", 0, [], None, False, False),
-        ("cpu_s0", 0, [], "cpu", True, False), ("cuda_s3", 3, [], None, True, False),
+        ("cuda_s1", 1, [], None, True, "default"), ("cuda_s2", 2, [], None, True, "default"),
+        ("cuda_nocl", 0, ["channels_last=false"], None, True, "default"),
+        ("cuda_notf32", 0, [], None, False, "default"),
+        ("cpu_s0", 0, [], "cpu", True, "default"), ("cuda_s3", 3, [], None, True, "default"),
     ],
-    "lr": [(f"{'pre' if pre else 'default'}_lr{lr}_s{seed}", seed, [f"lr={lr}"], "cpu", True, pre)
-           for pre, lr, seed in itertools.product((False, True), (0.01, 0.003, 0.001), (0, 1))],
+    **{name: [(f"{calib}_lr{lr}_s{seed}", seed, [f"lr={lr}"], "cpu", True, calib)
+              for calib, lr, seed in itertools.product(("default", other), (0.01, 0.003, 0.001), (0, 1))]
+       for name, other in (("lr", "pre"), ("anchor", "anchor"))},
 }
 
 
@@ -63,19 +67,20 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     rows = []
-    for tag, seed, extra, device, tf32, precondition in PRESETS[args.preset]:
+    for tag, seed, extra, device, tf32, calib in PRESETS[args.preset]:
         if device:
             os.environ["WSURGERY_DEVICE"] = device
         else:
             os.environ.pop("WSURGERY_DEVICE", None)
         torch.backends.cudnn.allow_tf32 = tf32
-        cfg = DemoConfig(seed=seed, calib_precondition=precondition)
+        cfg = DemoConfig(seed=seed, calib_precondition=calib == "pre", calib_anchor=calib == "anchor")
         cfg.overrides = list(cfg.overrides) + extra
         t = time.perf_counter()
         r = run_demo(args.workdir / f"d_{tag}", config=cfg, force=True)
         fine_tune = next(s.detail for s in r.steps if s.name.startswith("fine"))
         after = (r.calibration or {}).get("after") or {}
-        rows.append({"tag": tag, "seed": seed, "overrides": extra, "precondition": precondition,
+        rows.append({"tag": tag, "seed": seed, "overrides": extra, "precondition": calib == "pre",
+                     "anchor": calib == "anchor",
                      "after": r.accuracy_after, "calib_top1": after.get("top1"), "ft": fine_tune,
                      "s": time.perf_counter() - t})
         shutil.rmtree(args.workdir / f"d_{tag}", ignore_errors=True)  # ~70 MB a variant

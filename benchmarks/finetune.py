@@ -9,6 +9,8 @@ test file), same schedule (SGD momentum 0.9, cosine, zero head, 1 epoch by defau
 * ``ws-gn``: plain WS + GroupNorm, calibrated label-free first (``wsurgery.calibrate``, method
   ``auto``, on unlabeled training images);
 * ``aws-gn``: adaptive WS + GroupNorm, calibrated the same way;
+* ``aws-gn-anchor`` (only when named in ``--models``): the same, calibrated with gn-init's anchoring
+  (``calibrate(anchor=True)``);
 * ``linear-probe``: the BN model with a frozen backbone (batch 32), as a reference.
 
 Batch 2 is plain batch 2 (no accumulation), the regime where BN statistics break down.
@@ -19,6 +21,7 @@ the table reports test top-1 mean and std over the 3 seeds.
 
     python benchmarks/finetune.py            # full: ~30 min of one CPU core (see --help for sizes)
     python benchmarks/finetune.py --quick    # a few images, for testing the script
+    python benchmarks/finetune.py --models aws-gn aws-gn-anchor --out benchmarks/results/finetune_anchor.json
 
 Prints a table and writes ``benchmarks/results/finetune.json`` (``finetune-quick.json``).
 """
@@ -63,6 +66,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calib-steps", type=int, default=50)
     p.add_argument("--calib-images", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, "aws-gn-anchor"],
+                   help="which fine-tuning rows to run (default: the README table's; the linear probe runs with bn)")
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-finetune")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
@@ -73,6 +78,10 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+#: the README table's rows (besides the linear probe, which runs with bn)
+MODELS = ("bn", "ws-gn", "aws-gn")
+
+
 def make_models(args: argparse.Namespace, data: Path) -> dict[str, torch.nn.Module]:
     """The three starting points, converted models calibrated once (label-free) and reused by every run."""
     from wsurgery.weights import find_efficientnet_lite_checkpoint
@@ -81,11 +90,14 @@ def make_models(args: argparse.Namespace, data: Path) -> dict[str, torch.nn.Modu
     bn = wsurgery.load("tf_efficientnet_lite0", checkpoint=ckpt, remap_by_order=True)
     images, _ = load_images(data / "train", bn, limit=args.calib_images, seed=0, img_size=args.img_size)
     models = {"bn": bn}
-    for name, mode in (("ws-gn", "ws"), ("aws-gn", "aws")):
+    for name, mode in (("ws-gn", "ws"), ("aws-gn", "aws"), ("aws-gn-anchor", "aws")):
+        if name not in args.models:
+            continue
         student, _ = wsurgery.convert(bn, mode=mode, norm="gn", inplace=False)
         from wsurgery.calibrate import calibrate
 
-        result = calibrate(student, bn, images, method="auto", steps=args.calib_steps, held_out=0.25, seed=0)
+        result = calibrate(student, bn, images, method="auto", steps=args.calib_steps, held_out=0.25, seed=0,
+                           anchor=name == "aws-gn-anchor")
         agree = (result.before.top1 if result.before else float("nan"),
                  result.after.top1 if result.after else float("nan"))
         print(f"calibrated {name}: {'+'.join(result.phases)}, top-1 agreement {agree[0]:.0%} -> {agree[1]:.0%} "
@@ -133,11 +145,12 @@ def main() -> None:
     models = make_models(args, data)
     rows = []
     for batch in (32, 2):
-        for name in ("bn", "ws-gn", "aws-gn"):
+        for name in [m for m in (*MODELS, "aws-gn-anchor") if m in args.models]:
             rows.append(tune_and_repeat(models[name], data, test, args, batch=batch, grid=LR_GRID[batch],
                                         probe=False, label=name))
-    rows.append(tune_and_repeat(models["bn"], data, test, args, batch=32, grid=PROBE_GRID, probe=True,
-                                label="linear-probe"))
+    if "bn" in args.models:
+        rows.append(tune_and_repeat(models["bn"], data, test, args, batch=32, grid=PROBE_GRID, probe=True,
+                                    label="linear-probe"))
     total = time.perf_counter() - t_start
     print(f"\nEfficientNet-Lite0 (ImageNet) fine-tuned on Fashion-MNIST: {10 * args.train_per_class} train, "
           f"{10 * args.val_per_class} val, {10 * args.test_per_class} test images at {args.img_size} px, "
