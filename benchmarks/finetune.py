@@ -80,6 +80,8 @@ def parse_args() -> argparse.Namespace:
 
 #: the README table's rows (besides the linear probe, which runs with bn)
 MODELS = ("bn", "ws-gn", "aws-gn")
+#: each converted model's calibration (agreement with the original before and after), for the results file
+CALIBRATION: dict[str, dict] = {}
 
 
 def make_models(args: argparse.Namespace, data: Path) -> dict[str, torch.nn.Module]:
@@ -102,6 +104,8 @@ def make_models(args: argparse.Namespace, data: Path) -> dict[str, torch.nn.Modu
                  result.after.top1 if result.after else float("nan"))
         print(f"calibrated {name}: {'+'.join(result.phases)}, top-1 agreement {agree[0]:.0%} -> {agree[1]:.0%} "
               f"({result.seconds:.0f} s)", flush=True)
+        CALIBRATION[name] = {"phases": result.phases, "top1_before": agree[0], "top1_after": agree[1],
+                             "seconds": result.seconds}
         models[name] = student
     return models
 
@@ -161,6 +165,7 @@ def main() -> None:
     print(f"total {total / 60:.1f} min")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows,
+              "calibration": CALIBRATION,
               "seconds": round(total, 1), "torch_threads": torch.get_num_threads(), "torch": torch.__version__}
     with atomic_file(args.out, force=True) as tmp:  # a crash mid-write never leaves half a results file
         write_json(tmp, record)

@@ -304,7 +304,10 @@ def test_ctrl_c_with_spawned_dataloader_workers_stops_cleanly(tmp_path, data, si
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    lines = [line for line in stderr.splitlines() if line.strip()]
+    # Python's multiprocessing resource tracker (a process of its own under spawn) may warn at exit about a
+    # semaphore of the stopped workers' queues (seen once, in a full CI run): its lines come after wsurgery's
+    lines = [line for line in stderr.splitlines() if line.strip() and "resource_tracker" not in line
+             and not line.strip().startswith("warnings.warn(")]
     assert proc.returncode == code, stderr[-3000:]
     assert lines[-1].startswith(f"stopped: interrupted at step {step}") and "Traceback" not in stderr, stderr[-3000:]
     state = json.loads((out / "last" / "train_state.json").read_text())["state"]
