@@ -712,3 +712,23 @@ def test_anchoring_refuses_half_precision_and_what_it_cannot_change(teacher, tmp
     config_path.write_text(json.dumps(config))
     with pytest.raises(wsurgery.errors.CheckpointError, match=r"disagree on wsurgery.anchored"):
         wsurgery.load(tmp_path / "s")
+
+
+@pytest.mark.parametrize("arch", ["resnet10t", "regnetx_002"])
+def test_anchoring_on_timm_resnets(arch):
+    """Bottleneck/basic blocks with residual adds, grouped convs (RegNet): measured relative logit error on
+    held-out images, gn-init / preconditioned / anchored: resnet10t 0.094 / 0.093 / 0.011, regnetx_002
+    0.058 / 0.058 / 0.016 (random weights, randomized BN statistics)."""
+    from _core_helpers import randomize_norms
+
+    torch.manual_seed(0)
+    original = randomize_norms(timm.create_model(arch, num_classes=10)).eval()
+    x = _images(96, size=96, seed=7)
+    errors = {}
+    for kind in ("plain", "precondition", "anchor"):
+        student = wsurgery.convert(original, mode="aws", norm="gn", gn_groups=1, inplace=False)[0]
+        calibrate(student, original, x[:64], method="gn-init", held_out=None, precondition=kind == "precondition",
+                  anchor=kind == "anchor")
+        errors[kind] = _logit_error(student, original, x[64:])
+    assert errors["anchor"] < 0.5 * min(errors["plain"], errors["precondition"]), errors
+    assert len(student.wsurgery_anchored) == len(student.wsurgery_preconditioned) > 10
