@@ -48,7 +48,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -640,7 +640,7 @@ class _Run:
                                  persistent_workers=r.workers > 0)
         self.val_loader = (_eval_loader(self.bundle.val, r.eval_batch_size or max(r.batch_size, 32), r.workers,
                                         persistent=True) if self.bundle.val is not None else None)
-        per_rank = len(self.sampler.inner)
+        per_rank = self.per_rank = len(self.sampler.inner)
         self.batches_per_epoch = per_rank // r.batch_size if drop_last else math.ceil(per_rank / r.batch_size)
         if self.batches_per_epoch == 0:
             raise RecipeError(f"batch_size {r.batch_size} is larger than the {per_rank} training images per process")
@@ -813,8 +813,10 @@ class _Run:
             self.model.eval()
             self.model.get_classifier().train()
 
-    def _forward_backward(self, batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, int]:
-        n_micro = len(batches)
+    def _forward_backward(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], sizes: list[int]
+                          ) -> tuple[float, int]:
+        """One update's micro-batches (``sizes[i]`` images each), forward and backward, in the order they come."""
+        n_micro = len(sizes)
         losses: list[torch.Tensor] = []
         images = 0
         use_once = self.recipe.standardize_once and n_micro > 1
@@ -825,9 +827,11 @@ class _Run:
         # mean over all of them, as one big batch would be, also where an epoch's short last batch
         # joins full ones (loss / n_micro would give its few images the weight of a full batch)
         odd = self.mixup is not None  # timm's Mixup mixes pairs: an odd batch loses its last image
-        total = sum(len(y) - (len(y) % 2 if odd else 0) for _, y in batches)
+        total = sum(size - (size % 2 if odd else 0) for size in sizes)
         with _standardize_once_ctx(self.model, use_once):
             for i, (x, y) in enumerate(batches):
+                if len(y) != sizes[i]:  # the loss weights above assumed it
+                    raise RuntimeError(f"micro-batch {i} of the update holds {len(y)} images, {sizes[i]} expected")
                 x = x.to(self.device, non_blocking=True)
                 y = y.to(self.device, non_blocking=True)
                 if self.recipe.channels_last and self.cuda:
@@ -934,8 +938,11 @@ class _Run:
         while pos < self.batches_per_epoch and self.state.step < self.total_steps:
             t0 = time.perf_counter()
             n = min(r.accum_steps, self.batches_per_epoch - pos)
-            batches = [next(it) for _ in range(n)]
-            loss, images = self._forward_backward(batches)
+            # streamed: each micro-batch is fetched as the one before it has run, so an update never holds all of
+            # its inputs at once (BiT's 64 x 8 at 480 px: 1.4 GB); their sizes are known from the position alone
+            # (full batches, but for an epoch's short last one; a file that fails to decode is replaced)
+            sizes = [min(r.batch_size, self.per_rank - p * r.batch_size) for p in range(pos, pos + n)]
+            loss, images = self._forward_backward((next(it) for _ in range(n)), sizes)
             if not math.isfinite(loss):
                 raise self._diverged(loss, epoch)
             # until the step is on the books (position, RNG, loss sums), a second Ctrl-C must not write a
