@@ -16,11 +16,10 @@ from wsurgery.calibrate import (
     CalibrationConfig,
     CalibrationProgress,
     CalibrationResult,
-    anchored_convs,
     calibrate,
     calibration_split,
     dataset_train_split,
-    preconditioned_convs,
+    needs_lower_lr,
 )
 from wsurgery.compare import CONFIDENT
 from wsurgery.config import SurgeryConfig
@@ -298,9 +297,7 @@ def convert(
             console.print(calibration_table(result))
         classifier = (net.num_classes, new_head) if new_head is not None else None
         console.print(kv_table("summary", _summary_rows(report, result, classifier, output)))
-    if preconditioned_convs(student) and not anchored_convs(student):
-        # measured (benchmarks/demo_variants.py --preset lr): the demo diverges at the micro-batch recipe's lr 0.01;
-        # anchored (--preset anchor, 46 of 49 norms at timm's 32 groups) it trains there as the default does
+    if needs_lower_lr(student):  # measured: calibrate.needs_lower_lr
         note("preconditioned models fine-tune at a lower learning rate: pass --set lr=0.003 "
              "(or lower) to wsurgery train")
     if result is None and config.norm == "gn" and (pretrained is not False or checkpoint is not None):

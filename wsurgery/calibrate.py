@@ -88,6 +88,7 @@ __all__ = [
     "dataset_train_split",
     "distill",
     "init_gn_from_teacher",
+    "needs_lower_lr",
     "precondition_gn_inputs",
     "preconditioned_convs",
     "reestimate_bn_stats",
@@ -661,6 +662,16 @@ def anchored_convs(model: nn.Module) -> list[str]:
     return list(getattr(model, ANCHORED_ATTR, None) or ())
 
 
+def needs_lower_lr(model: nn.Module) -> bool:
+    """Whether ``model`` was calibrated with preconditioning and not anchoring: measured to fine-tune at a lower lr.
+
+    benchmarks/demo_variants.py: preconditioned, the demo diverged at the micro-batch recipe's lr 0.01 (0.005 per
+    update); anchored (``--preset anchor``, timm's 32 groups: 46 of Lite0's 49 norms anchored, the rest
+    preconditioned only) it trained there as the default calibration does.
+    """
+    return bool(preconditioned_convs(model)) and not anchored_convs(model)
+
+
 @dataclass
 class _Anchor:
     """What the anchored affine of one GroupNorm needs: channel signs and offsets, the replaced BN's affine."""
@@ -1160,11 +1171,12 @@ def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> Calib
         elif phase == "gn-init":
             if cfg.precondition:  # anchoring preconditions too (CalibrationConfig sets it)
                 precondition_gn_inputs(student, teacher)  # adaptive-WS convs only; no images
-                _check_step_did_something("anchor" if cfg.anchor else "precondition", preconditioned_convs(student))
             # anchoring's signs are fitted to every calibration image, not only gn-init's subset
             anchors = anchor_gn_statistics(student, teacher, calib) if cfg.anchor else None
-            if cfg.anchor:
+            if cfg.anchor:  # what anchored is a subset of what preconditioned
                 _check_step_did_something("anchor", anchored_convs(student))
+            elif cfg.precondition:
+                _check_step_did_something("precondition", preconditioned_convs(student))
             init_gn_from_teacher(student, teacher, init_batch, anchors=anchors)
         elif phase == "distill":
             guard = cfg.keep_best and held is not None and i > 0

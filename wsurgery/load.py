@@ -29,7 +29,7 @@ from timm.models import remap_state_dict
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .calibrate import add_precondition_biases
+from .calibrate import ANCHORED_ATTR, add_precondition_biases
 from .config import SurgeryConfig
 from .convert import apply_surgery, pin_build_args, plan_surgery, pooled_norms
 from .errors import (
@@ -404,7 +404,7 @@ def rebuild(config: dict[str, Any], state_dict: dict[str, torch.Tensor] | None =
         if not set(ws["anchored"]) <= set(ws.get("preconditioned") or ()):
             raise CheckpointError("wsurgery.anchored names convs that wsurgery.preconditioned does not (anchoring "
                                   "preconditions first); the record is corrupt: re-create the directory")
-        model.wsurgery_anchored = sorted(ws["anchored"])
+        setattr(model, ANCHORED_ATTR, sorted(ws["anchored"]))
     if ws.get("stage") == "folded":
         model = fold(model, inplace=True)
         fold_conv_bn(model, [tuple(p) for p in ws.get("fold_bn", [])], structure_only=True)

@@ -66,7 +66,7 @@ from torch import nn
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 
 from .accumulate import standardize_once
-from .calibrate import anchored_convs, preconditioned_convs
+from .calibrate import anchored_convs, needs_lower_lr
 from .convert import clone_model, is_converted, modes_kept, placement, unwrap
 from .datasets import (
     AugmentConfig,
@@ -665,11 +665,9 @@ class _Run:
         self.lr = lr
         check_below_peak(r, lr, f" = lr {r.lr:g} x {r.effective_batch * self.world}/{r.lr_base_batch} images per step"
                          if r.lr_base_batch else "")
-        if preconditioned_convs(self.model) and not anchored_convs(self.model) and lr > PRECONDITIONED_MAX_LR:
+        if needs_lower_lr(self.model) and lr > PRECONDITIONED_MAX_LR:
             # measured (benchmarks/demo_variants.py --preset lr): the demo diverged at 0.005 per update
-            # (the micro-batch recipe's 0.01 per 32 images, 16 per update) and trained at 0.0015 and below;
-            # anchored (--preset anchor, timm's 32 groups: 46 of Lite0's 49 norms anchored, the rest preconditioned
-            # only) it trained at 0.005 as the default calibration does
+            # (the micro-batch recipe's 0.01 per 32 images, 16 per update) and trained at 0.0015 and below
             self.notes.append(f"this model was calibrated with preconditioning, which fine-tunes at a lower lr: "
                               f"{lr:.3g} per update may diverge (measured: diverged at 0.005, trained at "
                               f"{PRECONDITIONED_MAX_LR:g} and below)")
