@@ -168,7 +168,7 @@ def replace(src, dst, *args, **kwargs):
     result = _replace(src, dst, *args, **kwargs)
     if not _held and os.path.basename(os.fspath(dst)) == "last":
         _held.append(True)
-        open(os.environ["WSURGERY_TEST_CHECKPOINTED"], "w").close()
+        open(os.environ["WSURGERY_TEST_HELD"], "w").close()
         deadline = time.monotonic() + 120
         while not os.path.exists(os.environ["WSURGERY_TEST_SIGNALLED"]) and time.monotonic() < deadline:
             time.sleep(0.01)
@@ -177,32 +177,44 @@ os.replace = replace
 """
 
 
+def _signal_when_held(tmp_path: Path, shim_source: str, args: list[str], signum: int, *, group: bool, wait: float,
+                      timeout: float) -> tuple[int, str, str]:
+    """Run ``python -m wsurgery ARGS`` with ``shim_source`` as its sitecustomize; when the shim says it holds the
+    run (it creates $WSURGERY_TEST_HELD and waits for $WSURGERY_TEST_SIGNALLED), send ``signum`` to the process
+    (to its process group with ``group``, as a terminal's Ctrl-C or systemd's stop reach the main process and its
+    workers), let the shim go on, and return the exit code, stdout and stderr."""
+    shim = Path(tempfile.mkdtemp(prefix="wsurgery-shim-", dir=tmp_path))
+    (shim / "sitecustomize.py").write_text(shim_source)
+    held, signalled = shim / "held", shim / "signalled"
+    env = {**ONE_THREAD, "PYTHONPATH": os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p),
+           "WSURGERY_TEST_HELD": str(held), "WSURGERY_TEST_SIGNALLED": str(signalled)}
+    proc = subprocess.Popen([sys.executable, "-m", "wsurgery", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=group)
+    kill = (lambda sig: os.killpg(proc.pid, sig)) if group else (lambda sig: os.kill(proc.pid, sig))
+    try:
+        deadline = time.monotonic() + wait
+        while not held.exists():
+            assert proc.poll() is None, f"the run ended before it was held: {proc.communicate()}"
+            assert time.monotonic() < deadline, "the run was never held"
+            time.sleep(0.01)
+        kill(signum)
+        signalled.touch()
+        stdout, stderr = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            kill(signal.SIGKILL)
+            proc.communicate()
+    return proc.returncode, stdout, stderr
+
+
 def test_sigterm_stops_cli_train_with_143_and_a_resumable_checkpoint(tmp_path, data):
     surgery = wsurgery.save(_tiny(), tmp_path / "conv")
     out = tmp_path / "run"
-    shim = Path(tempfile.mkdtemp(prefix="wsurgery-shim-", dir=tmp_path))
-    (shim / "sitecustomize.py").write_text(_HOLD_AFTER_FIRST_CHECKPOINT)
-    checkpointed, signalled = shim / "checkpointed", shim / "signalled"
-    env = {**ONE_THREAD, "PYTHONPATH": os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p),
-           "WSURGERY_TEST_CHECKPOINTED": str(checkpointed), "WSURGERY_TEST_SIGNALLED": str(signalled)}
     args = ["train", str(surgery), "--data", str(data), "--recipe", "cpu-quick", "--img-size", "32", "--set",
             "epochs=2", "--set", "batch_size=4", "--set", "workers=0", "--set", "warmup_steps=2", "-o", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "wsurgery", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 240
-        while not checkpointed.exists():
-            assert proc.poll() is None, f"the run ended before its first checkpoint: {proc.communicate()}"
-            assert time.monotonic() < deadline, "no checkpoint appeared"
-            time.sleep(0.01)
-        os.kill(proc.pid, signal.SIGTERM)
-        signalled.touch()
-        stdout, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 143, (stdout, stderr)  # 128 + SIGTERM, as shells report it (Ctrl-C: 130)
+    code, stdout, stderr = _signal_when_held(tmp_path, _HOLD_AFTER_FIRST_CHECKPOINT, args, signal.SIGTERM,
+                                             group=False, wait=240, timeout=120)
+    assert code == 143, (stdout, stderr)  # 128 + SIGTERM, as shells report it (Ctrl-C: 130)
     # stderr holds the progress and notes, then the stop: one line, the last, no traceback; a stop
     # the user asked for is not called an error
     lines = [line for line in stderr.splitlines() if line.strip()]
@@ -255,7 +267,7 @@ if "spawn_main" not in " ".join(sys.orig_argv):  # the main process, not a worke
         result = _real(self, *args, **kwargs) if {after} else None
         _count.append(1)
         if len(_count) == {at}:
-            open(os.environ["WSURGERY_TEST_STEPPED"], "w").close()
+            open(os.environ["WSURGERY_TEST_HELD"], "w").close()
             deadline = time.monotonic() + 120
             while not os.path.exists(os.environ["WSURGERY_TEST_SIGNALLED"]) and time.monotonic() < deadline:
                 time.sleep(0.01)
@@ -263,9 +275,9 @@ if "spawn_main" not in " ".join(sys.orig_argv):  # the main process, not a worke
         return result if {after} else _real(self, *args, **kwargs)
     dataloader._MultiProcessingDataLoaderIter.{method} = _held
 """
-# the signal lands while the main process fetches the 2nd micro-batch of update 2 (train fetches an update's 8
-# micro-batches before computing them; the workers have prefetched 4 ahead, so 3 more must come from them), or
-# once the first loader has started its workers (they import torch for seconds before their worker_init_fn runs)
+# the signal lands while the main process fetches the 2nd micro-batch of update 2 (train fetches each micro-batch
+# as the one before it has run; the workers still prefetch ahead of it), or once the first loader has started its
+# workers (they import torch for seconds before their worker_init_fn runs)
 _HOLDS = {"in a fetch": {"method": "_next_data", "at": 10, "after": False},
           "at worker start": {"method": "__init__", "at": 1, "after": True}}
 
@@ -281,34 +293,16 @@ def test_ctrl_c_with_spawned_dataloader_workers_stops_cleanly(tmp_path, data, si
     a fetch, 1 when it comes as the first workers start), writes the checkpoint and exits 130 (143)."""
     surgery = wsurgery.save(_tiny(), tmp_path / "conv")
     out = tmp_path / "run"
-    shim = Path(tempfile.mkdtemp(prefix="wsurgery-shim-", dir=tmp_path))
-    (shim / "sitecustomize.py").write_text(_SPAWN_AND_HOLD.format(**_HOLDS[when]))
-    stepped, signalled = shim / "stepped", shim / "signalled"
-    env = {**ONE_THREAD, "PYTHONPATH": os.pathsep.join(p for p in (str(shim), os.environ.get("PYTHONPATH")) if p),
-           "WSURGERY_TEST_STEPPED": str(stepped), "WSURGERY_TEST_SIGNALLED": str(signalled)}
     args = ["train", str(surgery), "--data", str(data), "--recipe", "cpu-quick", "--img-size", "32", "--set",
             "epochs=1", "--set", "batch_size=1", "--set", "accum_steps=8", "--set", "workers=2", "--set",
             "warmup_steps=1", "-o", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "wsurgery", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 300
-        while not stepped.exists():
-            assert proc.poll() is None, f"the run ended before it was held: {proc.communicate()}"
-            assert time.monotonic() < deadline, "the run was never held"
-            time.sleep(0.01)
-        os.killpg(proc.pid, signum)  # as a terminal's Ctrl-C (systemd's stop): the main process and its workers
-        signalled.touch()
-        _, stderr = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+    returncode, _, stderr = _signal_when_held(tmp_path, _SPAWN_AND_HOLD.format(**_HOLDS[when]), args, signum,
+                                              group=True, wait=300, timeout=180)
     # Python's multiprocessing resource tracker (a process of its own under spawn) may warn at exit about a
     # semaphore of the stopped workers' queues (seen once, in a full CI run): its lines come after wsurgery's
     lines = [line for line in stderr.splitlines() if line.strip() and "resource_tracker" not in line
              and not line.strip().startswith("warnings.warn(")]
-    assert proc.returncode == code, stderr[-3000:]
+    assert returncode == code, stderr[-3000:]
     assert lines[-1].startswith(f"stopped: interrupted at step {step}") and "Traceback" not in stderr, stderr[-3000:]
     state = json.loads((out / "last" / "train_state.json").read_text())["state"]
     assert state["step"] == step
