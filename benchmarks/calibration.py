@@ -42,6 +42,8 @@ Usage::
     python benchmarks/calibration.py --part sgd --steps 60
     python benchmarks/calibration.py --part norm-stats   # which per-sample GN statistic loses the function
     python benchmarks/calibration.py --part per-layer --eval 128   # the cost of each single BN -> GN swap
+    python benchmarks/calibration.py --part precision --eval 128 --threads 2 \\
+        --eval-images benchmarks/photos/imagenet   # preconditioned vs anchored in fp16 / bf16
     bash benchmarks/get_photos.sh        # optional extra photos -> benchmarks/photos/{imagenet,nature}
     python benchmarks/calibration.py --only "AWS + GN(1) auto" --eval-images benchmarks/photos/imagenet \\
         --calib-extra benchmarks/photos/nature   # + whole ImageNet photos, calibration from 35 photos
@@ -332,6 +334,38 @@ class _FrozenStatsGN(torch.nn.Module):
         return self.gn.act(self.gn.drop(y)) if hasattr(self.gn, "act") else y
 
 
+def run_precision(args) -> dict:
+    """AWS + GN(1) calibrated with gn-init (preconditioned, anchored), run in half precision: the agreement with the
+    original (in fp32) under fp16/bf16 autocast and with the weights cast to fp16/bf16 (an export's --dtype)."""
+    teacher, xcal, xev, reference, calib_names = _setup(args)
+    photos = _PhotoEval(args.eval_images, teacher, args.res)
+    rows = []
+    for kind in ("precondition", "anchor"):
+        student = wsurgery.convert(teacher, inplace=False, mode="aws", norm="gn", gn_groups=1)[0]
+        calibrate(student, teacher, xcal, method="gn-init", held_out=0.25, seed=args.seed[0], **{kind: True})
+        for how, dtype in itertools.product(("autocast", "weights"), (torch.float32, torch.float16, torch.bfloat16)):
+            if how == "weights" and dtype == torch.float32:
+                continue  # the same as autocast in fp32: the model as calibrated
+            model = copy.deepcopy(student).to(dtype) if how == "weights" else student
+
+            def run(x, model=model, how=how, dtype=dtype):
+                if how == "weights":
+                    return predict_logits(model, x.to(dtype)).float()
+                with torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+                    return predict_logits(model, x).float()
+
+            a = agreement_from_logits(run(xev), reference)
+            row = {"calibration": kind, "how": how, "dtype": str(dtype)[6:], "top1": a.top1, "kl": a.kl}
+            if photos.x is not None:
+                p = agreement_from_logits(run(photos.x), photos.reference)
+                row.update(photos_top1=p.top1, photos_kl=p.kl)
+            rows.append(row)
+            print(f"{kind:<12} {how:<8} {row['dtype']:<8} crops: top-1 {a.top1:6.1%}  KL {a.kl:7.3f}"
+                  + (f"   whole photos: top-1 {row['photos_top1']:6.1%}  KL {row['photos_kl']:7.3f}"
+                     if "photos_top1" in row else ""), flush=True)
+    return {"rows": rows, "calib_photos": calib_names, "eval_photos": EVAL_PHOTOS}
+
+
 def run_norm_stats(args) -> dict:
     """AWS + GN(1): which per-sample GN statistic costs the agreement (mean, std, or both)."""
     from wsurgery.calibrate import _bn_output, _run_with_pre_hooks
@@ -462,7 +496,7 @@ def run_sgd(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["calibration", "floor", "sgd", "norm-stats", "per-layer"],
+    parser.add_argument("--part", choices=["calibration", "floor", "sgd", "norm-stats", "per-layer", "precision"],
                         default="calibration")
     parser.add_argument("--res", type=int, default=None,
                         help="input resolution of calibration and evaluation (default: the model's, 224)")
@@ -505,7 +539,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     data = {"calibration": run_calibration, "floor": run_floor, "sgd": run_sgd, "norm-stats": run_norm_stats,
-            "per-layer": run_per_layer}[args.part](args)
+            "per-layer": run_per_layer, "precision": run_precision}[args.part](args)
     data.update(total_wall_s=time.perf_counter() - start)
     _write(args, data)
 
