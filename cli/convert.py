@@ -16,6 +16,7 @@ from wsurgery.calibrate import (
     CalibrationConfig,
     CalibrationProgress,
     CalibrationResult,
+    anchored_convs,
     calibrate,
     calibration_split,
     dataset_train_split,
@@ -131,8 +132,10 @@ def _load_for_calibration(source: str, pretrained: bool | None, checkpoint: Path
 
 
 def _summary_rows(report: wsurgery.SurgeryReport, result: CalibrationResult | None,
-                  classifier: tuple[int, int] | None, output: Path) -> list[tuple[str, object]]:
-    """The summary table's rows; ``classifier`` is (the original's classes, the new head's) when swapped."""
+                  classifier: tuple[int, int] | None, output: Path, anchored: int | None = 0
+                  ) -> list[tuple[str, object]]:
+    """The summary table's rows; ``classifier`` is (the original's classes, the new head's) when swapped,
+    ``anchored`` the number of convs gn-init's anchoring changed (None: anchoring was turned off)."""
     unnormalized = report.convs_without_norm
     rows: list[tuple[str, object]] = [
         ("convs standardized", report.num_convs),
@@ -148,6 +151,10 @@ def _summary_rows(report: wsurgery.SurgeryReport, result: CalibrationResult | No
     if result is not None:
         rows.append(("calibration", f"{result.num_images} images, {result.steps} distill steps, "
                                     f"{result.seconds:.1f} s"))
+        if "gn-init" in result.phases:
+            rows.append(("GroupNorms anchored", "off (--no-calib-anchor)" if anchored is None else
+                         f"{anchored} of {report.num_norms}" + ("" if anchored else ": none it can anchor (plain WS, "
+                                                                 "one-channel groups, half precision or untraceable)")))
     if classifier is not None:
         rows.append(("classifier", f"calibrated with the original's {classifier[0]} classes, then a new head "
                                    f"of {classifier[1]}"))
@@ -208,11 +215,12 @@ def convert(
         False, "--calib-precondition/--no-calib-precondition",
         help="gn-init: first standardize each adaptive-WS conv output with the replaced BatchNorm's running statistics "
              "(adds a bias to those convs; closer to the original, but fine-tune it at lr <= 0.003: see the README)."),
-    calib_anchor: bool = flag(
-        False, "--calib-anchor/--no-calib-anchor",
-        help="gn-init: precondition, then hold each GroupNorm's per-image statistics nearly constant with channel "
-             "offsets and signs fitted to the calibration images (closest to the original; keep it in float32, "
-             "fine-tune it in fp32 or with amp=fp16, not bf16: see the README)."),
+    calib_anchor: bool | None = flag(
+        None, "--calib-anchor/--no-calib-anchor", show_default=False,
+        help="gn-init: hold each GroupNorm's per-image statistics nearly constant with channel offsets and signs "
+             "fitted to the calibration images, after preconditioning the layers it anchors (closest to the "
+             "original; fine-tune it in fp32 or with amp=fp16, not bf16: see the README). Default: on wherever it "
+             "applies (--mode aws --norm gn, float32); --no-calib-anchor turns it off."),
     seed: int = typer.Option(0, "--seed", min=0, max=SEED_MAX,
                              help="Seeds the image choice, crops, held-out split and batch order."),
     force: bool = flag(False, "--force", help="Overwrite the output if it exists."),
@@ -295,8 +303,11 @@ def convert(
         console.print(report_table(report))
         if result is not None:
             console.print(calibration_table(result))
+            for text in result.notes:
+                note(text)
         classifier = (net.num_classes, new_head) if new_head is not None else None
-        console.print(kv_table("summary", _summary_rows(report, result, classifier, output)))
+        anchored = None if calib_anchor is False else len(anchored_convs(student))
+        console.print(kv_table("summary", _summary_rows(report, result, classifier, output, anchored)))
     if needs_lower_lr(student):  # measured: calibrate.needs_lower_lr
         note("preconditioned models fine-tune at a lower learning rate: pass --set lr=0.003 "
              "(or lower) to wsurgery train")

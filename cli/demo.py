@@ -27,9 +27,10 @@ def demo(
     calib_precondition: bool = flag(
         False, "--calib-precondition", help="Calibrate with gn-init's preconditioning (see convert; the README "
         "measures what it does to this demo)."),
-    calib_anchor: bool = flag(
-        False, "--calib-anchor", help="Calibrate with gn-init's anchoring (see convert; the README measures what it "
-        "does to this demo)."),
+    calib_anchor: bool | None = flag(
+        None, "--calib-anchor/--no-calib-anchor", show_default=False,
+        help="Calibrate with or without gn-init's anchoring (default: with; see convert; the README measures what "
+        "it does to this demo)."),
     set_: list[str] = typer.Option(
         [], "--set", metavar="KEY=VALUE",
         help="Override a key of the fine-tune's recipe (micro-batch), after the demo's own: "

@@ -211,24 +211,28 @@ def test_bn_stats_are_the_data_statistics(teacher):
     assert n > 1 and not bn.training and bn.momentum == 0.1
 
 
-@pytest.mark.parametrize("mode,norm,augment,precondition", [
-    ("aws", "gn", False, False), ("ws", "gn", False, False), ("ws", "keep", False, False), ("aws", "gn", True, False),
-    ("aws", "gn", False, True)])
-def test_calibration_improves_agreement(teacher, mode, norm, augment, precondition):
+@pytest.mark.parametrize("mode,norm,augment,precondition,anchor", [
+    ("aws", "gn", False, False, None), ("aws", "gn", False, False, False), ("ws", "gn", False, False, None),
+    ("ws", "keep", False, False, None), ("aws", "gn", True, False, None), ("aws", "gn", False, True, False)])
+def test_calibration_improves_agreement(teacher, mode, norm, augment, precondition, anchor):
     student = wsurgery.convert(teacher, mode=mode, norm=norm, gn_groups=4, inplace=False)[0]
     before_state = _state(teacher)
     student_before = _state(student)
     result = calibrate(student, teacher, _images(128, seed=5), held_out=_images(64, seed=6), steps=60,
                        batch_size=32, lr=1e-2 if mode == "aws" else 3e-3, seed=0, augment=augment,
-                       precondition=precondition)
+                       precondition=precondition, anchor=anchor)
     assert result.phases == (["gn-init", "distill"] if norm == "gn" else ["bn-stats", "distill"])
     assert result.train == ("affine" if mode == "aws" else "all")
     assert result.steps == 60 and len(result.losses) == 60
-    # gn-init's preconditioning (opt-in) gave the convs that feed a GroupNorm a bias (they had none)
+    # gn-init's anchoring (by default, where it applies: adaptive WS + GN) and preconditioning gave the convs that
+    # feed a GroupNorm a bias (they had none); the record says whether auto anchored
+    anchored = mode == "aws" and norm == "gn" and anchor is None
     after = _state(student)
     preconditioned = getattr(student, "wsurgery_preconditioned", [])
     assert set(after) - set(student_before) == {f"{n}.bias" for n in preconditioned}
-    assert len(preconditioned) == (3 if precondition else 0)  # TinyNet: 3 conv -> BN pairs
+    assert len(preconditioned) == (3 if precondition or anchored else 0)  # TinyNet: 3 conv -> BN pairs
+    assert getattr(student, "wsurgery_anchored", []) == (preconditioned if anchored else [])
+    assert result.config["anchor"] is (False if anchor is None and not anchored else anchored)
     # what trained: with "affine" only the norm affines and the AWS gain/shift; with "all" the convs too
     changed = {k for k, v in after.items() if k in student_before and not torch.equal(v, student_before[k])}
     filters = {k for k in student_before if k.endswith("parametrizations.weight.original")}
@@ -361,32 +365,51 @@ def test_cli_convert_calibrate_and_compare(tmp_path):
     assert record["num_images"] == 6 and record["num_held_out"] == 2 and record["steps"] == 2
     assert record["config"]["augment"] is True and record["config"]["lr"] is None
     assert record["config"]["temperature"] == 3.0
-    assert "preconditioned models fine-tune at a lower learning rate" not in " ".join(res.output.split())
-    # gn-init's preconditioning is opt-in; with it, the record rebuilds the biases it gave the convs
-    saved = json.loads((out / "config.json").read_text())["wsurgery"]
-    assert record["config"]["precondition"] is False and "preconditioned" not in saved
-    res = runner.invoke(app, ["convert", "test_efficientnet", "--no-pretrained", "-o", str(tmp_path / "pc"),
-                              "--mode", "aws", "--norm", "gn", "--calib-data", str(tmp_path / "photos"),
-                              "--calib-steps", "1", "--calib-batch", "4", "--calib-precondition"])
-    assert res.exit_code == 0, res.output
-    saved = json.loads((tmp_path / "pc" / "config.json").read_text())["wsurgery"]
-    assert saved["preconditioned"] and saved["calibration"]["config"]["precondition"] is True
     note = "preconditioned models fine-tune at a lower learning rate: pass --set lr=0.003"
-    assert note in " ".join(res.output.split())
-    assert wsurgery.load(tmp_path / "pc").wsurgery_preconditioned == saved["preconditioned"]
-    # anchoring (opt-in) preconditions too and records the convs it anchored (not those of one-channel groups);
-    # anchored, the model fine-tuned at the recipe's lr (measured at timm's 32 groups, partly anchored): no note
-    for groups, anchored_all in (("1", True), ("32", False)):
+    assert note not in " ".join(res.output.split())
+    # gn-init anchors by default (adaptive WS + GN): the record names what it anchored (and preconditioned first,
+    # only those), which loading rebuilds (the biases it gave the convs); anchored models get no lower-lr note
+    saved = json.loads((out / "config.json").read_text())["wsurgery"]
+    assert record["config"]["precondition"] is False and record["config"]["anchor"] is True
+    assert saved["anchored"] and saved["anchored"] == saved["preconditioned"]
+    assert wsurgery.load(out).wsurgery_anchored == saved["anchored"]
+    assert f"GroupNorms anchored │ {len(saved['anchored'])} of " in " ".join(res.output.split()), res.output
+    # --calib-precondition preconditions every layer; alone (--no-calib-anchor) it gets the lower-lr note
+    for flags, anchored in ((["--calib-precondition", "--no-calib-anchor"], False), (["--calib-precondition"], True)):
+        pc = tmp_path / f"pc{int(anchored)}"
+        res = runner.invoke(app, ["convert", "test_efficientnet", "--no-pretrained", "-o", str(pc), "--mode", "aws",
+                                  "--norm", "gn", "--calib-data", str(tmp_path / "photos"), "--calib-steps", "1",
+                                  "--calib-batch", "4", *flags])
+        assert res.exit_code == 0, res.output
+        saved = json.loads((pc / "config.json").read_text())["wsurgery"]
+        assert saved["preconditioned"] and saved["calibration"]["config"]["precondition"] is True
+        assert saved["calibration"]["config"]["anchor"] is anchored and bool(saved.get("anchored")) is anchored
+        assert (note in " ".join(res.output.split())) is not anchored
+        assert wsurgery.load(pc).wsurgery_preconditioned == saved["preconditioned"]
+    # --no-calib-anchor alone: no bias, no record
+    res = runner.invoke(app, ["convert", "test_efficientnet", "--no-pretrained", "-o", str(tmp_path / "plain_gn"),
+                              "--mode", "aws", "--norm", "gn", "--calibrate", "gn-init", "--calib-data",
+                              str(tmp_path / "photos"), "--no-calib-anchor"])
+    assert res.exit_code == 0, res.output
+    saved = json.loads((tmp_path / "plain_gn" / "config.json").read_text())["wsurgery"]
+    assert "preconditioned" not in saved and "anchored" not in saved
+    assert "GroupNorms anchored │ off (--no-calib-anchor)" in " ".join(res.output.split()), res.output
+    assert saved["calibration"]["config"]["anchor"] is False
+    # anchoring skips one-channel groups (timm's 32 groups on 32-channel layers), and preconditions only what it
+    # anchors
+    anchored = {}
+    for groups in ("1", "32"):
         res = runner.invoke(app, ["convert", "test_efficientnet", "--no-pretrained", "-o", str(tmp_path / groups),
                                   "--mode", "aws", "--norm", "gn", "--gn-groups", groups, "--calibrate", "gn-init",
                                   "--calib-data", str(tmp_path / "photos"), "--calib-anchor", "--calib-crops", "4"])
         assert res.exit_code == 0, res.output
         saved = json.loads((tmp_path / groups / "config.json").read_text())["wsurgery"]
         assert saved["calibration"]["config"]["anchor"] is True and saved["calibration"]["phases"] == ["gn-init"]
-        assert saved["anchored"] and set(saved["anchored"]) <= set(saved["preconditioned"])
-        assert (saved["anchored"] == saved["preconditioned"]) == anchored_all
+        assert saved["anchored"] and saved["anchored"] == saved["preconditioned"]
         assert note not in " ".join(res.output.split())
         assert wsurgery.load(tmp_path / groups).wsurgery_anchored == saved["anchored"]
+        anchored[groups] = set(saved["anchored"])
+    assert anchored["32"] < anchored["1"]
     res = runner.invoke(app, ["convert", "test_efficientnet", "--no-pretrained", "-o", str(tmp_path / "t0"),
                               "--mode", "aws", "--norm", "gn", "--calib-data", str(tmp_path / "photos"),
                               "--calib-temperature", "0"])
@@ -525,7 +548,8 @@ def test_preconditioned_models_save_load_export_and_verify(tmp_path):
     torch.manual_seed(0)
     original = randomize_norms(timm.create_model("test_efficientnet", num_classes=5)).eval()
     student = wsurgery.convert(original, mode="aws", norm="gn", gn_groups=1, inplace=False)[0]
-    calibrate(student, original, torch.randn(16, 3, 64, 64), method="gn-init", held_out=None, precondition=True)
+    calibrate(student, original, torch.randn(16, 3, 64, 64), method="gn-init", held_out=None, precondition=True,
+              anchor=False)
     assert student.wsurgery_preconditioned and all(student.get_submodule(n).bias is not None
                                                    for n in student.wsurgery_preconditioned)
     x = torch.randn(4, 3, 64, 64)
@@ -545,9 +569,9 @@ def test_preconditioned_models_save_load_export_and_verify(tmp_path):
     again = wsurgery.convert(exported, mode="aws", norm="gn", gn_groups=1)[0]
     wsurgery.save(again, tmp_path / "again")
     torch.testing.assert_close(wsurgery.load(tmp_path / "again").eval()(x), reference, rtol=1e-5, atol=1e-5)
-    # by default: no bias is added and the record stays empty
+    # without preconditioning or anchoring: no bias is added and the record stays empty
     other = wsurgery.convert(original, mode="aws", norm="gn", gn_groups=1, inplace=False)[0]
-    calibrate(other, original, torch.randn(16, 3, 64, 64), method="gn-init", held_out=None)
+    calibrate(other, original, torch.randn(16, 3, 64, 64), method="gn-init", held_out=None, anchor=False)
     assert not hasattr(other, "wsurgery_preconditioned")
     assert set(other.state_dict()) == set(wsurgery.convert(original, mode="aws", norm="gn", gn_groups=1,
                                                            inplace=False)[0].state_dict())
@@ -612,7 +636,7 @@ def test_anchored_group_norm_is_the_batch_norm_at_its_average_statistics(teacher
     torch.testing.assert_close(frozen.float(), expected, rtol=1e-4, atol=1e-4)
     # the GroupNorm itself, with each image's own statistics, is closer to it than the preconditioned one
     # (measured: relative error 0.13 against 0.36; four channels a group cancel only part of the images' brightness)
-    calibrate(pre, teacher, x, method="gn-init", held_out=None)
+    calibrate(pre, teacher, x, method="gn-init", held_out=None, anchor=False)
     with torch.no_grad():
         errors = [float((out - expected).norm() / expected.norm()) for out in (gn(z.float()), pre[1](pre[0](x)))]
     assert errors[0] < 0.5 * errors[1], errors
@@ -657,14 +681,16 @@ def test_anchored_models_calibrate_again_save_load_and_export(tmp_path):
     calibrate(student, original, images, method="gn-init", held_out=None, anchor=True)
     assert anchored_convs(student) and set(anchored_convs(student)) <= set(student.wsurgery_preconditioned)
     assert student.wsurgery_calibration["config"]["anchor"] is True
-    assert student.wsurgery_calibration["config"]["precondition"] is True  # anchoring preconditions first
+    # anchoring preconditioned the layers it anchored first, and no others (precondition=True does all)
+    assert student.wsurgery_calibration["config"]["precondition"] is False
+    assert anchored_convs(student) == student.wsurgery_preconditioned
     x = torch.randn(4, 3, 64, 64)
     with torch.no_grad():
         reference = student.eval()(x)
     state = {k: v.clone() for k, v in student.state_dict().items()}
     # calibrating again, anchored or not, leaves the anchored convs and their GroupNorms as they are: their signs
     # and offsets would be applied twice, and moment matching would invert every channel whose sign was flipped
-    for kwargs in ({"anchor": True}, {}):
+    for kwargs in ({"anchor": True}, {}, {"anchor": False}):
         calibrate(student, original, images, method="gn-init", held_out=None, **kwargs)
         for key, value in student.state_dict().items():
             assert torch.equal(value, state[key]), key
@@ -689,8 +715,21 @@ def test_anchoring_refuses_half_precision_and_what_it_cannot_change(teacher, tmp
         with pytest.raises(ConfigError, match=r"anchor \(--calib-anchor\) needs a float32 student.*float32"):
             calibrate(student, teacher.to(dtype), _images(16).to(dtype), method="gn-init", held_out=None,
                       anchor=True)
-        teacher.float()
         assert all(torch.equal(v, before[k]) for k, v in _state(student).items())
+        # by default (auto) such a student is calibrated without anchoring, and the result says why
+        result = calibrate(student, teacher, _images(16).to(dtype), method="gn-init", held_out=None)
+        assert result.config["anchor"] is False and not hasattr(student, "wsurgery_anchored")
+        assert not hasattr(student, "wsurgery_preconditioned")
+        assert len(result.notes) == 1 and f"without anchoring: the student is in {dtype}" in result.notes[0]
+        teacher.float()
+    # float32: no note; a bad value for the switch is refused with its name
+    student = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=1, inplace=False)[0]
+    assert calibrate(student, teacher, _images(16), method="gn-init", held_out=None).notes == []
+    with pytest.raises(wsurgery.errors.ArgumentTypeError, match=r"`anchor` must be true or false or None"):
+        calibrate(student, teacher, _images(16), anchor="yes")
+    # auto leaves a model with nothing to anchor to moment matching, and records that it did not anchor
+    ws = wsurgery.convert(teacher, mode="ws", norm="gn", gn_groups=1, inplace=False)[0]
+    assert calibrate(ws, teacher, _images(16), method="gn-init", held_out=None).config["anchor"] is False
     # plain WS has no gains to rescale: both steps would change nothing and be recorded as done
     for step in ("anchor", "precondition"):
         ws = wsurgery.convert(teacher, mode="ws", norm="gn", gn_groups=1, inplace=False)[0]

@@ -160,7 +160,7 @@ def test_demo_seed_reaches_every_step_and_predict_images_zero_skips_predict(tmp_
 
     threads = torch.get_num_threads()
     try:  # the CLI's --seed, and a config without sample predictions (the Python API's predict_images=0)
-        res = CliRunner().invoke(app, ["demo", "--quick", "--threads", "1", "--seed", "3", "--calib-anchor",
+        res = CliRunner().invoke(app, ["demo", "--quick", "--threads", "1", "--seed", "3", "--no-calib-anchor",
                                        "-o", str(tmp_path / "d")])
         assert res.exit_code == 0, res.output
         cfg = DemoConfig.quick()
@@ -170,8 +170,11 @@ def test_demo_seed_reaches_every_step_and_predict_images_zero_skips_predict(tmp_
         torch.set_num_threads(threads)
     with_cli = json.loads((tmp_path / "d" / "demo.json").read_text())
     assert with_cli["config"]["seed"] == 3
-    assert with_cli["config"]["calib_anchor"] is True and with_cli["calibration"]["config"]["anchor"] is True
-    assert json.loads((tmp_path / "d" / "run" / "config.json").read_text())["wsurgery"]["anchored"]
+    # the demo anchors by default (calibrate's auto); --no-calib-anchor leaves it out
+    assert with_cli["config"]["calib_anchor"] is False and with_cli["calibration"]["config"]["anchor"] is False
+    assert "anchored" not in json.loads((tmp_path / "d" / "run" / "config.json").read_text())["wsurgery"]
+    assert result.config["calib_anchor"] is None and result.calibration["config"]["anchor"] is True
+    assert json.loads((tmp_path / "p" / "run" / "config.json").read_text())["wsurgery"]["anchored"]
     assert yaml.safe_load((tmp_path / "d" / "run" / "recipe.yaml").read_text())["seed"] == 3
     assert "seed=3" in (tmp_path / "d" / "data" / "LICENSE.txt").read_text()
     assert [s.name for s in result.steps][-1] == "verify" and result.predictions in (None, [])

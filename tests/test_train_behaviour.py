@@ -411,7 +411,7 @@ def test_a_preconditioned_model_gets_a_note_when_its_lr_is_high(data):
     teacher = tiny(mode=None).eval()
     student, _ = wsurgery.convert(teacher, mode="aws", norm="gn", inplace=False)
     wsurgery.calibrate(student, teacher, torch.randn(8, 3, IMG, IMG), method="gn-init", held_out=None,
-                       precondition=True)
+                       precondition=True, anchor=False)
     assert student.wsurgery_preconditioned
     notes = {}
     for lr in (PRECONDITIONED_MAX_LR * 4, PRECONDITIONED_MAX_LR):  # batch 4, lr per 4 images: lr per update

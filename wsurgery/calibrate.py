@@ -10,15 +10,16 @@ the original model as teacher and unlabeled images, in up to three phases:
     average over the calibration images, as timm's and torchvision's "BN recalibration"
     do). Fixes scale drift; cannot undo a changed filter shape.
 ``gn-init``
-    Optionally first (``precondition=True``; adaptive-WS students), where an adaptive-WS conv feeds
-    a GroupNorm that replaced a BatchNorm directly, standardize the conv's output channels with
-    that BatchNorm's running statistics (gain and shift times ``1/sigma``, a conv bias
-    ``-mu/sigma``), so the GroupNorm pools channels that are zero-mean and unit-variance over
-    the data the teacher saw (:func:`precondition_gn_inputs`; no images needed); optionally also
-    (``anchor=True``) hold each such GroupNorm's per-image statistics nearly constant with channel
-    offsets and signs fitted to the images (:func:`anchor_gn_statistics`). Then, for every
-    GroupNorm that replaced a BatchNorm, set the GN affine so that its output
-    has, per channel, the mean and variance the teacher's BN output has on the same images.
+    For adaptive-WS students, by default (``anchor=None``: wherever it applies, in float32), first
+    *anchor*: where an adaptive-WS conv feeds a GroupNorm (of at least two channels a group) that
+    replaced a BatchNorm directly, standardize the conv's output channels with that BatchNorm's
+    running statistics (gain and shift times ``1/sigma``, a conv bias ``-mu/sigma``; this alone is
+    :func:`precondition_gn_inputs`, no images needed), then hold the GroupNorm's per-image statistics
+    nearly constant with channel offsets and signs fitted to the images (:func:`anchor_gn_statistics`).
+    ``precondition=True`` preconditions every such conv, anchored or not; ``anchor=False`` leaves both
+    out. Then, for every GroupNorm that replaced a BatchNorm, set the GN affine so that its output
+    has, per channel, the mean and variance the teacher's BN output has on the same images (an
+    anchored one: the BN's affine at the average statistics it sees).
     Layer by layer in one pass: a forward pre-hook on each GN sets its affine from the
     input it actually receives, which already went through the calibrated layers before it.
 ``distill``
@@ -37,7 +38,10 @@ validation set, so judge the final model on images outside both sets
 
 ``auto`` picks, from the student's surgery: adaptive WS with BN kept -> nothing (already
 exact); plain WS with BN kept -> ``bn-stats`` + ``distill`` (all); GN students ->
-``gn-init`` + ``distill`` (``affine`` for adaptive WS, ``all`` for plain WS).
+``gn-init`` (anchored for adaptive WS) + ``distill`` (``affine`` for adaptive WS, ``all`` for plain WS).
+Measured on EfficientNet-Lite0, adaptive WS + GN (README): anchoring raises top-1 agreement with the
+original on whole ImageNet photos from 72.5% to 94%, and the model fine-tunes better from it, at about a
+third of the learning rate that suits the model calibrated without it.
 
 Agreement with the teacher (top-1, top-5 overlap, KL; see :mod:`wsurgery.compare`) is
 measured on held-out images before and after and returned in a :class:`CalibrationResult`,
@@ -67,7 +71,7 @@ from .compare import Agreement, agreement_from_logits, predict_logits
 from .config import build_config_from
 from .convert import get_surgery_config, is_converted, modes_kept, placement, unwrap, ws_parametrizations
 from .data import eval_transform, find_images, image_config_for, open_rgb
-from .errors import ConfigError, ConversionError, DatasetError, UsageError
+from .errors import ArgumentTypeError, ConfigError, ConversionError, DatasetError, UsageError
 from .fold import find_conv_bn_pairs
 from .norm import _bn_affine, is_batchnorm
 from .standardize import AdaptiveWeightStandardization
@@ -120,17 +124,20 @@ class CalibrationConfig:
         default=None, metadata={"help": "distill at this input resolution (bilinear resize; None: as given)"})
     max_seconds: float | None = field(default=None, metadata={"help": "stop distilling after this many seconds"})
     init_images: int = field(default=64, metadata={"help": "images in the one gn-init pass (bn-stats: every image)"})
-    # off by default: it raises agreement with the original (EfficientNet-Lite0, 2 minutes: 57.6 -> 68.2% on
-    # held-out crops) but the demo's micro-batch fine-tune from it diverges at the recipe's lr 0.01 (26% instead
-    # of 71%) and needs lr <= 0.003, where it is no better than without (README, demo_variants.py --preset lr)
+    # off by default (anchoring preconditions the layers it anchors): alone it raises agreement with the original
+    # (EfficientNet-Lite0, 2 minutes: 57.6 -> 68.2% on held-out crops) but the demo's micro-batch fine-tune from it
+    # diverges at the recipe's lr 0.01 (26% instead of 71%) and needs lr <= 0.003, where it is no better than
+    # without (README, demo_variants.py --preset lr)
     precondition: bool = field(
-        default=False, metadata={"help": "gn-init: standardize adaptive-WS conv outputs with the BN statistics first"})
-    # off by default: EfficientNet-Lite0 agrees with the original far more closely with it, and fine-tunes better in
-    # benchmarks/finetune.py but at a third of the default's best lr, and no better in the demo (README). It sets
-    # precondition (it starts from the preconditioned channels).
-    anchor: bool = field(
-        default=False, metadata={"help": "gn-init: precondition, then anchor GN's per-image statistics with channel "
-                                         "offsets and signs (anchor_gn_statistics)"})
+        default=False, metadata={"help": "gn-init: standardize every adaptive-WS conv output that feeds a GN with the "
+                                         "BN statistics first (anchoring does it for the layers it anchors)"})
+    # None (auto): wherever it applies, as the default. On EfficientNet-Lite0 the converted model agrees with the
+    # original far more closely with it (whole ImageNet photos: 94% top-1 against 72.5%) and fine-tunes better in
+    # benchmarks/finetune.py (at about a third of the best lr without it), as well as without it in the demo (README).
+    anchor: bool | None = field(
+        default=None, metadata={"help": "gn-init: hold GN's per-image statistics nearly constant with channel offsets "
+                                        "and signs (anchor_gn_statistics) after preconditioning the layers it "
+                                        "anchors; None: wherever it applies (adaptive WS + GN, float32)"})
     warmup_steps: int = field(default=5, metadata={"help": "linear learning-rate warm-up steps"})
     keep_best: bool = field(
         default=True, metadata={"help": "undo the distillation if it raised the KL on the held-out images"})
@@ -162,8 +169,11 @@ class CalibrationConfig:
             raise ConfigError(f"`max_seconds` must be positive, got {self.max_seconds}")
         if not 0.0 <= self.mix_fraction <= 1.0:
             raise ConfigError(f"`mix_fraction` must be in [0, 1], got {self.mix_fraction}")
-        if self.anchor:  # anchoring starts from the preconditioned channels: the record says it ran
-            self.precondition = True
+        for name in ("precondition", "anchor"):
+            value = getattr(self, name)
+            if not (isinstance(value, bool) or (value is None and name == "anchor")):
+                raise ArgumentTypeError(f"`{name}` must be true or false{' or None (auto)' if name == 'anchor' else ''}"
+                                        f", got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -200,6 +210,8 @@ class CalibrationResult:
     #: phases whose result was undone because held-out agreement got worse (``keep_best``)
     reverted: list[str] = field(default_factory=list)
     config: dict[str, Any] = field(default_factory=dict)
+    #: what the caller should know: a step that auto left out, and why
+    notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -573,7 +585,7 @@ def preconditioned_convs(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def precondition_gn_inputs(student: nn.Module, teacher: nn.Module) -> list[str]:
+def precondition_gn_inputs(student: nn.Module, teacher: nn.Module, min_group_channels: int = 1) -> list[str]:
     """Standardize the input channels of each GroupNorm with the replaced BatchNorm's statistics.
 
     A BatchNorm normalizes channel ``c`` by the mean ``mu_c`` and standard deviation ``sigma_c``
@@ -590,11 +602,14 @@ def precondition_gn_inputs(student: nn.Module, teacher: nn.Module) -> list[str]:
     Uses no images. Measured on EfficientNet-Lite0 (adaptive WS + GN with one group, crops of
     held-out photos): top-1 agreement with the original 0% -> 59% by itself, 48% -> 62% with the
     moment matching of gn-init after it, 57.6% -> 68.2% after a 2-minute calibration (README).
-    Opt-in (``calibrate(..., precondition=True)``): the demo's micro-batch fine-tune on
+    By itself (``calibrate(..., precondition=True, anchor=False)``) the demo's micro-batch fine-tune on
     Fashion-MNIST from such a model diverges at the recipe's learning rate (26% instead of 71%)
-    and trains at a third of it or less (69.7-73.3%, about as the default does). Convs already
+    and trains at a third of it or less (69.7-73.3%, about as without it); anchoring, which starts
+    from it, does not (:func:`needs_lower_lr`). Convs already
     changed (listed in ``student.wsurgery_preconditioned``) are left alone, so calibrating twice
-    is safe.
+    is safe. ``min_group_channels=2`` leaves the GroupNorms whose groups are single channels (what
+    anchoring can use): such a GN normalizes each channel by itself, so standardizing it first does not
+    change what the model computes, only how its gain and shift train.
 
     Returns:
         The names of the convs changed now.
@@ -615,6 +630,8 @@ def precondition_gn_inputs(student: nn.Module, teacher: nn.Module) -> list[str]:
         gn, bn = norms[norm_name]
         aws = adaptive[id(conv)]
         if conv.out_channels != gn.num_channels or aws.num_filters != conv.out_channels or not gn.affine:
+            continue
+        if gn.num_channels // gn.num_groups < min_group_channels:
             continue
         inv = torch.rsqrt(bn.running_var.double() + bn.eps)
         mean = bn.running_mean.double()
@@ -666,8 +683,8 @@ def needs_lower_lr(model: nn.Module) -> bool:
     """Whether ``model`` was calibrated with preconditioning and not anchoring: measured to fine-tune at a lower lr.
 
     benchmarks/demo_variants.py: preconditioned, the demo diverged at the micro-batch recipe's lr 0.01 (0.005 per
-    update); anchored (``--preset anchor``, timm's 32 groups: 46 of Lite0's 49 norms anchored, the rest
-    preconditioned only) it trained there as the default calibration does.
+    update); anchored (``--preset anchor``, timm's 32 groups: 46 of Lite0's 49 norms anchored) it trained there as
+    the calibration without anchoring does.
     """
     return bool(preconditioned_convs(model)) and not anchored_convs(model)
 
@@ -750,7 +767,8 @@ def anchor_gn_statistics(student: nn.Module, teacher: nn.Module, images: torch.T
     computes exactly what BN did. It is still a GroupNorm, and every parameter stays trainable.
 
     Applies to the convs :func:`precondition_gn_inputs` changed whose GroupNorm has at least two
-    channels a group (a one-channel group carries no offset); convs anchored before are left alone.
+    channels a group (a one-channel group carries no offset; :func:`calibrate` preconditions only
+    those unless asked to precondition all); convs anchored before are left alone.
 
     Returns:
         For each GroupNorm anchored now (by name), what :func:`init_gn_from_teacher` needs for its affine.
@@ -1142,10 +1160,18 @@ def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> Calib
                    "it applies to a model whose BatchNorms became GroupNorm (norm='gn'; CLI: --norm gn)")
             raise ConfigError(f"{step} ({flag}) is a step of gn-init, which method {cfg.method!r} does not run "
                               f"here ({' + '.join(phases) or 'nothing'}); {fix}, or drop it")
-    if cfg.anchor and placement(student)[1] not in (torch.float32, torch.float64):
+    full_precision = placement(student)[1] in (torch.float32, torch.float64)
+    if cfg.anchor and not full_precision:
         raise ConfigError(f"anchor (--calib-anchor) needs a float32 student, this one is in {placement(student)[1]}: "
                           "its offsets of 30 channel deviations leave half precision too few bits for the signal "
                           "beside them; calibrate in float32 (student.float(), teacher.float())")
+    notes: list[str] = []
+    anchor = cfg.anchor
+    if anchor is None:  # auto: wherever it applies (a model with nothing to anchor is left to moment matching)
+        anchor = "gn-init" in phases and full_precision
+        if "gn-init" in phases and not full_precision and _student_mode(student) == "aws":
+            notes.append(f"gn-init ran without anchoring: the student is in {placement(student)[1]}, too few bits "
+                         "beside anchoring's offsets; calibrate in float32 to anchor")
     batch = _on_models(_as_batch(images, teacher, seed), student, teacher)
     _check_outputs(student, teacher, batch)
     calib, held = _split_held_out(batch, held_out, teacher, seed)
@@ -1161,6 +1187,7 @@ def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> Calib
     init_batch = _init_subset(calib, cfg.init_images, seed)
     losses: list[float] = []
     reverted: list[str] = []
+    anchored_now = False
     after = None  # measured already when the keep_best guard ran last
     for i, phase in enumerate(phases):
         after = None
@@ -1169,14 +1196,18 @@ def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> Calib
         if phase == "bn-stats":
             reestimate_bn_stats(student, calib)
         elif phase == "gn-init":
-            if cfg.precondition:  # anchoring preconditions too (CalibrationConfig sets it)
-                precondition_gn_inputs(student, teacher)  # adaptive-WS convs only; no images
+            if cfg.precondition or anchor:  # adaptive-WS convs only; no images
+                # anchoring starts from preconditioned channels, and preconditions only the layers it anchors:
+                # alone, preconditioning fine-tunes at a lower lr (needs_lower_lr), and anchoring cannot use
+                # one-channel groups, where preconditioning does not change the function
+                precondition_gn_inputs(student, teacher, min_group_channels=1 if cfg.precondition else 2)
             # anchoring's signs are fitted to every calibration image, not only gn-init's subset
-            anchors = anchor_gn_statistics(student, teacher, calib) if cfg.anchor else None
+            anchors = anchor_gn_statistics(student, teacher, calib) if anchor else None
             if cfg.anchor:  # what anchored is a subset of what preconditioned
                 _check_step_did_something("anchor", anchored_convs(student))
             elif cfg.precondition:
                 _check_step_did_something("precondition", preconditioned_convs(student))
+            anchored_now = bool(anchors)
             init_gn_from_teacher(student, teacher, init_batch, anchors=anchors)
         elif phase == "distill":
             guard = cfg.keep_best and held is not None and i > 0
@@ -1194,8 +1225,11 @@ def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> Calib
             progress(CalibrationProgress(phase, 1, 1))
     if after is None:
         after = measure()
+    config = cfg.to_dict()
+    if cfg.anchor is None:  # the record says what auto did
+        config["anchor"] = anchored_now
     return CalibrationResult(
         method=cfg.method, phases=phases, train=train if "distill" in phases else None, before=before, after=after,
         num_images=int(calib.shape[0]), num_held_out=int(held.shape[0]) if held is not None else 0,
-        steps=len(losses), seconds=0.0, seed=seed, losses=losses, reverted=reverted, config=cfg.to_dict(),
+        steps=len(losses), seconds=0.0, seed=seed, losses=losses, reverted=reverted, config=config, notes=notes,
     )

@@ -163,8 +163,9 @@ class DemoConfig:
     predict_images: int = 5
     #: gn-init's preconditioning (``calibrate(precondition=True)``): closer to the original; needs lr <= 0.003
     calib_precondition: bool = False
-    #: gn-init's anchoring (``calibrate(anchor=True)``): closer still, and fine-tunes at the recipe's lr too
-    calib_anchor: bool = False
+    #: gn-init's anchoring (``calibrate(anchor=...)``): None, as calibrate's default, anchors (this demo's model is
+    #: adaptive WS + GN in float32); False leaves it out
+    calib_anchor: bool | None = None
 
     def __post_init__(self) -> None:
         # Fashion-MNIST has 6,000 training and 1,000 test images per class; train and val share the first
