@@ -20,7 +20,7 @@ Usage::
     python benchmarks/demo_variants.py --preset gpu --out benchmarks/results/gpu/demo_ab.json
     python benchmarks/demo_variants.py --preset lr --out benchmarks/results/demo_lr.json
     python benchmarks/demo_variants.py --preset anchor --out benchmarks/results/demo_anchor.json
-    python benchmarks/demo_variants.py --preset seeds --threads 2 --out benchmarks/results/demo_seeds.json
+    python benchmarks/demo_variants.py --preset seeds --threads 1 --out benchmarks/results/demo_seeds.json
 """
 
 from __future__ import annotations

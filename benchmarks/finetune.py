@@ -20,9 +20,9 @@ Fairness: the learning rate is tuned per model and batch size on the validation 
 (seed 0, a grid of 4), never on the test split; the chosen lr then runs with seeds 1 and 2;
 the table reports test top-1 mean and std over the 3 seeds.
 
-    python benchmarks/finetune.py            # full: ~30 min of one CPU core (see --help for sizes)
+    python benchmarks/finetune.py            # full: 15-30 min of one CPU core (see --help for sizes)
     python benchmarks/finetune.py --quick    # a few images, for testing the script
-    python benchmarks/finetune.py --models aws-gn aws-gn-no-anchor --out benchmarks/results/finetune_anchor.json
+    python benchmarks/finetune.py --models aws-gn aws-gn-no-anchor --out /tmp/finetune_anchor.json   # two rows only
 
 Prints a table and writes ``benchmarks/results/finetune.json`` (``finetune-quick.json``).
 """

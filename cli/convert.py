@@ -213,8 +213,10 @@ def convert(
         help="Distill on fresh random crops, flips and blends of the images each step instead of the fixed images."),
     calib_precondition: bool = flag(
         False, "--calib-precondition/--no-calib-precondition",
-        help="gn-init: first standardize each adaptive-WS conv output with the replaced BatchNorm's running statistics "
-             "(adds a bias to those convs; closer to the original, but fine-tune it at lr <= 0.003: see the README)."),
+        help="gn-init: first standardize every adaptive-WS conv output that feeds a GroupNorm with the replaced "
+             "BatchNorm's running statistics (adds a bias to those convs). Anchoring, the default, already does it for "
+             "the layers it anchors; with --no-calib-anchor it keeps more of the original, but fine-tune it at "
+             "lr <= 0.003: see the README."),
     calib_anchor: bool | None = flag(
         None, "--calib-anchor/--no-calib-anchor", show_default=False,
         help="gn-init: hold each GroupNorm's per-image statistics nearly constant with channel offsets and signs "
@@ -252,6 +254,8 @@ def convert(
                  and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
         if given:
             flag_name = "--" + given[0].replace("_", "-")
+            if ctx.params[given[0]] is False and given[0] in ("calib_anchor", "calib_precondition", "calib_augment"):
+                flag_name = "--no-" + flag_name[2:]  # the switch as the user typed it
             raise UsageError(f"{flag_name} has no effect: calibration is off (no --calib-data); "
                              "pass --calib-data PATH to calibrate, or drop it")
     for given, flag_name in ((calib_anchor, "--calib-anchor"), (calib_precondition, "--calib-precondition")):

@@ -25,8 +25,8 @@ def demo(
     threads: int | None = typer.Option(None, "--threads", help="torch CPU threads (default: torch's choice; "
                                           "1 is faster on a busy machine)."),
     calib_precondition: bool = flag(
-        False, "--calib-precondition", help="Calibrate with gn-init's preconditioning (see convert; the README "
-        "measures what it does to this demo)."),
+        False, "--calib-precondition", help="Calibrate with gn-init's preconditioning of every layer (see convert; "
+        "the README measures what it does to this demo with --no-calib-anchor)."),
     calib_anchor: bool | None = flag(
         None, "--calib-anchor/--no-calib-anchor", show_default=False,
         help="Calibrate with or without gn-init's anchoring (default: with; see convert; the README measures what "

@@ -439,7 +439,8 @@ def test_fold_bn_with_nothing_to_fold_says_so(base, gn_runs, tmp_path):
 
 
 @pytest.mark.parametrize("args,named", [
-    (["--calib-steps", "5"], "--calib-steps"), (["--no-calib-augment"], "--calib-augment")])
+    (["--calib-steps", "5"], "--calib-steps"), (["--no-calib-augment"], "error: --no-calib-augment has"),
+    (["--no-calib-anchor"], "error: --no-calib-anchor has"), (["--calib-anchor"], "error: --calib-anchor has")])
 def test_calibration_flags_without_calibration_are_refused(tmp_path, args, named):
     """Without --calib-data every --calib-* setting was dropped without a word (exit 0)."""
     one_error(invoke("convert", "resnet10t", "--no-pretrained", "-o", tmp_path / "c", *args), 2, named,

@@ -161,7 +161,8 @@ class DemoConfig:
     overrides: list[str] = field(default_factory=lambda: ["epochs=2", "warmup_steps=5", "lr=0.003"])
     seed: int = 0
     predict_images: int = 5
-    #: gn-init's preconditioning (``calibrate(precondition=True)``): closer to the original; needs lr <= 0.003
+    #: gn-init's preconditioning of every layer (``calibrate(precondition=True)``); without anchoring it is closer to
+    #: the original than without either, and needs lr <= 0.003
     calib_precondition: bool = False
     #: gn-init's anchoring (``calibrate(anchor=...)``): None, as calibrate's default, anchors (this demo's model is
     #: adaptive WS + GN in float32); False leaves it out
