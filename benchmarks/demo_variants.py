@@ -4,8 +4,9 @@ Presets (calibrations: ``default`` is calibrate's default, which anchors since a
 ``plain`` is gn-init + distillation without anchoring or preconditioning, the default before;
 ``pre`` preconditions every layer, ``anchor`` anchors, both explicitly):
 
-* ``gpu`` (what made ``benchmarks/results/gpu/demo_ab.json`` on the H100, before anchoring): CUDA with
-  seeds 1-3, seed 0 with channels_last off and with TF32 off, and seed 0 on that machine's CPU.
+* ``gpu``: CUDA with seeds 1-3, seed 0 with channels_last off and with TF32 off, and seed 0 on that
+  machine's CPU, with the demo's calibration as it is (``benchmarks/results/gpu/demo_ab.json`` came from
+  it on the H100 before anchoring became the default: it ran ``plain``).
 * ``lr``: the fine-tune's learning rate (the micro-batch recipe's ``lr``, per 32 images; the demo
   uses 0.003) ``plain`` against ``pre``, seeds 0 and 1, on the CPU: is a preconditioned model's
   worse fine-tune a matter of the learning rate?

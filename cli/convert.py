@@ -289,9 +289,12 @@ def convert(
     student, report = wsurgery.convert(net, config, inplace=method == "none")
     result = None
     if images is not None:
+        params = sum(p.numel() for p in student.parameters())
         with CalibrationView() as view:
             result = calibrate(student, net, images, method=method, held_out=held_out, seed=seed,
                                progress=view, **calib_overrides)
+        # gn-init's anchoring or preconditioning gives convs a bias: the report counts the model as saved
+        report.params_after += sum(p.numel() for p in student.parameters()) - params
     if new_head is not None:  # calibrated against the original classifier; now the one asked for
         before = sum(p.numel() for p in student.get_classifier().parameters())
         student.reset_classifier(new_head)

@@ -17,7 +17,9 @@ the original model as teacher and unlabeled images, in up to three phases:
     :func:`precondition_gn_inputs`, no images needed), then hold the GroupNorm's per-image statistics
     nearly constant with channel offsets and signs fitted to the images (:func:`anchor_gn_statistics`).
     ``precondition=True`` preconditions every such conv, anchored or not; ``anchor=False`` leaves both
-    out. Then, for every GroupNorm that replaced a BatchNorm, set the GN affine so that its output
+    out. The default anchors only a student not calibrated before whose convs are as conversion left them
+    (the BatchNorm statistics describe those); elsewhere ``CalibrationResult.notes`` says why it did not.
+    Then, for every GroupNorm that replaced a BatchNorm, set the GN affine so that its output
     has, per channel, the mean and variance the teacher's BN output has on the same images (an
     anchored one: the BN's affine at the average statistics it sees).
     Layer by layer in one pass: a forward pre-hook on each GN sets its affine from the
@@ -74,7 +76,7 @@ from .data import eval_transform, find_images, image_config_for, open_rgb
 from .errors import ArgumentTypeError, ConfigError, ConversionError, DatasetError, UsageError
 from .fold import find_conv_bn_pairs
 from .norm import _bn_affine, is_batchnorm
-from .standardize import AdaptiveWeightStandardization
+from .standardize import AdaptiveWeightStandardization, filter_stats
 
 __all__ = [
     "EVAL_SPLITS",
@@ -1134,6 +1136,55 @@ def calibrate(
     return result
 
 
+def _at_conversion(conv: nn.Module, aws: AdaptiveWeightStandardization) -> bool:
+    """Whether ``aws`` still holds the gain and shift conversion gave it (the conv computes what the original's did)."""
+    mean, scale = filter_stats(conv.parametrizations.weight.original.detach(), aws.fan_in, aws.convention)
+    want = torch.cat([scale, mean]).double() / aws.coef
+    got = torch.cat([aws.gain.detach(), aws.shift.detach()]).double()
+    return bool((got - want).abs().max() <= 1e-4 * want.abs().max().clamp_min(1e-12))
+
+
+def _auto_anchor(student: nn.Module, teacher: nn.Module) -> tuple[bool, str | None]:
+    """Whether ``anchor=None`` anchors this student, and where it could but does not, why (for a note).
+
+    Anchoring derives each channel's standardization from the replaced BatchNorm's running statistics,
+    which describe the conv as the original had it: so only convs still as conversion left them, on a
+    student not calibrated before (a distillation moves the gains; measured on a TinyNet, anchoring on
+    top of one was 40x further from the teacher than gn-init without it).
+    """
+    if _student_mode(student) != "aws":
+        return False, None  # plain WS has no gains to rescale
+    try:
+        pairs = find_conv_bn_pairs(teacher)
+    except ConversionError:
+        return False, ("torch.fx cannot trace the original, and anchoring needs the trace to find the conv that "
+                       "feeds each GroupNorm")
+    norms = {name: gn for name, gn, _ in _norm_pairs(student, teacher)}
+    modules = dict(student.named_modules())
+    adaptive = {id(m): p for _, m, p in ws_parametrizations(student) if isinstance(p, AdaptiveWeightStandardization)}
+    done = set(anchored_convs(student))
+    candidates = [(modules[conv], adaptive[id(modules[conv])]) for conv, norm in pairs
+                  if conv not in done and norm in norms and conv in modules and id(modules[conv]) in adaptive
+                  and norms[norm].num_channels // norms[norm].num_groups >= 2]
+    if not candidates:  # nothing it can anchor, or anchored before (those layers stay as they are)
+        return False, None
+    dtype = placement(student)[1]
+    if dtype not in (torch.float32, torch.float64):
+        return False, (f"the student is in {dtype}, too few bits beside anchoring's offsets; calibrate in float32 "
+                       "to anchor")
+    previous = getattr(student, "wsurgery_calibration", None)
+    if isinstance(previous, dict) and previous.get("phases"):
+        return False, ("this model was calibrated before, without it, and anchoring starts from the convs as "
+                       "conversion left them; convert the original again to anchor")
+    preconditioned = {id(modules[n]) for n in preconditioned_convs(student) if n in modules}
+    moved = sum(1 for conv, aws in candidates if id(conv) not in preconditioned and not _at_conversion(conv, aws))
+    if moved:
+        return False, (f"{moved} of the {len(candidates)} convs it would anchor differ from what conversion gave "
+                       "them (trained since?), and anchoring starts from the convs as conversion left them; "
+                       "convert the original again to anchor")
+    return True, None
+
+
 def _check_step_did_something(step: str, done: list[str]) -> None:
     """Refuse a gn-init step that changed no layer (now or before): it would be recorded as done."""
     if not done:
@@ -1168,10 +1219,9 @@ def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> Calib
     notes: list[str] = []
     anchor = cfg.anchor
     if anchor is None:  # auto: wherever it applies (a model with nothing to anchor is left to moment matching)
-        anchor = "gn-init" in phases and full_precision
-        if "gn-init" in phases and not full_precision and _student_mode(student) == "aws":
-            notes.append(f"gn-init ran without anchoring: the student is in {placement(student)[1]}, too few bits "
-                         "beside anchoring's offsets; calibrate in float32 to anchor")
+        anchor, why_not = _auto_anchor(student, teacher) if "gn-init" in phases else (False, None)
+        if why_not is not None:
+            notes.append(f"gn-init ran without anchoring: {why_not}")
     batch = _on_models(_as_batch(images, teacher, seed), student, teacher)
     _check_outputs(student, teacher, batch)
     calib, held = _split_held_out(batch, held_out, teacher, seed)
@@ -1226,8 +1276,8 @@ def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> Calib
     if after is None:
         after = measure()
     config = cfg.to_dict()
-    if cfg.anchor is None:  # the record says what auto did
-        config["anchor"] = anchored_now
+    if cfg.anchor is None:  # the record says what auto did: whether the model is anchored (now or before)
+        config["anchor"] = anchored_now or ("gn-init" in phases and bool(anchored_convs(student)))
     return CalibrationResult(
         method=cfg.method, phases=phases, train=train if "distill" in phases else None, before=before, after=after,
         num_images=int(calib.shape[0]), num_held_out=int(held.shape[0]) if held is not None else 0,

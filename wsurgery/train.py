@@ -194,6 +194,10 @@ class TrainResult:
 #: the largest lr per optimizer update at which a model calibrated with gn-init's preconditioning
 #: was measured to fine-tune (the demo: 0.003 per 32 images, 16 per update); above it train notes the risk
 PRECONDITIONED_MAX_LR = 0.0015
+#: the largest lr per image of an update at which a model calibrated with gn-init's anchoring was measured to
+#: fine-tune well (SGD; benchmarks/finetune.py: diverged at 0.03 per update of 32 images and 0.003 of 2, fell behind
+#: at 0.001 of 2, trained at 0.01 of 32 and 0.0003 of 2; the demo trained at 0.005 of 16); above it train notes it
+ANCHORED_MAX_LR_PER_IMAGE = 0.0004
 
 #: environment variable naming the default device (``cpu``, ``cuda``, ``cuda:1``, ``mps``) where
 #: none is passed; unset or ``auto``: the best available
@@ -671,6 +675,12 @@ class _Run:
             self.notes.append(f"this model was calibrated with preconditioning, which fine-tunes at a lower lr: "
                               f"{lr:.3g} per update may diverge (measured: diverged at 0.005, trained at "
                               f"{PRECONDITIONED_MAX_LR:g} and below)")
+        images = r.effective_batch * self.world
+        if anchored_convs(self.model) and not r.freeze_backbone and lr / images > ANCHORED_MAX_LR_PER_IMAGE:
+            self.notes.append(f"this model was calibrated with anchoring, which fine-tunes at about a third of the lr "
+                              f"that suits one calibrated without it: {lr:.3g} per update of {images} images may "
+                              f"diverge (measured: diverged at 0.03 per 32 images and 0.003 per 2, trained at 0.01 "
+                              f"per 32 and 0.0003 per 2)")
         if anchored_convs(self.model) and self.amp_dtype == torch.bfloat16:
             # measured (EfficientNet-Lite0, benchmarks/calibration.py --part precision; KL to the original on ImageNet
             # photos): 0.076 in fp32, 0.071 under fp16 autocast, 0.218 under bf16 autocast
