@@ -703,6 +703,11 @@ def test_anchored_models_calibrate_again_save_load_and_export(tmp_path):
     wsurgery.save(student, tmp_path / "s")
     loaded = wsurgery.load(tmp_path / "s")
     assert anchored_convs(loaded) == anchored_convs(student)
+    # inspect names what calibration changed in each conv
+    details = {row.name: row.detail for row in wsurgery.inspect(tmp_path / "s", check_timm=False).rows}
+    for name in anchored_convs(student):
+        assert details[name].endswith("+bias anchored"), details[name]
+    assert not [d for n, d in details.items() if "anchored" in d and n not in anchored_convs(student)]
     torch.testing.assert_close(loaded.eval()(x), reference, rtol=0, atol=0)
     wsurgery.export(student, tmp_path / "e")
     assert wsurgery.verify(tmp_path / "e", student).passed

@@ -16,6 +16,7 @@ from timm.layers import CondConv2d
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .calibrate import anchored_convs, preconditioned_convs
 from .convert import TIMM_WS_TYPES, get_surgery_config, is_converted
 from .norm import is_batchnorm
 from .standardize import WeightStandardization
@@ -53,7 +54,9 @@ def _params(m: nn.Module) -> int:
 
 
 def layer_rows(model: nn.Module) -> list[LayerRow]:
-    """One row per conv (plain, WS, timm WS) and per norm layer."""
+    """One row per conv (plain, WS, timm WS) and per norm layer; calibration's changes to a WS conv (the bias
+    gn-init's anchoring or preconditioning gave it) are named in its row."""
+    anchored, preconditioned = set(anchored_convs(model)), set(preconditioned_convs(model))
     rows = []
     for name, m in model.named_modules():
         if parametrize.is_parametrized(m, "weight"):
@@ -61,7 +64,10 @@ def layer_rows(model: nn.Module) -> list[LayerRow]:
             if ps:
                 p = ps[0]
                 cls = type(m).__mro__[1].__name__  # the class parametrize wrapped
-                rows.append(LayerRow(name, cls, f"{p.mode} {p.convention.name} eps={p.convention.eps:g}", _params(m)))
+                detail = f"{p.mode} {p.convention.name} eps={p.convention.eps:g}"
+                detail += " +bias" if getattr(m, "bias", None) is not None else ""
+                detail += " anchored" if name in anchored else " preconditioned" if name in preconditioned else ""
+                rows.append(LayerRow(name, cls, detail, _params(m)))
                 continue
         if isinstance(m, TIMM_WS_TYPES):
             rows.append(LayerRow(name, type(m).__name__, f"timm WS eps={m.eps:g}", _params(m)))
