@@ -822,10 +822,16 @@ def test_default_anchoring_only_where_it_starts_from_the_converted_convs(teacher
     assert len(moved.notes) == 1 and "1 of the 3 convs it would anchor differ from what conversion gave" \
         in moved.notes[0]
     # an anchored model calibrated again: still anchored (its layers kept), and the record says so, in any dtype
-    for model in (fresh, clone_model(fresh).to(torch.bfloat16)):
+    # and by any method
+    for model, method in ((fresh, "gn-init"), (clone_model(fresh).to(torch.bfloat16), "gn-init"), (fresh, "distill")):
         dtype = placement(model)[1]
-        result = calibrate(model, clone_model(teacher).to(dtype), x.to(dtype), method="gn-init", held_out=None)
+        result = calibrate(model, clone_model(teacher).to(dtype), x.to(dtype), method=method, held_out=None, steps=2)
         assert result.config["anchor"] is True and result.notes == [] and model.wsurgery_anchored == ["0", "3", "6"]
+    # converted in half precision, calibrated in float32: its gains hold half precision's rounding, not a change
+    for dtype in (torch.bfloat16, torch.float16):
+        half = wsurgery.convert(clone_model(teacher).to(dtype), mode="aws", norm="gn", gn_groups=4)[0].float()
+        result = calibrate(half, teacher, x, method="gn-init", held_out=None)
+        assert result.config["anchor"] is True and result.notes == [] and half.wsurgery_anchored == ["0", "3", "6"]
     # a model torch.fx cannot trace: moment matching only, and a note that says why
     torch.manual_seed(0)
     branchy = _Branchy()

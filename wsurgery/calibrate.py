@@ -1141,7 +1141,10 @@ def _at_conversion(conv: nn.Module, aws: AdaptiveWeightStandardization) -> bool:
     mean, scale = filter_stats(conv.parametrizations.weight.original.detach(), aws.fan_in, aws.convention)
     want = torch.cat([scale, mean]).double() / aws.coef
     got = torch.cat([aws.gain.detach(), aws.shift.detach()]).double()
-    return bool((got - want).abs().max() <= 1e-4 * want.abs().max().clamp_min(1e-12))
+    # a model converted in half precision (then cast to float32) holds its gains rounded to that type
+    rounding = next((torch.finfo(dtype).eps for dtype in (torch.bfloat16, torch.float16)
+                     if torch.equal(got.to(dtype).double(), got)), torch.finfo(torch.float32).eps)
+    return bool(((got - want).abs() <= 1e-4 * want.abs().max().clamp_min(1e-12) + rounding * want.abs()).all())
 
 
 def _auto_anchor(student: nn.Module, teacher: nn.Module) -> tuple[bool, str | None]:
@@ -1170,8 +1173,8 @@ def _auto_anchor(student: nn.Module, teacher: nn.Module) -> tuple[bool, str | No
         return False, None
     dtype = placement(student)[1]
     if dtype not in (torch.float32, torch.float64):
-        return False, (f"the student is in {dtype}, too few bits beside anchoring's offsets; calibrate in float32 "
-                       "to anchor")
+        return False, (f"the student is in {dtype}, too few bits beside anchoring's offsets; to anchor, calibrate "
+                       "a fresh conversion in float32 (student.float() and teacher.float() first)")
     previous = getattr(student, "wsurgery_calibration", None)
     if isinstance(previous, dict) and previous.get("phases"):
         return False, ("this model was calibrated before, without it, and anchoring starts from the convs as "
@@ -1277,7 +1280,7 @@ def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> Calib
         after = measure()
     config = cfg.to_dict()
     if cfg.anchor is None:  # the record says what auto did: whether the model is anchored (now or before)
-        config["anchor"] = anchored_now or ("gn-init" in phases and bool(anchored_convs(student)))
+        config["anchor"] = anchored_now or bool(anchored_convs(student))
     return CalibrationResult(
         method=cfg.method, phases=phases, train=train if "distill" in phases else None, before=before, after=after,
         num_images=int(calib.shape[0]), num_held_out=int(held.shape[0]) if held is not None else 0,

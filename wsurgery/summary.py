@@ -54,8 +54,8 @@ def _params(m: nn.Module) -> int:
 
 
 def layer_rows(model: nn.Module) -> list[LayerRow]:
-    """One row per conv (plain, WS, timm WS) and per norm layer; calibration's changes to a WS conv (the bias
-    gn-init's anchoring or preconditioning gave it) are named in its row."""
+    """One row per conv (plain, WS, timm WS) and per norm layer; a WS conv's row says ``+bias`` where it has one,
+    and ``anchored`` or ``preconditioned`` where calibration gave it that bias."""
     anchored, preconditioned = set(anchored_convs(model)), set(preconditioned_convs(model))
     rows = []
     for name, m in model.named_modules():
