@@ -6,8 +6,10 @@ import os
 import signal
 import sys
 import threading
+from typing import Any
 
 import typer
+import typer.core
 import typer.rich_utils
 
 from wsurgery.errors import Terminated
@@ -27,7 +29,28 @@ from ._common import DEBUG_ENV, flag, set_debug
 UsageError = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
 ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
+class _NoTypeHelp:
+    """No type beside ``--help`` (a flag takes no value): typer 0.2x's vendored click shows ``<bool>`` there,
+    as it did beside every flag (``_common.flag`` gives those an empty metavar; this does the same for
+    ``--help``, the one option typer makes itself)."""
+
+    def get_help_option(self, ctx: Any) -> Any:  # click's Context and Option, vendored by typer 0.2x or not
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_NoTypeHelp, typer.core.TyperCommand):
+    pass
+
+
+class _Group(_NoTypeHelp, typer.core.TyperGroup):
+    pass
+
+
 app = typer.Typer(
+    cls=_Group,
     name="wsurgery",
     help="Weight Standardization surgery for timm models: convert, calibrate, fine-tune, fold, export, verify.",
     no_args_is_help=True,
@@ -94,7 +117,7 @@ COMMANDS = {"convert": _convert.convert, "inspect": _inspect.inspect, "export": 
             "verify": _verify.verify, "train": _train.train, "predict": _predict.predict, "demo": _demo.demo,
             "compare": _compare.compare}
 for _name, _fn in COMMANDS.items():
-    app.command(_name)(_fn)
+    app.command(_name, cls=_Command)(_fn)
 
 
 _SIGNALLED: dict[str, bool] = {}
