@@ -66,6 +66,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--calib-steps", type=int, default=50)
     p.add_argument("--calib-images", type=int, default=256)
+    p.add_argument("--gn-groups", type=int, default=32, help="GroupNorm groups of the converted models (convert's "
+                                                              "gn_groups; timm's default 32)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS,
                    help="which fine-tuning rows to run (default: the README table's; the linear probe runs with bn)")
@@ -96,7 +98,7 @@ def make_models(args: argparse.Namespace, data: Path) -> dict[str, torch.nn.Modu
     for name, mode in (("ws-gn", "ws"), ("aws-gn", "aws"), ("aws-gn-no-anchor", "aws")):
         if name not in args.models:
             continue
-        student, _ = wsurgery.convert(bn, mode=mode, norm="gn", inplace=False)
+        student, _ = wsurgery.convert(bn, mode=mode, norm="gn", gn_groups=args.gn_groups, inplace=False)
         from wsurgery.calibrate import calibrate
 
         result = calibrate(student, bn, images, method="auto", steps=args.calib_steps, held_out=0.25, seed=0,
