@@ -578,6 +578,45 @@ def _anchored_norms(student: nn.Module, teacher: nn.Module) -> set[str]:
         return set()
 
 
+@dataclass
+class _Feed:
+    """An adaptive-WS conv of the student that alone feeds a GroupNorm which replaced a BatchNorm."""
+
+    conv_name: str
+    conv: nn.Module
+    aws: AdaptiveWeightStandardization
+    norm_name: str
+    gn: nn.GroupNorm
+    bn: nn.Module  # the teacher's
+
+    @property
+    def group_channels(self) -> int:
+        return self.gn.num_channels // self.gn.num_groups
+
+
+def _gn_feeds(student: nn.Module, teacher: nn.Module) -> list[_Feed]:
+    """What preconditioning and anchoring work on: each adaptive-WS conv that is the only input of a GroupNorm
+    that replaced a BatchNorm (the conv -> BN pairs torch.fx traces in ``teacher``), channel for channel, the
+    GroupNorm with an affine.
+
+    Raises:
+        ConversionError: torch.fx cannot trace ``teacher``.
+    """
+    pairs = find_conv_bn_pairs(teacher)
+    norms = {name: (gn, bn) for name, gn, bn in _norm_pairs(student, teacher)}
+    modules = dict(student.named_modules())
+    adaptive = {id(m): p for _, m, p in ws_parametrizations(student) if isinstance(p, AdaptiveWeightStandardization)}
+    feeds = []
+    for conv_name, norm_name in pairs:
+        conv = modules.get(conv_name)
+        if norm_name not in norms or conv is None or id(conv) not in adaptive:
+            continue
+        (gn, bn), aws = norms[norm_name], adaptive[id(conv)]
+        if conv.out_channels == gn.num_channels and aws.num_filters == conv.out_channels and gn.affine:
+            feeds.append(_Feed(conv_name, conv, aws, norm_name, gn, bn))
+    return feeds
+
+
 #: the convs :func:`precondition_gn_inputs` changed; saved, so that loading rebuilds their biases
 PRECONDITIONED_ATTR = "wsurgery_preconditioned"
 
@@ -618,24 +657,15 @@ def precondition_gn_inputs(student: nn.Module, teacher: nn.Module, min_group_cha
         The names of the convs changed now.
     """
     try:
-        pairs = find_conv_bn_pairs(teacher)
+        feeds = _gn_feeds(student, teacher)
     except ConversionError:  # not traceable: gn-init's moment matching alone
         return []
-    norms = {name: (gn, bn) for name, gn, bn in _norm_pairs(student, teacher)}
-    modules = dict(student.named_modules())
-    adaptive = {id(m): p for _, m, p in ws_parametrizations(student) if isinstance(p, AdaptiveWeightStandardization)}
     done = set(preconditioned_convs(student))
     changed = []
-    for conv_name, norm_name in pairs:
-        conv = modules.get(conv_name)
-        if norm_name not in norms or conv is None or id(conv) not in adaptive or conv_name in done:
+    for feed in feeds:
+        if feed.conv_name in done or feed.group_channels < min_group_channels:
             continue
-        gn, bn = norms[norm_name]
-        aws = adaptive[id(conv)]
-        if conv.out_channels != gn.num_channels or aws.num_filters != conv.out_channels or not gn.affine:
-            continue
-        if gn.num_channels // gn.num_groups < min_group_channels:
-            continue
+        conv, aws, gn, bn = feed.conv, feed.aws, feed.gn, feed.bn
         inv = torch.rsqrt(bn.running_var.double() + bn.eps)
         mean = bn.running_mean.double()
         aws.gain.mul_(inv.to(aws.gain.dtype))
@@ -649,7 +679,7 @@ def precondition_gn_inputs(student: nn.Module, teacher: nn.Module, min_group_cha
         weight, shift = _bn_affine(bn)
         gn.weight.copy_(weight)
         gn.bias.copy_(shift)
-        changed.append(conv_name)
+        changed.append(feed.conv_name)
     if changed:
         setattr(student, PRECONDITIONED_ATTR, sorted(done | set(changed)))
     return changed
@@ -675,6 +705,8 @@ ANCHORED_ATTR = "wsurgery_anchored"
 ANCHOR_OFFSET = 30.0
 #: the principal directions of the per-image channel means that anchoring's signs cancel
 ANCHOR_COMPONENTS = 20
+#: a one-channel group carries no offset (GN normalizes that channel by itself)
+ANCHOR_MIN_GROUP_CHANNELS = 2
 
 
 def anchored_convs(model: nn.Module) -> list[str]:
@@ -780,14 +812,11 @@ def anchor_gn_statistics(student: nn.Module, teacher: nn.Module, images: torch.T
     if not preconditioned:
         return {}
     try:
-        pairs = [(conv, norm) for conv, norm in find_conv_bn_pairs(teacher) if conv in preconditioned]
+        feeds = [f for f in _gn_feeds(student, teacher)
+                 if f.conv_name in preconditioned and f.group_channels >= ANCHOR_MIN_GROUP_CHANNELS]
     except ConversionError:  # not traceable (a preconditioning record from elsewhere): nothing to anchor
         return {}
-    norms = {name: (gn, bn) for name, gn, bn in _norm_pairs(student, teacher)}
-    pairs = [(conv, norm) for conv, norm in pairs
-             if norm in norms and norms[norm][0].num_channels // norms[norm][0].num_groups >= 2]
-    teacher_modules = dict(teacher.named_modules())
-    sums: dict[str, list[torch.Tensor]] = {norm: [] for _, norm in pairs}
+    sums: dict[str, list[torch.Tensor]] = {f.norm_name: [] for f in feeds}
 
     def record(name: str):
         def hook(bn: nn.Module, args: tuple) -> None:  # the BN input's channel means, standardized as BN does
@@ -795,28 +824,26 @@ def anchor_gn_statistics(student: nn.Module, teacher: nn.Module, images: torch.T
             sums[name].append((x - bn.running_mean.double()) * torch.rsqrt(bn.running_var.double() + bn.eps))
         return hook
 
-    hooks = [(teacher_modules[norm], record(norm)) for _, norm in pairs]
+    hooks = [(f.bn, record(f.norm_name)) for f in feeds]
     for batch in torch.split(images, batch_size):
         _run_with_pre_hooks(teacher, hooks, batch)
-    modules = dict(student.named_modules())
-    adaptive = {id(m): p for _, m, p in ws_parametrizations(student) if isinstance(p, AdaptiveWeightStandardization)}
     plan: dict[str, _Anchor] = {}
-    for conv_name, norm_name in pairs:
-        conv, (gn, bn) = modules[conv_name], norms[norm_name]
-        means = torch.cat(sums[norm_name]).cpu()
+    for feed in feeds:
+        conv, aws, gn, bn = feed.conv, feed.aws, feed.gn, feed.bn
+        means = torch.cat(sums[feed.norm_name]).cpu()
         signs = torch.empty(gn.num_channels, dtype=torch.float64)
         offsets = torch.empty_like(signs)
         for group in torch.arange(gn.num_channels).chunk(gn.num_groups):
             signs[group], offsets[group] = _anchor_pattern(means[:, group], components)
-        aws = adaptive[id(conv)]
         device, dtype = aws.gain.device, aws.gain.dtype
         s = signs.to(device=device, dtype=dtype)
         aws.gain.mul_(s)
         aws.shift.mul_(s)
         conv.bias.copy_(conv.bias * s + (offset * offsets).to(device=device, dtype=dtype))
         weight, bias = _bn_affine(bn)
-        plan[norm_name] = _Anchor(signs.to(device), (offset * offsets).to(device), weight.double(), bias.double())
-    setattr(student, ANCHORED_ATTR, sorted(set(anchored_convs(student)) | {c for c, _ in pairs}))
+        plan[feed.norm_name] = _Anchor(signs.to(device), (offset * offsets).to(device), weight.double(),
+                                       bias.double())
+    setattr(student, ANCHORED_ATTR, sorted(set(anchored_convs(student)) | {f.conv_name for f in feeds}))
     return plan
 
 
@@ -1159,17 +1186,12 @@ def _auto_anchor(student: nn.Module, teacher: nn.Module) -> tuple[bool, str | No
     if _student_mode(student) != "aws":
         return False, None  # plain WS has no gains to rescale
     try:
-        pairs = find_conv_bn_pairs(teacher)
+        feeds = _gn_feeds(student, teacher)
     except ConversionError:
         return False, ("torch.fx cannot trace the original, and anchoring needs the trace to find the conv that "
                        "feeds each GroupNorm")
-    norms = {name: gn for name, gn, _ in _norm_pairs(student, teacher)}
-    modules = dict(student.named_modules())
-    adaptive = {id(m): p for _, m, p in ws_parametrizations(student) if isinstance(p, AdaptiveWeightStandardization)}
     done = set(anchored_convs(student))
-    candidates = [(modules[conv], adaptive[id(modules[conv])]) for conv, norm in pairs
-                  if conv not in done and norm in norms and conv in modules and id(modules[conv]) in adaptive
-                  and norms[norm].num_channels // norms[norm].num_groups >= 2]
+    candidates = [f for f in feeds if f.conv_name not in done and f.group_channels >= ANCHOR_MIN_GROUP_CHANNELS]
     if not candidates:  # nothing it can anchor, or anchored before (those layers stay as they are)
         return False, None
     dtype = placement(student)[1]
@@ -1180,8 +1202,8 @@ def _auto_anchor(student: nn.Module, teacher: nn.Module) -> tuple[bool, str | No
     if isinstance(previous, dict) and previous.get("phases"):
         return False, ("this model was calibrated before, without it, and anchoring starts from the convs as "
                        "conversion left them; convert the original again to anchor")
-    preconditioned = {id(modules[n]) for n in preconditioned_convs(student) if n in modules}
-    moved = sum(1 for conv, aws in candidates if id(conv) not in preconditioned and not _at_conversion(conv, aws))
+    preconditioned = set(preconditioned_convs(student))
+    moved = sum(1 for f in candidates if f.conv_name not in preconditioned and not _at_conversion(f.conv, f.aws))
     if moved:
         return False, (f"{moved} of the {len(candidates)} convs it would anchor differ from what conversion gave "
                        "them (trained since?), and anchoring starts from the convs as conversion left them; "
@@ -1254,7 +1276,8 @@ def _calibrate(student, teacher, images, cfg, held_out, seed, progress) -> Calib
                 # anchoring starts from preconditioned channels, and preconditions only the layers it anchors:
                 # alone, preconditioning fine-tunes at a lower lr (needs_lower_lr), and anchoring cannot use
                 # one-channel groups, where preconditioning does not change the function
-                precondition_gn_inputs(student, teacher, min_group_channels=1 if cfg.precondition else 2)
+                precondition_gn_inputs(student, teacher,
+                                       min_group_channels=1 if cfg.precondition else ANCHOR_MIN_GROUP_CHANNELS)
             # anchoring's signs are fitted to every calibration image, not only gn-init's subset
             anchors = anchor_gn_statistics(student, teacher, calib) if anchor else None
             if cfg.anchor:  # what anchored is a subset of what preconditioned
