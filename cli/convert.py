@@ -254,8 +254,8 @@ def convert(
                  and getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
         if given:
             flag_name = "--" + given[0].replace("_", "-")
-            if ctx.params[given[0]] is False and given[0] in ("calib_anchor", "calib_precondition", "calib_augment"):
-                flag_name = "--no-" + flag_name[2:]  # the switch as the user typed it
+            if ctx.params[given[0]] is False:  # an on/off switch turned off: name it as the user typed it
+                flag_name = "--no-" + flag_name[2:]
             raise UsageError(f"{flag_name} has no effect: calibration is off (no --calib-data); "
                              "pass --calib-data PATH to calibrate, or drop it")
     for given, flag_name in ((calib_anchor, "--calib-anchor"), (calib_precondition, "--calib-precondition")):

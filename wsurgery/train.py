@@ -676,12 +676,13 @@ class _Run:
                               f"{lr:.3g} per update may diverge (measured: diverged at 0.005, trained at "
                               f"{PRECONDITIONED_MAX_LR:g} and below)")
         images = r.effective_batch * self.world
-        if anchored_convs(self.model) and not r.freeze_backbone and lr / images > ANCHORED_MAX_LR_PER_IMAGE:
+        anchored = bool(anchored_convs(self.model))
+        if anchored and not r.freeze_backbone and lr / images > ANCHORED_MAX_LR_PER_IMAGE:
             self.notes.append(f"this model was calibrated with anchoring, which fine-tunes at about a third of the lr "
                               f"that suits one calibrated without it: {lr:.3g} per update of {images} images may "
                               f"diverge (measured: diverged at 0.03 per 32 images and 0.003 per 2, trained at 0.01 "
                               f"per 32 and 0.0003 per 2)")
-        if anchored_convs(self.model) and self.amp_dtype == torch.bfloat16:
+        if anchored and self.amp_dtype == torch.bfloat16:
             # measured (EfficientNet-Lite0, benchmarks/calibration.py --part precision; KL to the original on ImageNet
             # photos): 0.076 in fp32, 0.071 under fp16 autocast, 0.218 under bf16 autocast
             self.notes.append("this model was calibrated with anchoring: its GroupNorm inputs carry offsets of 30 "
