@@ -27,6 +27,13 @@ Part ``per-layer`` swaps ONE BatchNorm of the original for a GroupNorm(1) (momen
 of the function each single per-sample normalization costs; then the first k BNs together, for a
 few k, to show how the costs add up with depth.
 
+Part ``target`` checks issue 3 part 5 the way a user runs ``convert --calibrate``: the 12 package
+photos not evaluated on, as one folder, ``--calib`` images (default 192; the target allows 256) of
+``--crops`` random crops each, a quarter of the photos held out for calibrate's own report (as
+``convert``'s ``--calib-held-out`` does), library defaults otherwise (anchoring included); judged
+on foolbox's 20 ImageNet validation photos and their mirror images (installed by the dev extra:
+``wsurgery.weights.imagenet_samples``), with wall time per conversion + calibration.
+
 Part ``sgd`` checks issue 3 part 6: a few plain-SGD steps on the real-weights model (new 10-class
 head, Fashion-MNIST images) for WS+GN and AWS+GN under the same data and schedule.
 
@@ -40,6 +47,8 @@ Usage::
         --only "AWS + GN(1) auto" --temperature 1 2 4 --seed 0 1 2 --tag _224_seeds   # mean ± std over seeds
     python benchmarks/calibration.py --part floor --eval 128
     python benchmarks/calibration.py --part sgd --steps 60
+    python benchmarks/calibration.py --part target --calib 256 --crops 22 --threads 2 --seed 0 1 2 3 4 \
+        --methods gn-init auto --groups 1 32 --distill-seconds 80   # the issue's target, as convert runs it
     python benchmarks/calibration.py --part norm-stats   # which per-sample GN statistic loses the function
     python benchmarks/calibration.py --part per-layer --eval 128   # the cost of each single BN -> GN swap
     python benchmarks/calibration.py --part precision --eval 128 --threads 2 \\
@@ -60,6 +69,8 @@ import gzip
 import itertools
 import platform
 import re
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
@@ -74,13 +85,14 @@ from wsurgery.calibrate import (
     _norm_pairs,
     calibrate,
     calibration_images,
+    calibration_split,
     init_gn_from_teacher,
     resolve_method,
 )
 from wsurgery.compare import agreement_from_logits, predict_logits
 from wsurgery.data import find_images, load_images
 from wsurgery.io import atomic_file, write_json
-from wsurgery.weights import load_efficientnet_lite, sample_photos
+from wsurgery.weights import imagenet_samples, load_efficientnet_lite, sample_photos
 
 EVAL_PHOTOS = ["chelsea", "coffee", "china", "grace_hopper", "retina", "gravel", "moon"]
 RESULTS = Path(__file__).parent / "results"
@@ -440,6 +452,63 @@ def run_per_layer(args) -> dict:
     return {"rows": rows, "summary": summary, "calib_photos": calib_names, "eval_photos": EVAL_PHOTOS}
 
 
+def run_target(args) -> dict:
+    samples = imagenet_samples()
+    if not samples:
+        raise SystemExit("--part target needs foolbox's ImageNet samples: pip install -e '.[dev]' (or foolbox==3.3.4)")
+    teacher = load_efficientnet_lite("lite0").eval()
+    photos = sample_photos()
+    calib_dir = Path(tempfile.mkdtemp(prefix="wsurgery-target-"))
+    for name, path in photos.items():  # one folder, as a user hands convert --calib-data
+        if name not in EVAL_PHOTOS:
+            (calib_dir / f"{name}{path.suffix}").symlink_to(path)
+    calib_names = sorted(p.name for p in calib_dir.iterdir())
+    x, _ = load_images([str(p) for p, _ in samples], teacher)
+    x = torch.cat([x, x.flip(-1)])
+    labels = torch.tensor([label for _, label in samples] * 2)
+    reference = predict_logits(teacher, x)
+    accuracy = lambda logits: float((logits.argmax(1) == labels).float().mean())  # noqa: E731
+    print(f"{len(samples)} ImageNet photos and their mirror images; the original's accuracy "
+          f"{accuracy(reference):.1%}; calibration photos: {len(calib_names)}", flush=True)
+    rows = []
+    for groups, method, seed in itertools.product(args.groups, args.methods, args.seed):
+        wall = time.perf_counter()
+        # what convert does: images read and split (a quarter of the photos held out), then convert, calibrate
+        images, held = calibration_split([calib_dir], teacher, 0.25, limit=args.calib, seed=seed,
+                                         crops_per_image=args.crops)
+        student = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=groups, inplace=False)[0]
+        result = calibrate(student, teacher, images, method=method, held_out=held, seed=seed,
+                           max_seconds=args.distill_seconds)
+        wall = time.perf_counter() - wall
+        logits = predict_logits(student, x)
+        a = agreement_from_logits(logits, reference)
+        row = {"groups": groups, "method": method, "phases": result.phases, "seed": seed, "wall_s": wall,
+               "calib_images": result.num_images, "held_out_images": result.num_held_out,
+               "anchored": len(getattr(student, "wsurgery_anchored", [])), "steps": result.steps,
+               "reverted": result.reverted, "top1": a.top1, "top1_confident": a.top1_confident,
+               "num_confident": a.num_confident, "kl": a.kl, "accuracy": accuracy(logits),
+               "held_out_top1": result.after.top1, "notes": result.notes}
+        rows.append(row)
+        print(f"GN({groups}) {method:<8} seed {seed}  ImageNet photos: top-1 {a.top1:6.1%}  conf "
+              f"{_pct(a.top1_confident)} of {a.num_confident}  KL {a.kl:6.3f}  accuracy {row['accuracy']:6.1%}  "
+              f"(held-out crops {result.after.top1:6.1%})  {wall:6.1f} s wall", flush=True)
+        _write(args, {"rows": rows, "partial": True})
+    summary = []
+    for (groups, method), group in itertools.groupby(rows, key=lambda r: (r["groups"], r["method"])):
+        group = list(group)
+        top1 = np.array([r["top1"] for r in group])
+        summary.append({"groups": groups, "method": method, "seeds": [r["seed"] for r in group],
+                        "top1_mean": float(top1.mean()), "top1_min": float(top1.min()),
+                        "top1_std": float(top1.std()), "kl_mean": float(np.mean([r["kl"] for r in group])),
+                        "accuracy_mean": float(np.mean([r["accuracy"] for r in group])),
+                        "wall_s_max": float(max(r["wall_s"] for r in group))})
+        print(f"GN({groups}) {method}: top-1 agreement {top1.mean():.1%} (min {top1.min():.1%}) over "
+              f"{len(group)} seeds, wall <= {summary[-1]['wall_s_max']:.0f} s", flush=True)
+    shutil.rmtree(calib_dir)
+    return {"rows": rows, "summary": summary, "accuracy_original": accuracy(reference), "calib_photos": calib_names,
+            "eval_photos": [p.name for p, _ in samples]}
+
+
 def _fashion_mnist(n: int, res: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     root = Path("/usr/share/datasets/fashion-mnist")
     with gzip.open(root / "train-images-idx3-ubyte.gz") as f:
@@ -498,12 +567,15 @@ def run_sgd(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", choices=["calibration", "floor", "sgd", "norm-stats", "per-layer", "precision"],
-                        default="calibration")
+    parser.add_argument("--part", default="calibration",
+                        choices=["calibration", "floor", "sgd", "norm-stats", "per-layer", "precision", "target"])
     parser.add_argument("--res", type=int, default=None,
                         help="input resolution of calibration and evaluation (default: the model's, 224)")
     parser.add_argument("--calib", type=int, default=192, help="calibration crops (<= 256)")
     parser.add_argument("--eval", type=int, default=64, help="evaluation crops (other photos)")
+    parser.add_argument("--crops", type=int, default=22, help="part target: random crops per calibration photo")
+    parser.add_argument("--groups", type=int, nargs="+", default=[1], help="part target: GN groups")
+    parser.add_argument("--methods", nargs="+", default=["gn-init"], help="part target: calibrate methods")
     parser.add_argument("--calib-extra", default=None,
                         help="more calibration photos besides the packages' (a folder, files or a glob); the "
                              "--calib crops are spread over all of them")
@@ -543,7 +615,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     data = {"calibration": run_calibration, "floor": run_floor, "sgd": run_sgd, "norm-stats": run_norm_stats,
-            "per-layer": run_per_layer, "precision": run_precision}[args.part](args)
+            "per-layer": run_per_layer, "precision": run_precision, "target": run_target}[args.part](args)
     data.update(total_wall_s=time.perf_counter() - start)
     _write(args, data)
 

@@ -8,6 +8,7 @@ import sys
 import pytest
 import timm
 import torch
+from _core_helpers import randomize_norms
 from safetensors.torch import save_file
 from torch import nn
 from torch.nn.utils import parametrize
@@ -39,6 +40,22 @@ def test_fbnetc_export_loads_in_stock_timm_with_the_eps_it_was_built_with(tmp_pa
     stock = timm.create_model(f"local-dir:{tmp_path / 'e'}", pretrained=True)
     assert stock.bn1.eps == 1e-5
     torch.testing.assert_close(_outputs(stock), _outputs(wsurgery.fold(model)), rtol=0, atol=0)
+
+
+def test_one_group_export_loads_in_stock_timm(tmp_path):
+    """One GN group converts to timm's GroupNorm1, so the export names norm_layer='groupnorm1' and stock
+    timm rebuilds it (it could not with 'groupnorm': timm's 32 groups); mixed groups stay wsurgery.load's."""
+    model = timm.create_model("resnet10t", num_classes=7)
+    randomize_norms(model)
+    converted = wsurgery.convert(model, mode="aws", norm="gn", gn_groups=1, inplace=False)[0]
+    result = wsurgery.export(converted, tmp_path / "one")
+    assert result.timm_compatible and result.model_args["norm_layer"] == "groupnorm1"
+    stock = timm.create_model(f"local-dir:{tmp_path / 'one'}", pretrained=True)
+    assert {m.num_groups for m in stock.modules() if isinstance(m, nn.GroupNorm)} == {1}
+    torch.testing.assert_close(_outputs(stock), _outputs(wsurgery.fold(converted)), rtol=0, atol=0)
+    # resnet10t's stem has 24 and 32 channels: with 8 channels a group they get 3 and 4 groups, the rest more
+    mixed = wsurgery.convert(model, mode="aws", norm="gn", gn_group_size=8, inplace=False)[0]
+    assert not wsurgery.export(mixed, tmp_path / "mixed").timm_compatible
 
 
 def test_fbnetc_built_pretrained_saves_and_loads_with_its_eps(tmp_path):

@@ -841,3 +841,25 @@ def test_default_anchoring_only_where_it_starts_from_the_converted_convs(teacher
     result = calibrate(student, branchy, x, method="gn-init", held_out=None)
     assert result.config["anchor"] is False and not hasattr(student, "wsurgery_anchored")
     assert len(result.notes) == 1 and "torch.fx cannot trace" in result.notes[0]
+
+
+def test_anchored_calibration_of_several_groups_notes_that_one_keeps_more(teacher, monkeypatch):
+    """Measured on Lite0 (benchmarks/calibration.py --part target): one GN group anchors to 95% agreement on
+    ImageNet photos, 32 groups to 60%. An anchored calibration of several groups below the 90% agreement the
+    note names says so; one group, no anchoring, or agreement above the threshold: no note."""
+    import importlib
+
+    cal = importlib.import_module("wsurgery.calibrate")  # the module: wsurgery.calibrate is also the function
+    x, held = _images(96, seed=5), _images(32, seed=6)
+
+    def notes(groups: int, **kw) -> tuple[list[str], float]:
+        student = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=groups, inplace=False)[0]
+        result = calibrate(student, teacher, x, method="gn-init", held_out=held, **kw)
+        return [n for n in result.notes if "gn_groups=1" in n], result.after.top1
+
+    monkeypatch.setattr(cal, "FEW_GROUPS_NOTE_BELOW", 1.01)  # TinyNet's agreement is anything up to 100%
+    found, top1 = notes(4)
+    assert len(found) == 1 and f"kept {top1:.0%} top-1" in found[0] and "up to 4 groups" in found[0]
+    assert notes(1)[0] == [] and notes(4, anchor=False)[0] == []
+    monkeypatch.setattr(cal, "FEW_GROUPS_NOTE_BELOW", top1)  # at the threshold: none
+    assert notes(4)[0] == []

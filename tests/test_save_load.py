@@ -21,12 +21,14 @@ from timm.layers import (
     Conv2dSame,
     FrozenBatchNormAct2d,
     GroupNorm,
+    GroupNorm1,
     GroupNormAct,
     ScaledStdConv2d,
     ScaledStdConv2dSame,
     StdConv2d,
     StdConv2dSame,
 )
+from timm.layers.norm_act import GroupNorm1Act
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.testing import assert_close
@@ -456,6 +458,14 @@ def test_groupnorm_copies_affine_and_keeps_activation():
         gn = batchnorm_to_groupnorm(bn, 2)
         assert isinstance(gn, GroupNorm if not isinstance(bn, FrozenBatchNormAct2d) else GroupNormAct)
         assert torch.equal(gn.weight, bn.weight) and torch.equal(gn.bias, bn.bias)
+    # one group: timm's one-group classes (what stock timm builds for norm_layer='groupnorm1'), same numbers
+    for bn in (BatchNormAct2d(16, act_layer=nn.SiLU, drop_layer=None), nn.BatchNorm2d(16)):
+        randomize_norms(bn)
+        gn1 = batchnorm_to_groupnorm(bn, 1)
+        assert type(gn1) is (GroupNorm1Act if isinstance(bn, BatchNormAct2d) else GroupNorm1) and gn1.num_groups == 1
+        act = gn1.act if isinstance(bn, BatchNormAct2d) else nn.Identity()
+        assert act is getattr(bn, "act", act)
+        assert_close(gn1(x), act(nn.functional.group_norm(x, 1, bn.weight, bn.bias, 1e-5)))
     from torchvision.ops.misc import FrozenBatchNorm2d
 
     fbn = FrozenBatchNorm2d(8)

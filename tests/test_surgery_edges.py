@@ -133,3 +133,26 @@ def test_small_api_edges_are_clear_errors():
     y = converted[0](x)
     expected = nn.functional.group_norm(y, 4, eps=1e-5)
     assert_close(converted(x), expected)
+
+
+def test_imagenet_samples_read_foolbox_names_without_importing_it(tmp_path, monkeypatch):
+    """The labelled ImageNet photos the calibration target is judged on: found by file name, in index
+    order (not string order), each with the class index its name carries; none where foolbox is absent."""
+    import sys
+
+    from wsurgery import weights
+
+    data = tmp_path / "foolbox" / "data"
+    data.mkdir(parents=True)
+    for name in ("imagenet_10_541.jpg", "imagenet_02_438.jpg", "imagenet_1_7.jpg", "cifar10_00_3.png",
+                 "imagenet_03_990.png", "imagenet_x_1.jpg"):
+        (data / name).write_bytes(b"")
+    (data / "__init__.py").write_text("raise RuntimeError('imported')")
+    (tmp_path / "foolbox" / "__init__.py").write_text("raise RuntimeError('imported')")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = weights.imagenet_samples()
+    assert [(p.name, label) for p, label in found] == [
+        ("imagenet_1_7.jpg", 7), ("imagenet_02_438.jpg", 438), ("imagenet_10_541.jpg", 541)]
+    assert all(p.parent == data for p, _ in found) and "foolbox" not in sys.modules
+    monkeypatch.setattr(weights, "_package_dir", lambda module: None)
+    assert weights.imagenet_samples() == []

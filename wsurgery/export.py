@@ -105,8 +105,9 @@ def stock_timm_args(folded: nn.Module, record: dict[str, Any], norm: str | None)
     """timm constructor args that rebuild ``folded`` exactly with stock timm, or None.
 
     Candidates are the model's own args, plus ``norm_layer='groupnorm'`` when BN was
-    replaced by GN. A candidate wins only if every module type (and GN groups/eps, conv
-    geometry) matches, the weights load strictly, and the outputs are equal.
+    replaced by GN (``'groupnorm1'`` where every GroupNorm has one group). A candidate wins only if
+    every module type (and GN groups/eps, conv geometry) matches, the weights load strictly, and the
+    outputs are equal.
 
     The stock model is built on the meta device and given the folded model's tensors, so the
     check costs no weight init and no copy (a few hundred ms less for resnet50); its forward
@@ -115,7 +116,8 @@ def stock_timm_args(folded: nn.Module, record: dict[str, Any], norm: str | None)
     base = dict(record["model_args"])
     candidates = [base]
     if norm == "gn":  # the model's own args still fit where no BatchNorm was there to replace (convnext)
-        candidates = [dict(base, norm_layer="groupnorm"), base]
+        one_group = all(m.num_groups == 1 for m in folded.modules() if isinstance(m, nn.GroupNorm))
+        candidates = [dict(base, norm_layer="groupnorm1" if one_group else "groupnorm"), base]
     target = module_signature(folded)
     state = folded.state_dict()
     for args in candidates:

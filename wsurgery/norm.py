@@ -7,7 +7,9 @@ activation and dropout (timm's ``BatchNormAct2d``, ``SyncBatchNormAct``,
 ``FrozenBatchNormAct2d``) become ``timm.layers.GroupNormAct`` holding the *same* ``act``
 and ``drop`` modules: swapping them for a plain GroupNorm would silently drop the
 activation. The rest become ``timm.layers.GroupNorm``, the class timm itself builds for
-``norm_layer='groupnorm'``, so a converted resnet can be rebuilt by stock timm.
+``norm_layer='groupnorm'``, so a converted resnet can be rebuilt by stock timm. One group gives
+timm's one-group classes (``GroupNorm1``, ``GroupNorm1Act``: what ``norm_layer='groupnorm1'``
+builds, the same computation), so a one-group export loads in stock timm too.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ from __future__ import annotations
 import math
 
 import torch
-from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d, GroupNorm, GroupNormAct
-from timm.layers.norm_act import SyncBatchNormAct
+from timm.layers import BatchNormAct2d, FrozenBatchNormAct2d, GroupNorm, GroupNorm1, GroupNormAct
+from timm.layers.norm_act import GroupNorm1Act, SyncBatchNormAct
 from torch import nn
 
 from .errors import ConversionError
@@ -101,18 +103,21 @@ def batchnorm_to_groupnorm(
 ) -> nn.Module:
     """A GroupNorm (or GroupNormAct) replacing ``bn``; the affine is copied.
 
-    The activation and dropout of an act-carrying BN are moved over as they are.
+    The activation and dropout of an act-carrying BN are moved over as they are. With one group, timm's
+    ``GroupNorm1`` (``GroupNorm1Act``): the classes stock timm builds for ``norm_layer='groupnorm1'``.
     The new module is on ``bn``'s device and dtype (``like``'s, for a BN that holds no tensor at
     all) and has its ``training`` flag.
     """
     channels = _num_channels(bn)
     weight, bias = _bn_affine(bn, like)
     if carries_activation(bn):
-        gn: nn.Module = GroupNormAct(channels, num_groups, eps=eps, affine=True, apply_act=False)
+        gn: nn.Module = (GroupNorm1Act(channels, eps=eps, affine=True, apply_act=False) if num_groups == 1 else
+                         GroupNormAct(channels, num_groups, eps=eps, affine=True, apply_act=False))
         gn.act = bn.act
         gn.drop = bn.drop
     else:
-        gn = GroupNorm(channels, num_groups, eps=eps, affine=True)
+        gn = GroupNorm1(channels, eps=eps, affine=True) if num_groups == 1 else GroupNorm(channels, num_groups, eps=eps,
+                                                                                             affine=True)
     gn = gn.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         gn.weight.copy_(weight)

@@ -8,14 +8,16 @@ turns it into a timm model (timm's own ``remap_state_dict`` does the renaming).
 
 Real photos for calibration and checks come from packages that are installed anyway:
 scikit-image's ``skimage/data`` folder (chelsea the cat, coffee, astronaut, rocket ...),
-scikit-learn's sample images (china, flower) and matplotlib's sample data (grace_hopper).
-Only files that are on disk are used; nothing is downloaded.
+scikit-learn's sample images (china, flower) and matplotlib's sample data (grace_hopper);
+20 ImageNet validation photos, labelled, from the ``foolbox`` package (MIT; its files are read, the
+package is never imported). Only files that are on disk are used; nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ __all__ = [
     "LiteWeights",
     "available_efficientnet_lite",
     "find_efficientnet_lite_checkpoint",
+    "imagenet_samples",
     "load_efficientnet_lite",
     "sample_photos",
 ]
@@ -182,3 +185,25 @@ def sample_photos(names: list[str] | None = None) -> dict[str, Path]:
         if base is not None and os.path.isfile(base / rel):
             found[name] = base / rel
     return found
+
+
+def imagenet_samples() -> list[tuple[Path, int]]:
+    """foolbox's 20 ImageNet validation photos (224 px JPEGs), each with its ImageNet class index.
+
+    Real photos of ImageNet's classes, held out from anything wsurgery calibrates on: the test of
+    calibration's target (tests/test_real_weights.py) judges agreement with the original on them.
+    ``pip install foolbox`` (the ``dev`` extra does) puts them in ``foolbox/data`` as
+    ``imagenet_<n>_<class index>.jpg``; they are found without importing foolbox.
+
+    Returns:
+        ``[(path, class index), ...]`` in file order; empty when foolbox is not installed.
+    """
+    base = _package_dir("foolbox")
+    if base is None or not (base / "data").is_dir():
+        return []
+    found = []
+    for path in sorted((base / "data").iterdir()):
+        match = re.fullmatch(r"imagenet_(\d+)_(\d+)\.jpg", path.name)
+        if match:
+            found.append((int(match.group(1)), path, int(match.group(2))))
+    return [(path, label) for _, path, label in sorted(found)]
