@@ -30,7 +30,9 @@ few k, to show how the costs add up with depth.
 Part ``target`` checks issue 3 part 5 the way a user runs ``convert --calibrate``: the 12 package
 photos not evaluated on, as one folder, ``--calib`` images (default 192; the target allows 256) of
 ``--crops`` random crops each, a quarter of the photos held out for calibrate's own report (as
-``convert``'s ``--calib-held-out`` does), library defaults otherwise (anchoring included); judged
+``convert``'s ``--calib-held-out`` does; for ``auto`` they also decide whether the distillation is
+kept), library defaults otherwise (anchoring included, unless ``--no-anchor``; the ``--steps`` and
+``--batch`` of part calibration do not apply: the distillation runs the library's); judged
 on foolbox's 20 ImageNet validation photos and their mirror images (installed by the dev extra:
 ``wsurgery.weights.imagenet_samples``), with wall time per conversion + calibration.
 
@@ -478,11 +480,12 @@ def run_target(args) -> dict:
                                          crops_per_image=args.crops)
         student = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=groups, inplace=False)[0]
         result = calibrate(student, teacher, images, method=method, held_out=held, seed=seed,
-                           max_seconds=args.distill_seconds)
+                           max_seconds=args.distill_seconds, **({"anchor": False} if args.no_anchor else {}))
         wall = time.perf_counter() - wall
         logits = predict_logits(student, x)
         a = agreement_from_logits(logits, reference)
-        row = {"groups": groups, "method": method, "phases": result.phases, "seed": seed, "wall_s": wall,
+        row = {"groups": groups, "method": method, "anchor": result.config["anchor"], "phases": result.phases,
+               "seed": seed, "wall_s": wall,
                "calib_images": result.num_images, "held_out_images": result.num_held_out,
                "anchored": len(getattr(student, "wsurgery_anchored", [])), "steps": result.steps,
                "reverted": result.reverted, "top1": a.top1, "top1_confident": a.top1_confident,
@@ -576,6 +579,8 @@ def main() -> None:
     parser.add_argument("--crops", type=int, default=22, help="part target: random crops per calibration photo")
     parser.add_argument("--groups", type=int, nargs="+", default=[1], help="part target: GN groups")
     parser.add_argument("--methods", nargs="+", default=["gn-init"], help="part target: calibrate methods")
+    parser.add_argument("--no-anchor", action="store_true",
+                        help="part target: calibrate with anchor=False (convert's --no-calib-anchor)")
     parser.add_argument("--calib-extra", default=None,
                         help="more calibration photos besides the packages' (a folder, files or a glob); the "
                              "--calib crops are spread over all of them")

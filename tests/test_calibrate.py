@@ -790,6 +790,11 @@ class _Branchy(TinyNet):
         return x if float(x.sum()) > -1e30 else -x
 
 
+def _without_anchoring(result) -> list[str]:
+    """The notes saying why gn-init ran without anchoring (an anchored one of several groups gets another)."""
+    return [n for n in result.notes if "without anchoring" in n]
+
+
 def test_default_anchoring_only_where_it_starts_from_the_converted_convs(teacher):
     """Reviewed: the default anchored on top of an earlier distillation (BN statistics that no longer describe the
     convs): on TinyNet 40x further from the teacher than gn-init without it. Auto now anchors only a model not
@@ -801,7 +806,7 @@ def test_default_anchoring_only_where_it_starts_from_the_converted_convs(teacher
 
     fresh = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=4, inplace=False)[0]
     first = calibrate(fresh, teacher, x, method="gn-init", held_out=None)
-    assert first.config["anchor"] is True and first.notes == [] and fresh.wsurgery_anchored
+    assert first.config["anchor"] is True and _without_anchoring(first) == [] and fresh.wsurgery_anchored
     # calibrated before without anchoring (here with a distillation that moved the gains): left unanchored
     distilled = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=4, inplace=False)[0]
     calibrate(distilled, teacher, x, held_out=None, anchor=False, steps=30, lr=3e-2)
@@ -831,7 +836,8 @@ def test_default_anchoring_only_where_it_starts_from_the_converted_convs(teacher
     for dtype in (torch.bfloat16, torch.float16):
         half = wsurgery.convert(clone_model(teacher).to(dtype), mode="aws", norm="gn", gn_groups=4)[0].float()
         result = calibrate(half, teacher, x, method="gn-init", held_out=None)
-        assert result.config["anchor"] is True and result.notes == [] and half.wsurgery_anchored == ["0", "3", "6"]
+        assert result.config["anchor"] is True and _without_anchoring(result) == []
+        assert half.wsurgery_anchored == ["0", "3", "6"]
     # a model torch.fx cannot trace: moment matching only, and a note that says why
     torch.manual_seed(0)
     branchy = _Branchy()
@@ -843,23 +849,23 @@ def test_default_anchoring_only_where_it_starts_from_the_converted_convs(teacher
     assert len(result.notes) == 1 and "torch.fx cannot trace" in result.notes[0]
 
 
-def test_anchored_calibration_of_several_groups_notes_that_one_keeps_more(teacher, monkeypatch):
+def test_anchored_calibration_of_several_groups_notes_that_one_keeps_more(teacher):
     """Measured on Lite0 (benchmarks/calibration.py --part target): one GN group anchors to 95% agreement on
-    ImageNet photos, 32 groups to 60%. An anchored calibration of several groups below the 90% agreement the
-    note names says so; one group, no anchoring, or agreement above the threshold: no note."""
-    import importlib
-
-    cal = importlib.import_module("wsurgery.calibrate")  # the module: wsurgery.calibrate is also the function
+    ImageNet photos, 32 groups to 60%. An anchoring calibration of several groups says so, with or without
+    held-out images (the held-out crops' agreement is no guide: 39-80% there for one group); one group, no
+    anchoring, or a model anchored before: no note."""
     x, held = _images(96, seed=5), _images(32, seed=6)
 
-    def notes(groups: int, **kw) -> tuple[list[str], float]:
-        student = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=groups, inplace=False)[0]
-        result = calibrate(student, teacher, x, method="gn-init", held_out=held, **kw)
-        return [n for n in result.notes if "gn_groups=1" in n], result.after.top1
+    def notes(groups: int, student: nn.Module | None = None, **kw) -> list[str]:
+        if student is None:
+            student = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=groups, inplace=False)[0]
+        result = calibrate(student, teacher, x, method="gn-init", **kw)
+        return [n for n in result.notes if "gn_groups=1" in n]
 
-    monkeypatch.setattr(cal, "FEW_GROUPS_NOTE_BELOW", 1.01)  # TinyNet's agreement is anything up to 100%
-    found, top1 = notes(4)
-    assert len(found) == 1 and f"kept {top1:.0%} top-1" in found[0] and "up to 4 groups" in found[0]
-    assert notes(1)[0] == [] and notes(4, anchor=False)[0] == []
-    monkeypatch.setattr(cal, "FEW_GROUPS_NOTE_BELOW", top1)  # at the threshold: none
-    assert notes(4)[0] == []
+    for held_out in (held, None):
+        found = notes(4, held_out=held_out)
+        assert len(found) == 1 and "up to 4 groups" in found[0] and "no gn_group_size" in found[0]
+    assert notes(1, held_out=held) == [] and notes(4, held_out=held, anchor=False) == []
+    anchored = wsurgery.convert(teacher, mode="aws", norm="gn", gn_groups=4, inplace=False)[0]
+    calibrate(anchored, teacher, x, method="gn-init", held_out=None)
+    assert notes(4, anchored, held_out=None) == []  # anchored before: nothing anchored now

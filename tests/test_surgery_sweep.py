@@ -93,24 +93,25 @@ LOADERS = {"stock timm": True, "wsurgery.load": False, "\u2013": None}
 
 @cache
 def readme_table() -> dict[str, dict[str, object]]:
-    """README's "Architectures tested" table: per architecture, whether its BN-kept and its ``--norm gn``
-    exports load with stock timm (True), only with wsurgery.load (False), or are not made (None), and
+    """README's "Architectures tested" table: per architecture, whether its BN-kept, its ``--norm gn`` (32
+    groups) and its one-group ``--norm gn --gn-groups 1`` exports load with stock timm (True), only with
+    wsurgery.load (False), or are not made (None), and
     whether the row is marked * (runs in the fast test run)."""
     text = README.read_text(encoding="utf-8")
     section = text.split("## Architectures tested", 1)[1].split("\n#", 1)[0]
     rows = {}
     for line in section.splitlines():
-        m = re.match(r"\| `([^`]+)`([^|]*)\|[^|]*\|([^|]+)\|([^|]+)\|\s*$", line)
+        m = re.match(r"\| `([^`]+)`([^|]*)\|[^|]*\|([^|]+)\|([^|]+)\|([^|]+)\|\s*$", line)
         if not m:
             continue
-        name, marks, keep, gn = m.group(1), m.group(2), m.group(3).strip(), m.group(4).strip()
+        name, marks, keep, gn, gn1 = m.group(1), m.group(2), *(m.group(i).strip() for i in (3, 4, 5))
 
         def loader(cell: str, name=name) -> bool | None:
             found = [v for k, v in LOADERS.items() if cell == k or cell.startswith(k + " ")]
             assert len(found) == 1, f"README row {name}: cannot read {cell!r}"
             return found[0]
 
-        rows[name] = {"keep": loader(keep), "gn": loader(gn), "fast": "*" in marks}
+        rows[name] = {"keep": loader(keep), "gn": loader(gn), "gn1": loader(gn1), "fast": "*" in marks}
     return rows
 
 
@@ -210,6 +211,13 @@ def _check_convert(arch: Arch, model, x, tmp_path) -> None:
                 # README's "Export loads with" column for this architecture and norm
                 assert compatible is readme_table()[arch.name][norm], \
                     f"{tag}: export loads with {'stock timm' if compatible else 'wsurgery.load'}, not as README says"
+    if arch.kind != "no_bn":  # one group: timm's GroupNorm1 classes, norm_layer='groupnorm1' in stock timm
+        one = wsurgery.convert(model, mode="ws", norm="gn", gn_groups=1, inplace=False, trace=False)[0]
+        assert {m.num_groups for m in one.modules() if isinstance(m, torch.nn.GroupNorm)} == {1}
+        compatible = _check_export(one, x, one(x), tmp_path, "ws-gn1")
+        loader = "stock timm" if compatible else "wsurgery.load"
+        assert compatible is readme_table()[arch.name]["gn1"], f"{arch.name}/ws/gn1: export loads with {loader}, " \
+            "not as README says"
 
 
 @pytest.mark.parametrize("arch", list(_params()))
@@ -228,7 +236,7 @@ def test_readme_table_lists_the_sweep():
     assert {n for n, row in table.items() if row["fast"]} == FAST
     for a in ARCHS:
         assert table[a.name]["keep"] is not None, a.name
-        assert (table[a.name]["gn"] is None) == (a.kind == "fold_only"), a.name
+        assert (table[a.name]["gn"] is None) == (table[a.name]["gn1"] is None) == (a.kind == "fold_only"), a.name
 
 
 def test_table_covers_the_required_families():

@@ -9,8 +9,9 @@ turns it into a timm model (timm's own ``remap_state_dict`` does the renaming).
 Real photos for calibration and checks come from packages that are installed anyway:
 scikit-image's ``skimage/data`` folder (chelsea the cat, coffee, astronaut, rocket ...),
 scikit-learn's sample images (china, flower) and matplotlib's sample data (grace_hopper);
-20 ImageNet validation photos, labelled, from the ``foolbox`` package (MIT; its files are read, the
-package is never imported). Only files that are on disk are used; nothing is downloaded.
+20 ImageNet validation photos, labelled, from the ``foolbox`` package (its files are read, the package
+is never imported; foolbox's code is MIT-licensed, the photos come from ImageNet's validation set).
+Only files that are on disk are used; nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -188,7 +189,7 @@ def sample_photos(names: list[str] | None = None) -> dict[str, Path]:
 
 
 def imagenet_samples() -> list[tuple[Path, int]]:
-    """foolbox's 20 ImageNet validation photos (224 px JPEGs), each with its ImageNet class index.
+    """foolbox's 20 ImageNet validation photos (JPEGs, most 512 x 512), each with its ImageNet class index.
 
     Real photos of ImageNet's classes, held out from anything wsurgery calibrates on: the test of
     calibration's target (tests/test_real_weights.py) judges agreement with the original on them.
