@@ -182,7 +182,8 @@ def convert(
     exclude: list[str] = typer.Option(
         [], "--exclude", metavar="PATTERN", help="Skip convs matching this pattern (repeatable)."),
     norm: str = typer.Option("keep", "--norm", help="keep: keep BatchNorm; gn: replace it with GroupNorm."),
-    gn_groups: int = typer.Option(32, "--gn-groups", help="Target GroupNorm groups."),
+    gn_groups: int = typer.Option(32, "--gn-groups", help="Target GroupNorm groups (1 keeps far more of the "
+                                  "pretrained function through calibration; README: calibrate)."),
     gn_group_size: int | None = typer.Option(None, "--gn-group-size", help="Channels per group (overrides groups)."),
     gn_group_rule: str = typer.Option(
         "gcd", "--gn-group-rule", help="When channels don't divide: gcd, divisor, error."),
