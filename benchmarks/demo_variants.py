@@ -1,6 +1,7 @@
 """The demo (``wsurgery demo``) under several seeds and settings, to see its spread.
 
-Presets (calibrations: ``default`` is calibrate's default, which anchors since anchoring became it;
+Presets (every one but ``gn1`` at timm's 32 GN groups, the demo's conversion before it took one group;
+calibrations: ``default`` is calibrate's default, which anchors since anchoring became it;
 ``plain`` is gn-init + distillation without anchoring or preconditioning, the default before;
 ``pre`` preconditions every layer, ``anchor`` anchors, both explicitly):
 
@@ -12,6 +13,8 @@ Presets (calibrations: ``default`` is calibrate's default, which anchors since a
   worse fine-tune a matter of the learning rate?
 * ``anchor``: the same learning rates and seeds, ``plain`` against ``anchor``, side by side in one run.
 * ``seeds``: the demo as it is (its lr 0.003), ``plain`` against ``default``, seeds 0-4.
+* ``groups``: the demo's calibration at timm's 32 GN groups (``default``) against the same with one
+  group (``gn1``, the demo as it is since this comparison), seeds 0-4.
 
 Each variant's test top-1 after fine-tuning, the calibration's held-out agreement and the
 fine-tune line go to the JSON, written after every variant.
@@ -22,6 +25,7 @@ Usage::
     python benchmarks/demo_variants.py --preset lr --out benchmarks/results/demo_lr.json
     python benchmarks/demo_variants.py --preset anchor --out benchmarks/results/demo_anchor.json
     python benchmarks/demo_variants.py --preset seeds --threads 1 --out benchmarks/results/demo_seeds.json
+    python benchmarks/demo_variants.py --preset groups --threads 2 --out benchmarks/results/demo_groups.json
 """
 
 from __future__ import annotations
@@ -55,9 +59,12 @@ PRESETS = {
        for name, other in (("lr", "pre"), ("anchor", "anchor"))},
     "seeds": [(f"{calib}_s{seed}", seed, [], "cpu", True, calib)
               for seed, calib in itertools.product(range(5), ("plain", "default"))],
+    "groups": [(f"{calib}_s{seed}", seed, [], "cpu", True, calib)
+               for seed, calib in itertools.product(range(5), ("default", "gn1"))],
 }
-#: DemoConfig's calibration switches (calib_precondition, calib_anchor) for each calibration
-CALIBRATIONS = {"default": (False, None), "plain": (False, False), "pre": (True, False), "anchor": (False, True)}
+#: DemoConfig's conversion and calibration switches (gn_groups, calib_precondition, calib_anchor) for each name
+CALIBRATIONS = {"default": (32, False, None), "plain": (32, False, False), "pre": (32, True, False),
+                "anchor": (32, False, True), "gn1": (1, False, None)}
 
 
 def main() -> None:
@@ -84,14 +91,14 @@ def main() -> None:
         else:
             os.environ.pop("WSURGERY_DEVICE", None)
         torch.backends.cudnn.allow_tf32 = tf32
-        precondition, anchor = CALIBRATIONS[calib]
-        cfg = DemoConfig(seed=seed, calib_precondition=precondition, calib_anchor=anchor)
+        groups, precondition, anchor = CALIBRATIONS[calib]
+        cfg = DemoConfig(seed=seed, calib_precondition=precondition, calib_anchor=anchor, gn_groups=groups)
         cfg.overrides = list(cfg.overrides) + extra
         t = time.perf_counter()
         r = run_demo(args.workdir / f"d_{tag}", config=cfg, force=True)
         fine_tune = next(s.detail for s in r.steps if s.name.startswith("fine"))
         after = (r.calibration or {}).get("after") or {}
-        rows.append({"tag": tag, "seed": seed, "overrides": extra, "calibration": calib,
+        rows.append({"tag": tag, "seed": seed, "overrides": extra, "calibration": calib, "gn_groups": groups,
                      "precondition": precondition, "anchor": (r.calibration or {}).get("config", {}).get("anchor"),
                      "after": r.accuracy_after, "calib_top1": after.get("top1"), "ft": fine_tune,
                      "s": time.perf_counter() - t})

@@ -31,6 +31,8 @@ def demo(
         None, "--calib-anchor/--no-calib-anchor", show_default=False,
         help="Calibrate with or without gn-init's anchoring (default: with; see convert; the README measures what "
         "it does to this demo)."),
+    gn_groups: int | None = typer.Option(None, "--gn-groups", help="GroupNorm groups of the conversion (default 1: "
+                                         "it keeps more of the original than convert's default, timm's 32)."),
     set_: list[str] = typer.Option(
         [], "--set", metavar="KEY=VALUE",
         help="Override a key of the fine-tune's recipe (micro-batch), after the demo's own: "
@@ -40,7 +42,8 @@ def demo(
 ) -> None:
     """EfficientNet-Lite0 (real ImageNet weights) -> adaptive WS + GN -> calibrate -> micro-batch fine-tune on
     Fashion-MNIST -> export -> verify -> predict, with timings."""
-    check_at_least(("--threads", threads, 1), ("--img-size", img_size, 16), ("--train-per-class", train_per_class, 1))
+    check_at_least(("--threads", threads, 1), ("--img-size", img_size, 16), ("--train-per-class", train_per_class, 1),
+                   ("--gn-groups", gn_groups, 1))
     if threads is not None:
         torch.set_num_threads(threads)
     cfg = DemoConfig.quick() if quick else DemoConfig()
@@ -50,6 +53,8 @@ def demo(
         cfg.train_per_class = train_per_class
     if seed is not None:
         cfg.seed = seed
+    if gn_groups is not None:
+        cfg.gn_groups = gn_groups
     cfg.calib_precondition = calib_precondition
     cfg.calib_anchor = calib_anchor
     cfg.overrides = list(cfg.overrides) + list(set_)

@@ -120,6 +120,7 @@ def test_quick_demo_end_to_end(tmp_path):
     (["--img-size", "0"], "--img-size must be at least"), (["--train-per-class", "-1"], "--train-per-class must be "
                                                             "at least"),
     (["--threads", "-1"], "--threads must be at least"), (["--set", "lr=-1"], "`lr` must be"),
+    (["--gn-groups", "0"], "--gn-groups must be at least"),
     (["--set", "lrr=0.1"], "lrr"), (["--set", "seed=5", "--set", "img_size=40"],
                                     "img_size and seed cannot be set as recipe overrides; use --img-size"),
 ])
@@ -161,7 +162,7 @@ def test_demo_seed_reaches_every_step_and_predict_images_zero_skips_predict(tmp_
     threads = torch.get_num_threads()
     try:  # the CLI's --seed, and a config without sample predictions (the Python API's predict_images=0)
         res = CliRunner().invoke(app, ["demo", "--quick", "--threads", "1", "--seed", "3", "--no-calib-anchor",
-                                       "-o", str(tmp_path / "d")])
+                                       "--gn-groups", "4", "-o", str(tmp_path / "d")])
         assert res.exit_code == 0, res.output
         cfg = DemoConfig.quick()
         cfg.seed, cfg.predict_images = 3, 0
@@ -170,6 +171,12 @@ def test_demo_seed_reaches_every_step_and_predict_images_zero_skips_predict(tmp_
         torch.set_num_threads(threads)
     with_cli = json.loads((tmp_path / "d" / "demo.json").read_text())
     assert with_cli["config"]["seed"] == 3
+    # --gn-groups reached the conversion (every Lite0 channel count divides by 4); the demo's default is one group
+    for run, groups in (("d", 4), ("p", 1)):
+        assert json.loads((tmp_path / run / "run" / "config.json").read_text())["wsurgery"]["surgery"]["gn_groups"] \
+            == groups == (4 if run == "d" else DemoConfig().gn_groups)
+        trained = wsurgery.load(tmp_path / run / "run")
+        assert {m.num_groups for m in trained.modules() if isinstance(m, torch.nn.GroupNorm)} == {groups}
     # the demo anchors by default (calibrate's auto); --no-calib-anchor leaves it out
     assert with_cli["config"]["calib_anchor"] is False and with_cli["calibration"]["config"]["anchor"] is False
     assert "anchored" not in json.loads((tmp_path / "d" / "run" / "config.json").read_text())["wsurgery"]
