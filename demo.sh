@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The README's main command: set up from scratch and run the whole mission end to end.
-#   bash demo.sh            # first run: venv + install (a few minutes), then the demo (a few minutes on a 2-core CPU)
+#   bash demo.sh            # first run: venv + install (a few minutes), then the demo (under a minute on a 2-core CPU)
 #   bash demo.sh --force    # redo the demo (runs/demo); any `wsurgery demo` option works, e.g. --threads 1
 # Needs: python3 (3.10+), pip access to PyPI, and Fashion-MNIST from the distribution
 # (`apt install dataset-fashion-mnist`, done here when apt-get is available).

@@ -6,13 +6,13 @@ calibrations: ``default`` is calibrate's default, which anchors since anchoring 
 ``pre`` preconditions every layer, ``anchor`` anchors, both explicitly):
 
 * ``gpu``: CUDA with seeds 1-3, seed 0 with channels_last off and with TF32 off, and seed 0 on that
-  machine's CPU, with the demo's calibration as it is (``benchmarks/results/gpu/demo_ab.json`` came from
+  machine's CPU, with the demo's calibration at 32 groups (``benchmarks/results/gpu/demo_ab.json`` came from
   it on the H100 before anchoring became the default: it ran ``plain``).
 * ``lr``: the fine-tune's learning rate (the micro-batch recipe's ``lr``, per 32 images; the demo
   uses 0.003) ``plain`` against ``pre``, seeds 0 and 1, on the CPU: is a preconditioned model's
   worse fine-tune a matter of the learning rate?
 * ``anchor``: the same learning rates and seeds, ``plain`` against ``anchor``, side by side in one run.
-* ``seeds``: the demo as it is (its lr 0.003), ``plain`` against ``default``, seeds 0-4.
+* ``seeds``: the demo at 32 groups (its lr 0.003), ``plain`` against ``default``, seeds 0-4.
 * ``groups``: the demo's calibration at timm's 32 GN groups (``default``) against the same with one
   group (``gn1``, the demo as it is since this comparison), seeds 0-4.
 
@@ -63,6 +63,7 @@ PRESETS = {
                for seed, calib in itertools.product(range(5), ("default", "gn1"))],
 }
 #: DemoConfig's conversion and calibration switches (gn_groups, calib_precondition, calib_anchor) for each name
+#: (``default`` is calibrate's default calibration at 32 groups, not the demo's default conversion, one group)
 CALIBRATIONS = {"default": (32, False, None), "plain": (32, False, False), "pre": (32, True, False),
                 "anchor": (32, False, True), "gn1": (1, False, None)}
 

@@ -26,11 +26,11 @@ def demo(
                                           "1 is faster on a busy machine)."),
     calib_precondition: bool = flag(
         False, "--calib-precondition", help="Calibrate with gn-init's preconditioning of every layer (see convert; "
-        "the README measures what it does to this demo with --no-calib-anchor)."),
+        "the README measures what it does to this demo at --gn-groups 32 --no-calib-anchor)."),
     calib_anchor: bool | None = flag(
         None, "--calib-anchor/--no-calib-anchor", show_default=False,
         help="Calibrate with or without gn-init's anchoring (default: with; see convert; the README measures what "
-        "it does to this demo)."),
+        "it does to this demo at --gn-groups 32)."),
     gn_groups: int | None = typer.Option(None, "--gn-groups", help="GroupNorm groups of the conversion (default 1: "
                                          "it keeps more of the original than convert's default, timm's 32)."),
     set_: list[str] = typer.Option(

@@ -172,9 +172,10 @@ def test_demo_seed_reaches_every_step_and_predict_images_zero_skips_predict(tmp_
     with_cli = json.loads((tmp_path / "d" / "demo.json").read_text())
     assert with_cli["config"]["seed"] == 3
     # --gn-groups reached the conversion (every Lite0 channel count divides by 4); the demo's default is one group
+    assert DemoConfig().gn_groups == 1
     for run, groups in (("d", 4), ("p", 1)):
         assert json.loads((tmp_path / run / "run" / "config.json").read_text())["wsurgery"]["surgery"]["gn_groups"] \
-            == groups == (4 if run == "d" else DemoConfig().gn_groups)
+            == groups
         trained = wsurgery.load(tmp_path / run / "run")
         assert {m.num_groups for m in trained.modules() if isinstance(m, torch.nn.GroupNorm)} == {groups}
     # the demo anchors by default (calibrate's auto); --no-calib-anchor leaves it out

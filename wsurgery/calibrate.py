@@ -127,7 +127,7 @@ class CalibrationConfig:
     max_seconds: float | None = field(default=None, metadata={"help": "stop distilling after this many seconds"})
     init_images: int = field(default=64, metadata={"help": "images in the one gn-init pass (bn-stats: every image)"})
     # off by default (anchoring preconditions the layers it anchors): alone it raises agreement with the original
-    # (EfficientNet-Lite0, 2 minutes: 57.6 -> 68.2% on held-out crops) but the demo's micro-batch fine-tune from it
+    # (EfficientNet-Lite0, 2 minutes: 57.6 -> 68.2% on held-out crops) but the demo's (32 groups) fine-tune from it
     # diverges at the recipe's lr 0.01 (26% instead of 71%) and needs lr <= 0.003, where it is no better than
     # without (README, demo_variants.py --preset lr)
     precondition: bool = field(
@@ -136,7 +136,8 @@ class CalibrationConfig:
     # None (auto): wherever it applies, as the default. On EfficientNet-Lite0 the converted model agrees with the
     # original far more closely with it (whole ImageNet photos, one GN group: 94% top-1 against 72.5%; 32 groups:
     # 69% against 20%) and fine-tunes better in
-    # benchmarks/finetune.py (at about a third of the best lr without it), as well as without it in the demo (README).
+    # benchmarks/finetune.py (at about a third of the best lr without it), as well as without it in the demo at 32
+    # groups (README).
     anchor: bool | None = field(
         default=None, metadata={"help": "gn-init: hold GN's per-image statistics nearly constant with channel offsets "
                                         "and signs (anchor_gn_statistics) after preconditioning the layers it "
