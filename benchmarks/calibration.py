@@ -465,13 +465,9 @@ def run_target(args) -> dict:
         if name not in EVAL_PHOTOS:
             (calib_dir / f"{name}{path.suffix}").symlink_to(path)
     calib_names = sorted(p.name for p in calib_dir.iterdir())
-    x, _ = load_images([str(p) for p, _ in samples], teacher)
-    x = torch.cat([x, x.flip(-1)])
-    labels = torch.tensor([label for _, label in samples] * 2)
-    reference = predict_logits(teacher, x)
-    accuracy = lambda logits: float((logits.argmax(1) == labels).float().mean())  # noqa: E731
-    print(f"{len(samples)} ImageNet photos and their mirror images; the original's accuracy "
-          f"{accuracy(reference):.1%}; calibration photos: {len(calib_names)}", flush=True)
+    # whole photos and their mirror images, labels from foolbox's file names (imagenet_<n>_<class>.jpg)
+    judge = _PhotoEval([str(p) for p, _ in samples], teacher, name="foolbox's ImageNet photos")
+    print(f"calibration photos: {len(calib_names)}", flush=True)
     rows = []
     for groups, method, seed in itertools.product(args.groups, args.methods, args.seed):
         wall = time.perf_counter()
@@ -482,19 +478,19 @@ def run_target(args) -> dict:
         result = calibrate(student, teacher, images, method=method, held_out=held, seed=seed,
                            max_seconds=args.distill_seconds, **({"anchor": False} if args.no_anchor else {}))
         wall = time.perf_counter() - wall
-        logits = predict_logits(student, x)
-        a = agreement_from_logits(logits, reference)
+        judged = judge(student)
         row = {"groups": groups, "method": method, "anchor": result.config["anchor"], "phases": result.phases,
                "seed": seed, "wall_s": wall,
                "calib_images": result.num_images, "held_out_images": result.num_held_out,
                "anchored": len(getattr(student, "wsurgery_anchored", [])), "steps": result.steps,
-               "reverted": result.reverted, "top1": a.top1, "top1_confident": a.top1_confident,
-               "num_confident": a.num_confident, "kl": a.kl, "accuracy": accuracy(logits),
+               "reverted": result.reverted, "top1": judged["photos_top1"],
+               "top1_confident": judged["photos_top1_confident"], "num_confident": judged["photos_num_confident"],
+               "kl": judged["photos_kl"], "accuracy": judged["photos_accuracy"],
                "held_out_top1": result.after.top1, "notes": result.notes}
         rows.append(row)
-        print(f"GN({groups}) {method:<8} seed {seed}  ImageNet photos: top-1 {a.top1:6.1%}  conf "
-              f"{_pct(a.top1_confident)} of {a.num_confident}  KL {a.kl:6.3f}  accuracy {row['accuracy']:6.1%}  "
-              f"(held-out crops {result.after.top1:6.1%})  {wall:6.1f} s wall", flush=True)
+        print(f"GN({groups}) {method:<8} seed {seed}  ImageNet photos: top-1 {row['top1']:6.1%}  conf "
+              f"{_pct(row['top1_confident'])} of {row['num_confident']}  KL {row['kl']:6.3f}  accuracy "
+              f"{row['accuracy']:6.1%}  (held-out crops {result.after.top1:6.1%})  {wall:6.1f} s wall", flush=True)
         _write(args, {"rows": rows, "partial": True})
     summary = []
     for (groups, method), group in itertools.groupby(rows, key=lambda r: (r["groups"], r["method"])):
@@ -508,7 +504,7 @@ def run_target(args) -> dict:
         print(f"GN({groups}) {method}: top-1 agreement {top1.mean():.1%} (min {top1.min():.1%}) over "
               f"{len(group)} seeds, wall <= {summary[-1]['wall_s_max']:.0f} s", flush=True)
     shutil.rmtree(calib_dir)
-    return {"rows": rows, "summary": summary, "accuracy_original": accuracy(reference), "calib_photos": calib_names,
+    return {"rows": rows, "summary": summary, "accuracy_original": judge.accuracy_original, "calib_photos": calib_names,
             "eval_photos": [p.name for p, _ in samples]}
 
 

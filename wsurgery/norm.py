@@ -116,8 +116,8 @@ def batchnorm_to_groupnorm(
         gn.act = bn.act
         gn.drop = bn.drop
     else:
-        gn = GroupNorm1(channels, eps=eps, affine=True) if num_groups == 1 else GroupNorm(channels, num_groups, eps=eps,
-                                                                                             affine=True)
+        gn = (GroupNorm1(channels, eps=eps, affine=True) if num_groups == 1 else
+              GroupNorm(channels, num_groups, eps=eps, affine=True))
     gn = gn.to(device=weight.device, dtype=weight.dtype)
     with torch.no_grad():
         gn.weight.copy_(weight)
